@@ -1,0 +1,139 @@
+"""Exact, order-independent sums of sparse contributions, and the one materialization step.
+
+For a set of contributions i with sparse values v_ij (dequantized float32) the accumulator keeps, per
+coordinate j,
+
+    S_j = Σ_i round(s_i · clip(v_ij) · 2^k)   (int64)      C_j = #{i : j ∈ nonzeros(i)}   (int32)
+
+where k = frac_bits and s_i <= 1 is an optional per-contribution scale (median-norm clipping). Integer
+addition is associative and commutative, so S and C have the same bits whatever the order of adds, and
+`remove` (subtracting the same terms) is exact. Each term is computed elementwise in float64 by single
+IEEE-754 operations (multiply, round-half-even), so it is the same on every machine.
+
+Materialization (`apply_update`) then computes, per coordinate and again elementwise in float64,
+
+    W_j = float32( base_j + (S_j / C_j) · (η · 2^-k) )      for C_j >= min_contributors, else base_j
+
+with no reduction anywhere: every output element depends only on its own inputs through correctly
+rounded operations, hence bit-identical results on any IEEE-754 CPU, any thread count.
+Storage is dense per parameter (8 + 4 bytes per parameter), allocated on first touch; an add costs
+O(nonzeros of the contribution).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+import torch
+
+from nord.crdt.config import MergeConfig
+from nord.errors import MergeError
+
+
+class SparseLike(Protocol):
+    indices: torch.Tensor  # (nnz,) int64, flat, strictly increasing
+    values: torch.Tensor  # (nnz,) float32, dequantized
+
+
+def fixed_point(values: torch.Tensor, cfg: MergeConfig, scale: float = 1.0) -> torch.Tensor:
+    """round(scale · clip(values) · 2^frac_bits) as int64 (elementwise float64, round half to even)."""
+    v = values.to(torch.float64).clamp(-cfg.clip, cfg.clip)
+    if scale != 1.0:
+        v = v * scale
+    return torch.round(v * 2.0**cfg.frac_bits).to(torch.int64)
+
+
+def contribution_norm(delta: Mapping[str, SparseLike], cfg: MergeConfig) -> float:
+    """L2 norm of the clipped values, correctly rounded (math.fsum), so it is independent of the machine."""
+    squares: list[float] = []
+    for name in sorted(delta):
+        v = delta[name].values.to(torch.float64).clamp(-cfg.clip, cfg.clip)
+        squares.extend((v * v).tolist())
+    return math.sqrt(math.fsum(squares))
+
+
+def median_scales(norms: Mapping[str, float]) -> dict[str, float]:
+    """Per-contribution scale min(1, m / norm_i), m = the lower median of the norms (order-free)."""
+    if not norms:
+        return {}
+    ordered = sorted(norms.values())
+    median = ordered[(len(ordered) - 1) // 2]
+    return {cid: (1.0 if n <= median or n == 0.0 else median / n) for cid, n in norms.items()}
+
+
+def _exact_float64(x: torch.Tensor) -> torch.Tensor:
+    """int64 -> float64 correctly rounded without relying on the CPU's 64-bit conversion instruction."""
+    hi = torch.bitwise_right_shift(x, 32).to(torch.float64)  # |hi| < 2^31: exact
+    lo = torch.bitwise_and(x, 0xFFFFFFFF).to(torch.float64)  # 0 <= lo < 2^32: exact
+    return hi * 2.0**32 + lo  # one correctly rounded addition
+
+
+class FixedPointAccumulator:
+    """Per-coordinate int64 sums S and int32 counts C of a set of sparse contributions."""
+
+    def __init__(self, spec: Mapping[str, tuple[int, ...]], cfg: MergeConfig) -> None:
+        self.spec = {name: tuple(shape) for name, shape in spec.items()}
+        self.cfg = cfg
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.n = 0  # contributions currently summed
+
+    def check(self, delta: Mapping[str, SparseLike]) -> None:
+        """MergeError unless every tensor is known and its indices are strictly increasing and in range."""
+        for name, sparse in delta.items():
+            if name not in self.spec:
+                raise MergeError(f"contribution names unknown tensor {name!r}")
+            idx = sparse.indices
+            if idx.numel() == 0:
+                continue
+            if idx.dtype != torch.int64 or sparse.values.shape != idx.shape:
+                raise MergeError(f"contribution tensor {name!r} has malformed indices or values")
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise MergeError(f"contribution indices of {name!r} are not strictly increasing")
+            if int(idx[0]) < 0 or int(idx[-1]) >= math.prod(self.spec[name]):
+                raise MergeError(f"contribution index out of range for {name!r}")
+
+    def add(self, delta: Mapping[str, SparseLike], *, scale: float = 1.0, sign: int = 1) -> None:
+        """Add (sign=+1) or subtract (sign=-1) one contribution; O(its nonzeros)."""
+        if sign == 1 and self.n >= self.cfg.capacity:
+            raise MergeError(f"round is full: {self.n} contributions is the int64-safe capacity")
+        self.check(delta)
+        for name, sparse in delta.items():
+            idx = sparse.indices
+            if idx.numel() == 0:
+                continue
+            if name not in self.sums:
+                numel = math.prod(self.spec[name])
+                self.sums[name] = torch.zeros(numel, dtype=torch.int64)
+                self.counts[name] = torch.zeros(numel, dtype=torch.int32)
+            terms = fixed_point(sparse.values, self.cfg, scale)
+            self.sums[name].index_add_(0, idx, terms if sign == 1 else -terms)
+            self.counts[name].index_add_(0, idx, torch.full_like(idx, sign, dtype=torch.int32))
+        self.n += sign
+
+    def add_all(self, deltas: Iterable[Mapping[str, SparseLike]]) -> None:
+        for delta in deltas:
+            self.add(delta)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.sums, self.counts) for t in d.values())
+
+    def apply_update(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """W = base + η·S/C per coordinate with C >= min_contributors (float32, bit-exact; module doc)."""
+        step = self.cfg.outer_lr * 2.0**-self.cfg.frac_bits
+        out: dict[str, torch.Tensor] = {}
+        for name, shape in self.spec.items():
+            b = base[name]
+            if name not in self.sums:
+                out[name] = b.clone()
+                continue
+            counts = self.counts[name]
+            mask = counts >= self.cfg.min_contributors
+            mean = torch.zeros(counts.numel(), dtype=torch.float64)
+            mean[mask] = _exact_float64(self.sums[name][mask]) / counts[mask].to(torch.float64)
+            flat = b.reshape(-1)
+            updated = (flat.to(torch.float64) + mean * step).to(torch.float32)
+            out[name] = torch.where(mask, updated, flat).reshape(shape)  # untouched: base bits exactly
+        return out

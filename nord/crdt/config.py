@@ -1,0 +1,62 @@
+"""`MergeConfig`: how contributions are summed, clipped and applied (the `merge` section of RunConfig).
+
+Fixed point: every dequantized value v is clipped to [-clip, clip] and stored as round(v·2^frac_bits) in
+int64. With clip = 16 = 2^4 and frac_bits = 40 one term is at most 2^44 in magnitude, so a coordinate's
+sum over N contributions stays below 2^63 for N <= 2^19 = 524,288 (`capacity`), and 2^44 <= 2^53 keeps
+the float64 scaling exact. Float32 values with |v| >= 2^-16 convert without any rounding (their last
+mantissa bit is >= 2^-40).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from nord.errors import ConfigError
+
+INT64_MAX = 2**63 - 1
+MIN_CAPACITY = 10_000  # contributions per round that must fit without int64 overflow
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeConfig:
+    """Outer update W = base + outer_lr · S/C with S, C the fixed-point sum and count per coordinate."""
+
+    outer_lr: float = 1.0  # η: step on the sparse-aware mean pseudo-gradient
+    frac_bits: int = 40  # k: fixed-point fraction bits (resolution 2^-40 ≈ 9.1e-13)
+    clip: float = 16.0  # |v| bound per value; with frac_bits bounds the int64 sum (see module doc)
+    min_contributors: int = 1  # coordinates touched by fewer contributions keep their base value
+    median_norm_clip: bool = False  # scale each contribution to at most the round's median L2 norm
+    max_staleness: int = 2  # a round-q contribution may still be folded into rounds q .. q + max_staleness
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.outer_lr) and self.outer_lr > 0):
+            raise ConfigError(f"merge.outer_lr must be a finite number > 0, got {self.outer_lr}")
+        if not (isinstance(self.frac_bits, int) and 1 <= self.frac_bits <= 52):
+            raise ConfigError(f"merge.frac_bits must be an integer in 1..52, got {self.frac_bits}")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError(f"merge.clip must be a finite number > 0, got {self.clip}")
+        if self.clip * 2.0**self.frac_bits > 2.0**53:
+            raise ConfigError(
+                f"merge.clip · 2^frac_bits = {self.clip * 2.0**self.frac_bits:.3g} exceeds 2^53: "
+                "lower clip or frac_bits so the fixed-point conversion stays exact"
+            )
+        if self.capacity < MIN_CAPACITY:
+            raise ConfigError(
+                f"merge.clip={self.clip} with frac_bits={self.frac_bits} fits only {self.capacity} "
+                f"contributions in a round before int64 overflow (need >= {MIN_CAPACITY}): lower either"
+            )
+        if not (isinstance(self.min_contributors, int) and self.min_contributors >= 1):
+            raise ConfigError(f"merge.min_contributors must be an integer >= 1, got {self.min_contributors}")
+        if not (isinstance(self.max_staleness, int) and self.max_staleness >= 0):
+            raise ConfigError(f"merge.max_staleness must be an integer >= 0, got {self.max_staleness}")
+
+    @property
+    def max_term(self) -> int:
+        """Largest magnitude of one fixed-point term, round(clip · 2^frac_bits)."""
+        return math.ceil(self.clip * 2.0**self.frac_bits)
+
+    @property
+    def capacity(self) -> int:
+        """Contributions one round can sum without any coordinate overflowing int64."""
+        return INT64_MAX // self.max_term

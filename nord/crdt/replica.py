@@ -1,0 +1,588 @@
+"""`Replica`: one peer's copy of a run — the contribution OR-Set, the chain of sealed rounds, the weights.
+
+Rounds. The replica holds a base snapshot at round R0 (the compaction point) and a chain of seals for
+rounds R0, R0+1, ...; the open round is R = R0 + len(chain) and `base_hash` is the weights hash the open
+round builds on. A contribution for round q was trained on the sealed weights of round q (its
+`base_hash` must match) and may be folded into any round h with q <= h <= q + max_staleness that has not
+folded it or another contribution of its dot already: a contribution that misses seal q rolls into round
+q+1's update, and so on, until it is too old.
+
+Open-round update (the pool). pool(R) = {live contributions e : R − max_staleness <= e.round <= R,
+e.base_hash = base of e.round, e and its dot not folded}. It is a pure function of (OR-Set state,
+chain), so replicas with the same contributions, removals and seals hold the same pool, the same int64
+sums, and the same weights = base + η·S/C bit for bit (see accumulator.py).
+
+Seals. An authority signs (round, prev_hash, sorted contribution ids, weights_hash). A replica accepts
+a seal only by recomputing it: the listed contributions must be known and foldable at that round, and
+folding exactly them into the previous weights must give `weights_hash`. The seal is authoritative over
+its list (removals and equivocation govern only the open pool and what an honest authority lists).
+Competing seals for one round: the one with the most contributions wins, then the lowest seal id; a
+replica that learns of a better verified seal rolls back to that round and replays. Rounds are final
+once compacted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nord.checkpoint import weights_hash
+from nord.crdt.accumulator import FixedPointAccumulator, contribution_norm, median_scales
+from nord.crdt.config import MergeConfig
+from nord.crdt.log import Store
+from nord.crdt.messages import Delta, Removal, Seal
+from nord.crdt.orset import ContributionSet, Dot, Equivocation
+from nord.errors import CodecError, ConfigError, MergeError
+
+log = logging.getLogger(__name__)
+
+
+class Replica:
+    """A replica of one run's state. See the module docstring for the rules it implements."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        spec: Mapping[str, tuple[int, ...]],
+        base: Mapping[str, torch.Tensor],
+        merge: MergeConfig,
+        authorities: Sequence[bytes],
+        base_round: int = 0,
+        log_dir: str | Path | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.spec = {name: tuple(int(d) for d in shape) for name, shape in spec.items()}
+        self.merge = merge
+        self.authorities = frozenset(bytes(a) for a in authorities)
+        if any(len(a) != 32 for a in self.authorities):
+            raise ConfigError("authority keys must be 32-byte ed25519 public keys")
+        self._set = ContributionSet(self.authorities)
+        self._seals: dict[int, dict[str, Seal]] = {}  # round -> seal id -> seal (signature checked)
+        self._verified: set[str] = set()  # seal ids whose recomputation matched
+        self._norms: dict[str, float] = {}  # contribution id -> clipped L2 norm (median_norm_clip only)
+        self._last_verified: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._reset_base(self._checked_base(base), base_round, folded={}, folded_dots=set(), hashes={})
+        self._store: Store | None = None
+        if log_dir is not None:
+            store = Store(log_dir)
+            store.create(self._base, self._snapshot_meta())
+            self._store = store
+
+    # ----------------------------------------------------------------------------------------- state
+    def _checked_base(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if set(base) != set(self.spec):
+            raise MergeError(f"base tensors do not match the spec: {sorted(set(base) ^ set(self.spec))[:3]}")
+        out = {}
+        for name, shape in self.spec.items():
+            t = base[name]
+            if tuple(t.shape) != shape:
+                raise MergeError(f"base tensor {name!r} has shape {tuple(t.shape)}, spec says {shape}")
+            out[name] = t.detach().to("cpu", torch.float32).contiguous().clone()
+        return out
+
+    def _reset_base(
+        self,
+        base: dict[str, torch.Tensor],
+        base_round: int,
+        *,
+        folded: dict[str, int],
+        folded_dots: set[Dot],
+        hashes: dict[int, str],
+    ) -> None:
+        self._base = base
+        self._base_round = base_round
+        self._base_hash = weights_hash(base)
+        self._compacted_folded = folded  # contribution id -> its round, for rounds still re-addable
+        self._compacted_dots = folded_dots
+        self._compacted_hashes = hashes  # round -> base hash, for compacted rounds still in the window
+        self._chain: list[Seal] = []
+        self._tip = base
+        self._rebuild_pool()
+
+    @property
+    def round(self) -> int:
+        """The open round."""
+        return self._base_round + len(self._chain)
+
+    @property
+    def base_round(self) -> int:
+        return self._base_round
+
+    @property
+    def base_hash(self) -> str:
+        """Hash of the sealed weights the open round builds on (what contributions must name)."""
+        return self._chain[-1].weights_hash if self._chain else self._base_hash
+
+    def _hash_at(self, rnd: int) -> str | None:
+        """Base hash of round `rnd` on this replica's chain (None if unknown)."""
+        if rnd < self._base_round:
+            return self._compacted_hashes.get(rnd)
+        i = rnd - self._base_round
+        if i > len(self._chain):
+            return None
+        return self._base_hash if i == 0 else self._chain[i - 1].weights_hash
+
+    def _folded_before(self, rnd: int) -> tuple[dict[str, int], set[Dot]]:
+        """Contributions (id -> their round) and dots folded by compacted rounds and chain seals < `rnd`."""
+        ids, dots = dict(self._compacted_folded), set(self._compacted_dots)
+        for seal in self._chain[: max(0, rnd - self._base_round)]:
+            for cid in seal.contribution_ids:
+                dot = ContributionSet.dot(self._set.envelopes[cid])
+                ids[cid] = dot[1]
+                dots.add(dot)
+        return ids, dots
+
+    def _foldable(self, cid: str, rnd: int, folded: Mapping[str, int], dots: set[Dot]) -> bool:
+        """Whether contribution `cid` may be folded into round `rnd` (liveness aside)."""
+        env = self._set.envelopes.get(cid)
+        return (
+            env is not None
+            and rnd - self.merge.max_staleness <= env.round <= rnd
+            and env.base_hash == self._hash_at(env.round)
+            and cid not in folded
+            and ContributionSet.dot(env) not in dots
+        )
+
+    def _rebuild_pool(self) -> None:
+        folded, dots = self._folded_before(self.round)
+        self._folded_ids, self._folded_dots = folded, dots
+        self._pool: set[str] = set()
+        self._acc = FixedPointAccumulator(self.spec, self.merge)
+        self._sync(self._set.envelopes)
+
+    def _eligible(self, cid: str) -> bool:
+        return self._set.live(cid) and self._foldable(cid, self.round, self._folded_ids, self._folded_dots)
+
+    def _sync(self, cids: Iterable[str], deltas: Mapping[str, Any] | None = None) -> None:
+        """Bring pool membership (and the incremental sums) in line with `_eligible` for `cids`."""
+        for cid in sorted(cids):
+            eligible = self._eligible(cid)
+            if eligible == (cid in self._pool):
+                continue
+            if not self.merge.median_norm_clip:  # with median clipping the pool is summed at read time
+                delta = (deltas or {}).get(cid) or self._set.envelopes[cid].delta()
+                self._acc.add(delta, sign=1 if eligible else -1)
+            (self._pool.add if eligible else self._pool.discard)(cid)
+
+    # ----------------------------------------------------------------------------------- mutations
+    def add(self, envelope: Any) -> bool:
+        """Add a decoded, signature-checked contribution. False if already held or already folded.
+
+        Raises MergeError if it belongs to another run, is too old or too far ahead, was built on a
+        base this replica does not have for its round, or the round is full.
+        """
+        if envelope.run_id != self.run_id:
+            raise MergeError(f"contribution is for run {envelope.run_id!r}, this replica is {self.run_id!r}")
+        cid, q, r, s = envelope.contribution_id, int(envelope.round), self.round, self.merge.max_staleness
+        if cid in self._set.envelopes or cid in self._folded_ids:
+            return False
+        if q < r - s:
+            raise MergeError(f"contribution for round {q} is too old: open round is {r}, max staleness {s}")
+        if q > r + s:
+            raise MergeError(f"contribution for round {q} is too far ahead of open round {r}; retry later")
+        if q <= r and envelope.base_hash != self._hash_at(q):
+            base = envelope.base_hash[:16]
+            raise MergeError(f"contribution for round {q} was built on base {base}, not this run's")
+        if len(self._pool) >= self.merge.capacity:
+            raise MergeError(f"round {r} is full ({self.merge.capacity} contributions)")
+        delta = envelope.delta()
+        self._acc.check(delta)
+        if self.merge.median_norm_clip:
+            self._norms[cid] = contribution_norm(delta, self.merge)
+        self._persist("add", envelope.to_bytes())
+        self._sync(self._set.add(envelope), {cid: delta})
+        if any(cid in seal.contribution_ids for seals in self._seals.values() for seal in seals.values()):
+            self._settle()
+        return True
+
+    def remove(self, contribution_id: str, *, reason: str, identity: Any) -> Removal:
+        """Sign, apply and return a removal (for gossip). Authorities may remove anything, peers their own."""
+        removal = Removal.create(
+            run_id=self.run_id, contribution_id=contribution_id, reason=reason, identity=identity
+        )
+        self.apply_removal(removal)
+        return removal
+
+    def apply_removal(self, removal: Removal) -> bool:
+        """Apply a signed removal; False if already held or if it names an already sealed contribution."""
+        if removal.run_id != self.run_id:
+            raise MergeError(f"removal is for run {removal.run_id!r}, this replica is {self.run_id!r}")
+        if removal.removal_id in self._set.removals or removal.contribution_id in self._folded_ids:
+            return False
+        changed = self._set.add_removal(removal)  # raises if unauthorised
+        self._persist("remove", removal.to_bytes())
+        self._sync(changed)
+        return True
+
+    def apply_seal(self, seal: Seal) -> bool:
+        """Accept an authority's seal. True if it now heads its round on this replica's chain.
+
+        A seal whose contributions are not all known yet is kept and applied when they arrive (False).
+        Raises MergeError if it is not from an authority, is for another run, or is forged: its listed
+        contributions are not foldable at its round or recomputation gives another weights hash.
+        """
+        if seal.run_id != self.run_id:
+            raise MergeError(f"seal is for run {seal.run_id!r}, this replica is {self.run_id!r}")
+        if seal.authority not in self.authorities:
+            raise MergeError(f"seal signed by {seal.authority.hex()[:16]}, not an authority of this run")
+        if seal.round < self._base_round:
+            log.info("ignoring seal for round %d: compacted here at %d", seal.round, self._base_round)
+            return False
+        sid = seal.seal_id
+        if sid in self._seals.get(seal.round, {}):
+            return self._on_chain(sid)
+        if len(seal.contribution_ids) > self.merge.capacity:
+            raise MergeError(f"seal lists {len(seal.contribution_ids)} contributions, over round capacity")
+        ready = all(c in self._set.envelopes for c in seal.contribution_ids)
+        if ready and seal.prev_hash == self._hash_at(seal.round) and sid not in self._verified:
+            self._verify(seal, self._weights_at(seal.round))  # raises if forged
+        self._seals.setdefault(seal.round, {})[sid] = seal
+        self._persist("seal", seal.to_bytes())
+        self._settle()
+        return self._on_chain(sid)
+
+    def _on_chain(self, sid: str) -> bool:
+        return any(s.seal_id == sid for s in self._chain)
+
+    def seal(self, identity: Any) -> Seal:
+        """As an authority: seal the open round with the current pool; apply it here and return it."""
+        if identity.public_key not in self.authorities:
+            raise MergeError("only a run authority can seal a round")
+        weights = self.weights()
+        seal = Seal.create(
+            run_id=self.run_id,
+            round=self.round,
+            prev_hash=self.base_hash,
+            contribution_ids=sorted(self._pool),
+            weights_hash=weights_hash(weights),
+            identity=identity,
+        )
+        self._verified.add(seal.seal_id)  # computed here from the same pool
+        self._last_verified = (seal.seal_id, weights)
+        self.apply_seal(seal)
+        return seal
+
+    # ----------------------------------------------------------------------------- seals and chain
+    def _fold(self, prev: Mapping[str, torch.Tensor], cids: Sequence[str]) -> dict[str, torch.Tensor]:
+        """prev + η·S/C over exactly `cids` (median-norm scales taken over this set)."""
+        if not self.merge.median_norm_clip and set(cids) == self._pool and prev is self._tip:
+            return self._acc.apply_update(prev)
+        scales = median_scales({c: self._norm(c) for c in cids}) if self.merge.median_norm_clip else {}
+        acc = FixedPointAccumulator(self.spec, self.merge)
+        for cid in sorted(cids):
+            acc.add(self._set.envelopes[cid].delta(), scale=scales.get(cid, 1.0))
+        return acc.apply_update(prev)
+
+    def _norm(self, cid: str) -> float:
+        if cid not in self._norms:
+            self._norms[cid] = contribution_norm(self._set.envelopes[cid].delta(), self.merge)
+        return self._norms[cid]
+
+    def _weights_at(self, rnd: int) -> dict[str, torch.Tensor]:
+        """Sealed weights that round `rnd` builds on (replays the chain from the base if not the tip)."""
+        if rnd == self.round:
+            return self._tip
+        weights = self._base
+        for seal in self._chain[: rnd - self._base_round]:
+            weights = self._fold(weights, seal.contribution_ids)
+        return weights
+
+    def _verify(self, seal: Seal, prev: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Recompute `seal` on `prev`; return the weights, or raise MergeError if it does not hold."""
+        if self._last_verified is not None and self._last_verified[0] == seal.seal_id:
+            return self._last_verified[1]
+        folded, dots = self._folded_before(seal.round)
+        bad = [c for c in seal.contribution_ids if not self._foldable(c, seal.round, folded, dots)]
+        if bad:
+            raise MergeError(f"seal for round {seal.round} lists {bad[0][:16]}, not foldable in that round")
+        peers = [ContributionSet.dot(self._set.envelopes[c]) for c in seal.contribution_ids]
+        if len(set(peers)) != len(peers):
+            raise MergeError(f"seal for round {seal.round} folds two contributions of one peer and round")
+        weights = self._fold(prev, seal.contribution_ids)
+        if weights_hash(weights) != seal.weights_hash:
+            raise MergeError(f"seal for round {seal.round} is forged: its weights hash does not recompute")
+        self._verified.add(seal.seal_id)
+        self._last_verified = (seal.seal_id, weights)
+        return weights
+
+    def _settle(self) -> None:
+        """Make the chain the best verified seal at each round, starting from the base (module doc)."""
+        changed = False
+        rnd = self._base_round
+        while True:
+            current = self._chain[rnd - self._base_round] if rnd < self.round else None
+            prev_hash = self._hash_at(rnd)
+            candidates = sorted(
+                (s for s in self._seals.get(rnd, {}).values() if s.prev_hash == prev_hash), key=Seal.rank
+            )
+            for seal in candidates:
+                if current is not None and seal.rank() >= current.rank():
+                    break
+                if not all(c in self._set.envelopes for c in seal.contribution_ids):
+                    continue  # still waiting for its contributions
+                try:
+                    weights = self._verify(seal, self._weights_at(rnd))
+                except MergeError as e:
+                    log.warning("dropping seal %s: %s", seal.seal_id[:16], e)
+                    del self._seals[rnd][seal.seal_id]
+                    continue
+                if current is not None:
+                    log.warning("round %d: switching to the better seal %s", rnd, seal.seal_id[:16])
+                del self._chain[rnd - self._base_round :]
+                self._chain.append(seal)
+                self._tip = weights
+                current, changed = seal, True
+                break
+            if current is None:
+                break
+            rnd += 1
+        self._last_verified = None
+        if changed:
+            self._rebuild_pool()
+            self._prune()
+
+    def _prune(self) -> None:
+        """Forget contributions that are too old to be folded ever again (not those folded on the chain)."""
+        oldest = self.round - self.merge.max_staleness
+        stale = [c for c, e in self._set.envelopes.items() if e.round < oldest and c not in self._folded_ids]
+        self._set.discard(stale)
+        for cid in stale:
+            self._norms.pop(cid, None)
+
+    # ------------------------------------------------------------------------------------- reading
+    def has(self, contribution_id: str) -> bool:
+        return contribution_id in self._set.envelopes or contribution_id in self._folded_ids
+
+    def contributions(self, round: int | None = None) -> list[tuple[str, Any]]:
+        """Held contributions (folded, pooled, waiting or removed), sorted by id."""
+        return sorted((c, e) for c, e in self._set.envelopes.items() if round is None or e.round == round)
+
+    def pool(self) -> list[str]:
+        """Ids summed into the open round's update, sorted."""
+        return sorted(self._pool)
+
+    def removals(self) -> list[Removal]:
+        return sorted(self._set.removals.values(), key=lambda r: r.removal_id)
+
+    def seals(self) -> list[Seal]:
+        """The chain of seals since the base round, oldest first."""
+        return list(self._chain)
+
+    def equivocations(self) -> list[Equivocation]:
+        return self._set.equivocations()
+
+    def weights(self, include_open_round: bool = True) -> dict[str, torch.Tensor]:
+        """Sealed weights, plus η·S/C of the open round's pool (a fresh dict of float32 CPU tensors)."""
+        if not include_open_round:
+            return {k: v.clone() for k, v in self._tip.items()}
+        return self._fold(self._tip, sorted(self._pool))
+
+    def weights_hash(self, include_open_round: bool = True) -> str:
+        return weights_hash(self.weights(include_open_round))
+
+    # -------------------------------------------------------------------------------- anti-entropy
+    def digest(self) -> dict[str, Any]:
+        """Small summary for anti-entropy: per-dot id hashes, removal and seal id prefixes."""
+        s = self.merge.max_staleness
+        return {
+            "run_id": self.run_id,
+            "round": self.round,
+            "base_round": self._base_round,
+            "base_hash": self.base_hash,
+            "adds": self._set.digest_of_dots(range(self._base_round - s, self.round + s + 1)),
+            "removals": sorted(rid[:16] for rid in self._set.removals),
+            "seals": sorted(s.seal_id[:16] for seals in self._seals.values() for s in seals.values()),
+        }
+
+    def missing(self, remote_digest: Mapping[str, Any]) -> list[str]:
+        """Contribution ids this replica holds that the remote lacks and could still use."""
+        remote_round = int(remote_digest.get("round", 0))
+        lo, hi = remote_round - self.merge.max_staleness, remote_round + self.merge.max_staleness
+        remote_adds = remote_digest.get("adds", {})
+        mine = self._set.digest_of_dots(range(lo, hi + 1))
+        out = []
+        for peer_hex, rounds in mine.items():
+            for rnd, h in rounds.items():
+                if remote_adds.get(peer_hex, {}).get(rnd) != h:
+                    out.extend(self._set.dots[(bytes.fromhex(peer_hex), int(rnd))])
+        return sorted(out)
+
+    def delta_for(self, remote_digest: Mapping[str, Any]) -> Delta:
+        """Everything the remote lacks: envelopes (by `missing`), removals and seals."""
+        have_removals = set(remote_digest.get("removals", ()))
+        have_seals = set(remote_digest.get("seals", ()))
+        remote_base = int(remote_digest.get("base_round", 0))
+        return Delta(
+            envelopes=tuple(self._set.envelopes[c].to_bytes() for c in self.missing(remote_digest)),
+            removals=tuple(r for r in self.removals() if r.removal_id[:16] not in have_removals),
+            seals=tuple(
+                s
+                for rnd in sorted(self._seals)
+                for s in sorted(self._seals[rnd].values(), key=Seal.rank)
+                if rnd >= remote_base and s.seal_id[:16] not in have_seals
+            ),
+        )
+
+    def needs_snapshot(self, remote_digest: Mapping[str, Any]) -> bool:
+        """True if the remote is behind this replica's compaction point: send it a snapshot instead."""
+        return int(remote_digest.get("round", 0)) < self._base_round
+
+    def join(self, other: Replica | Delta) -> int:
+        """Apply what `other` has and this replica lacks; returns how many items were accepted.
+
+        Items this replica rejects are logged and skipped, so one bad item cannot block the rest.
+        """
+        from nord.codec import decode_envelope
+
+        delta = other.delta_for(self.digest()) if isinstance(other, Replica) else other
+        accepted = 0
+        for data in delta.envelopes:
+            try:
+                accepted += self.add(decode_envelope(data, self.spec, run_id=self.run_id))
+            except (CodecError, MergeError) as e:
+                log.warning("join: rejected a contribution: %s", e)
+        for item, apply in [(r, self.apply_removal) for r in delta.removals] + [
+            (s, self.apply_seal) for s in delta.seals
+        ]:
+            try:
+                accepted += bool(apply(item))
+            except MergeError as e:
+                log.warning("join: rejected a %s: %s", type(item).__name__.lower(), e)
+        return accepted
+
+    # ---------------------------------------------------------------------------------- persistence
+    def _persist(self, kind: str, data: bytes) -> None:
+        if self._store is not None:
+            self._store.append(kind, data)
+
+    def _snapshot_meta(self) -> dict[str, object]:
+        return {
+            "run_id": self.run_id,
+            "base_round": self._base_round,
+            "folded": self._compacted_folded,
+            "folded_dots": sorted([peer.hex(), rnd] for peer, rnd in self._compacted_dots),
+            "round_hashes": {str(k): v for k, v in self._compacted_hashes.items()},
+        }
+
+    def _window(self) -> tuple[dict[str, int], set[Dot], dict[int, str]]:
+        """What a snapshot of the tip must remember: folded ids, dots and base hashes still re-addable."""
+        oldest = self.round - self.merge.max_staleness
+        folded = {c: q for c, q in self._folded_ids.items() if q >= oldest}
+        dots = {d for d in self._folded_dots if d[1] >= oldest}
+        hashes = {q: h for q in range(oldest, self.round) if (h := self._hash_at(q)) is not None}
+        return folded, dots, hashes
+
+    def compact(self) -> None:
+        """Fold every sealed round into the base snapshot and drop their payloads (rounds become final).
+
+        Weights are unchanged; memory and disk keep only the open window.
+        """
+        folded, dots, hashes = self._window()
+        self._set.discard([c for c in self._folded_ids if c in self._set.envelopes])
+        self._seals = {r: s for r, s in self._seals.items() if r >= self.round}
+        self._verified.clear()
+        self._reset_base(self._tip, self.round, folded=folded, folded_dots=dots, hashes=hashes)
+        self._prune()
+        self._norms = {c: n for c, n in self._norms.items() if c in self._set.envelopes}
+        if self._store is not None:
+            self._store.rewrite(self._base, self._snapshot_meta(), self._records())
+
+    def _records(self) -> list[tuple[str, bytes]]:
+        envelopes = sorted(self._set.envelopes.values(), key=lambda e: (e.round, e.contribution_id))
+        seals = [s for r in sorted(self._seals) for s in sorted(self._seals[r].values(), key=Seal.rank)]
+        return (
+            [("add", e.to_bytes()) for e in envelopes]
+            + [("remove", r.to_bytes()) for r in self.removals()]
+            + [("seal", s.to_bytes()) for s in seals]
+        )
+
+    def save_snapshot(self, path: str | Path) -> str:
+        """Write the sealed tip (weights + the window a new replica needs) for a lagging peer; its hash."""
+        from nord.checkpoint import save_checkpoint
+
+        folded, dots, hashes = self._window()
+        meta = self._snapshot_meta(self.round, folded, dots, hashes)
+        return save_checkpoint(path, self._tip, meta)
+
+    def _snapshot_meta(
+        self,
+        base_round: int | None = None,
+        folded: dict[str, int] | None = None,
+        dots: set[Dot] | None = None,
+        hashes: dict[int, str] | None = None,
+    ) -> dict[str, object]:
+        return {
+            "run_id": self.run_id,
+            "base_round": self._base_round if base_round is None else base_round,
+            "folded": self._compacted_folded if folded is None else folded,
+            "folded_dots": sorted([p.hex(), r] for p, r in (self._compacted_dots if dots is None else dots)),
+            "round_hashes": {
+                str(k): v for k, v in (self._compacted_hashes if hashes is None else hashes).items()
+            },
+        }
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, str],
+        *,
+        spec: Mapping[str, tuple[int, ...]],
+        merge: MergeConfig,
+        authorities: Sequence[bytes],
+        log_dir: str | Path | None = None,
+    ) -> Replica:
+        """A replica starting at a snapshot (from `save_snapshot` via `load_checkpoint`, or compaction)."""
+        try:
+            run_id = meta["run_id"]
+            base_round = int(meta["base_round"])
+            folded = {str(c): int(q) for c, q in json.loads(meta["folded"]).items()}
+            dots = {(bytes.fromhex(p), int(r)) for p, r in json.loads(meta["folded_dots"])}
+            hashes = {int(q): str(h) for q, h in json.loads(meta["round_hashes"]).items()}
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise MergeError(f"snapshot metadata is missing or malformed ({e})") from None
+        replica = cls(run_id=run_id, spec=spec, base=tensors, merge=merge, authorities=authorities)
+        replica._reset_base(replica._base, base_round, folded=folded, folded_dots=dots, hashes=hashes)
+        if log_dir is not None:
+            store = Store(log_dir)
+            store.create(replica._base, replica._snapshot_meta())
+            replica._store = store
+        return replica
+
+    @classmethod
+    def open(
+        cls,
+        log_dir: str | Path,
+        *,
+        spec: Mapping[str, tuple[int, ...]],
+        merge: MergeConfig,
+        authorities: Sequence[bytes],
+    ) -> Replica:
+        """Restore a replica from its directory: the snapshot, then every record of the log in order."""
+        from nord.codec import decode_envelope
+
+        store = Store(log_dir)
+        tensors, meta, records = store.load()
+        replica = cls.from_snapshot(tensors, meta, spec=spec, merge=merge, authorities=authorities)
+        for kind, data in records:
+            try:
+                if kind == "add":
+                    replica.add(decode_envelope(data, replica.spec, run_id=replica.run_id))
+                elif kind == "remove":
+                    replica.apply_removal(Removal.from_bytes(data))
+                else:
+                    replica.apply_seal(Seal.from_bytes(data))
+            except (CodecError, MergeError) as e:
+                log.warning("%s: a logged %s record no longer applies: %s", log_dir, kind, e)
+        replica._store = store
+        return replica
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
