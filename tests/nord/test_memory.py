@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nord.errors import ConfigError
+from nord.memory import activation_bytes, count_params, estimate_training_memory
+from nord.model import NordLM
+from nord.recipes import get_config
+
+# Runs in a fresh process: peak RSS growth of building and training `recipe` for one AdamW step (fp32).
+# A micro model first warms every code path, so lazy library initialisation is not counted.
+PEAK_RSS_SCRIPT = """
+import json, resource, sys, torch
+from nord.model import NordLM
+from nord.recipes import get_config
+import dataclasses
+torch.set_num_threads(1)
+name, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def one_step(model, b, t):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, model.cfg.vocab_size, (b, t))
+    out = model(x, x)
+    (out.loss + out.reg_loss).backward()
+    opt.step()
+micro = dataclasses.replace(get_config("tiny"), vocab_size=64, d_model=16, d_mlp=32, n_memory_slots=4, n_layers=1)
+one_step(NordLM(micro), 1, 8)
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak()
+one_step(NordLM(get_config(name)), batch, seq)
+print(json.dumps({"peak_growth": peak() - before}))
+"""
+
+
+def saved_activation_bytes(model: NordLM, batch: int, seq: int) -> int:
+    """Bytes of the tensors autograd saves for backward (parameters excluded, shared storage once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randint(0, model.cfg.vocab_size, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x, x)
+        (out.loss + out.reg_loss).backward()
+    return sum(storages.values())
+
+
+def test_estimate_uses_real_parameter_counts():
+    cfg = get_config("tiny")
+    n = NordLM(cfg).num_params()
+    assert count_params(cfg) == n
+    est = estimate_training_memory(cfg, batch_size=4, seq_len=64, fp16=False, optimizer="adamw")
+    assert (est.params, est.grads, est.optimizer) == (4 * n, 4 * n, 8 * n)
+    half = estimate_training_memory(cfg, batch_size=4, seq_len=64, trainable_fraction=0.5)
+    assert half.params == 6 * n and half.grads == 4 * (n // 2) and half.optimizer < est.optimizer
+
+
+@pytest.mark.parametrize("name, batch, seq", [("tiny", 4, 64), ("small", 2, 64)])
+def test_activation_estimate_matches_bytes_autograd_saves(name, batch, seq):
+    torch.manual_seed(0)
+    model = NordLM(get_config(name))
+    measured = saved_activation_bytes(model, batch, seq)
+    estimated = activation_bytes(
+        model.cfg, batch_size=batch, seq_len=seq, fp16=False, activation_checkpointing=False
+    )
+    assert 0.7 * measured <= estimated <= 1.3 * measured, (measured, estimated)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, batch, seq", [("tiny", 8, 64), ("small", 4, 128)])
+def test_estimate_is_within_margin_of_measured_peak_rss(name, batch, seq):
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, name, str(batch), str(seq)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    measured = json.loads(result.stdout.strip().splitlines()[-1])["peak_growth"]
+    est = estimate_training_memory(
+        get_config(name), batch_size=batch, seq_len=seq, fp16=False, optimizer="adamw"
+    )
+    estimated = est.total - est.overhead  # no CUDA context on CPU
+    # The estimate adds every term; the real peak overlaps some (activations die as grads appear).
+    assert 0.6 * estimated <= measured <= 1.25 * estimated, (measured, estimated)
+
+
+def test_nord_1b_fits_a_t4_only_with_the_memory_savers():
+    cfg = get_config("nord-1b")
+    n = count_params(cfg)
+    saver = estimate_training_memory(
+        cfg, batch_size=1, seq_len=1024, activation_checkpointing=True, n_params=n
+    )
+    plain = estimate_training_memory(
+        cfg, batch_size=1, seq_len=1024, fp16=False, optimizer="adamw", n_params=n
+    )
+    assert saver.fits_t4 and not plain.fits_t4
+    assert estimate_training_memory(get_config("base"), batch_size=8, seq_len=512).fits_t4
+    assert "fits a 16 GB T4: yes" in saver.table()
+
+
+def test_estimator_rejects_bad_arguments():
+    cfg = get_config("tiny")
+    with pytest.raises(ConfigError, match="optimizer"):
+        estimate_training_memory(cfg, batch_size=1, seq_len=8, optimizer="sgd")
+    with pytest.raises(ConfigError, match="trainable_fraction"):
+        estimate_training_memory(cfg, batch_size=1, seq_len=8, trainable_fraction=0.0)
