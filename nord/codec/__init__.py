@@ -1,0 +1,18 @@
+"""Masked 4-bit sparse weight deltas with error feedback, in signed envelopes.
+
+    config.py    CodecConfig (a section of RunConfig)
+    encoder.py   DeltaEncoder: residual + delta → top-k per chunk → NF4 → Envelope; keeps the residual
+    payload.py   the payload layout, its validation and deterministic dequantization (SparseTensor)
+    indices.py   index codes: bitmap, chunk-local offsets, LEB128 gaps, full — shortest per tensor
+    envelope.py  Envelope (msgpack wire format, ed25519 signature, contribution id), decode_envelope
+
+Bytes at the default 64/4096 density: ≈ 9 bits of index + 4 bits of value per kept value + one fp16
+scale per 64 kept values ≈ 0.026 bytes per parameter (docs/benchmarks/codec.md).
+"""
+
+from nord.codec.config import CodecConfig
+from nord.codec.encoder import DeltaEncoder
+from nord.codec.envelope import FORMAT_VERSION, Envelope, decode_envelope
+from nord.codec.payload import SparseTensor
+
+__all__ = ["FORMAT_VERSION", "CodecConfig", "DeltaEncoder", "Envelope", "SparseTensor", "decode_envelope"]

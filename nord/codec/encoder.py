@@ -1,0 +1,139 @@
+"""Sparsify + quantize a pseudo-gradient with error feedback.
+
+Per tensor, each round:
+
+    a      = Δ + ef_decay · r            (r: the residual carried from the previous rounds)
+    S      = top-k |a| per chunk          (k = ceil(density · chunk))
+    â_S    = NF4-dequantize(NF4(a_S))     (what every replica will add)
+    r     ← a − scatter(S, â_S)           (unsent values and quantization error, sent later)
+
+so Σ_rounds sent = Σ_rounds Δ − r_now: the sent sum tracks the true sum up to one bounded residual.
+The residual is part of the worker's state (`state_dict`), so a restart keeps it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from nord.codec.config import CodecConfig
+from nord.codec.envelope import Envelope, seal_envelope
+from nord.codec.indices import encode_indices
+from nord.codec.payload import FP16_MAX, pack_payload
+from nord.errors import CodecError
+from nord.identity import Identity
+from nord.nf4 import dequantize_nf4, quantize
+
+
+def top_k_indices(values: torch.Tensor, cfg: CodecConfig) -> tuple[torch.Tensor, int, int, int]:
+    """Sorted flat indices of the largest |values| per chunk; also (chunk, k, k_last)."""
+    n = values.numel()
+    chunk = min(cfg.chunk_size, n)
+    full = n - n % chunk
+    k, k_last = cfg.keep(chunk), (cfg.keep(n - full) if n > full else 0)
+    rows = values[:full].abs().view(-1, chunk)  # (n // chunk, chunk)
+    picked = torch.topk(rows, k, dim=1, sorted=False).indices.sort(dim=1).values
+    picked = picked + torch.arange(0, full, chunk, device=values.device).unsqueeze(1)
+    parts = [picked.reshape(-1)]
+    if k_last:
+        tail = torch.topk(values[full:].abs(), k_last, sorted=False).indices.sort().values
+        parts.append(tail + full)
+    return torch.cat(parts), chunk, k, k_last
+
+
+class DeltaEncoder:
+    """Turns a worker's weight deltas into signed Envelopes, keeping what it could not send."""
+
+    def __init__(self, cfg: CodecConfig, spec: Mapping[str, tuple[int, ...]]) -> None:
+        self.cfg = cfg
+        self.spec = {name: tuple(shape) for name, shape in spec.items()}
+        self._residual: dict[str, torch.Tensor] = {}  # name -> flat float32
+
+    def encode(
+        self,
+        delta: Mapping[str, torch.Tensor],
+        *,
+        run_id: str,
+        round: int,
+        base_hash: str,
+        identity: Identity,
+    ) -> Envelope:
+        """Compress `delta` (new − old weights, any subset of the spec) into a signed Envelope.
+
+        The residual is updated only once the envelope is built: a failed encode changes nothing.
+        """
+        names = tuple(name for name in self.spec if name in delta)
+        self._check(delta, names)
+        entries, residuals = [], {}
+        for name in names:
+            acc = delta[name].detach().reshape(-1).float().clone()
+            if name in self._residual:
+                acc += self.cfg.ef_decay * self._residual[name].to(acc.device)
+            indices, chunk, k, k_last = top_k_indices(acc, self.cfg)
+            packed, absmax = quantize(acc[indices], self.cfg.blocksize)
+            scales = absmax.clamp(max=FP16_MAX).half()
+            sent = dequantize_nf4(packed, scales.float(), len(indices), self.cfg.blocksize)
+            acc[indices] -= sent
+            residuals[name] = acc
+            index_kind, index_bytes = encode_indices(indices.cpu().numpy(), acc.numel(), chunk)
+            entries.append(
+                [
+                    chunk,
+                    k,
+                    k_last,
+                    index_kind,
+                    index_bytes,
+                    packed.cpu().numpy().tobytes(),
+                    scales.cpu().numpy().astype("<f2").tobytes(),
+                ]
+            )
+        envelope = seal_envelope(
+            run_id=run_id,
+            round=round,
+            base_hash=base_hash,
+            names=names,
+            shapes=tuple(self.spec[name] for name in names),
+            payload=pack_payload(self.cfg.blocksize, entries),
+            identity=identity,
+        )
+        self._residual.update(residuals)
+        return envelope
+
+    def residual_norm(self) -> float:
+        """L2 norm of everything not yet sent."""
+        return float(sum(float(r.double().square().sum()) for r in self._residual.values()) ** 0.5)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """name -> residual (CPU float32, the tensor's shape)."""
+        return {name: r.detach().cpu().reshape(self.spec[name]).clone() for name, r in self._residual.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore residuals saved by `state_dict` (names and shapes must be in the spec)."""
+        loaded = {}
+        for name, tensor in state.items():
+            if name not in self.spec:
+                raise CodecError(f"residual {name!r} is not in this run's model")
+            if tuple(tensor.shape) != self.spec[name]:
+                raise CodecError(
+                    f"residual {name!r} has shape {list(tensor.shape)}, expected {list(self.spec[name])}"
+                )
+            loaded[name] = tensor.detach().float().reshape(-1).clone()
+        self._residual = loaded
+
+    def _check(self, delta: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> None:
+        unknown = sorted(set(delta) - set(self.spec))
+        if unknown:
+            raise CodecError(f"delta tensor {unknown[0]!r} is not in this run's model")
+        if not names:
+            raise CodecError("delta has no tensors")
+        for name in names:
+            t = delta[name]
+            if tuple(t.shape) != self.spec[name]:
+                raise CodecError(
+                    f"delta {name!r} has shape {list(t.shape)}, expected {list(self.spec[name])}"
+                )
+            if t.numel() == 0:
+                raise CodecError(f"delta {name!r} has no values")
+            if not torch.isfinite(t).all():
+                raise CodecError(f"delta {name!r} has NaN or infinite values")

@@ -1,0 +1,140 @@
+"""Coding the kept positions of one tensor; the encoder picks the shortest code per tensor.
+
+    BITMAP   one bit per value, little-endian bit order:           ceil(n / 8) bytes
+    OFFSETS  chunk-local offsets, w = bits(chunk - 1) each, MSB first: ceil(count · w / 8) bytes
+             (12 bits for 4096-chunks; the chunk of each entry follows from the per-chunk counts)
+    GAPS     LEB128 varints of (index − previous index − 1):         ≈ 1–2 bytes per index at 1.56%
+    FULL     every index, nothing stored (density 1)
+
+At ~1.5% density gaps average 64, so most fit one varint byte: ≈ 9 bits per index against 12 for offsets;
+a bitmap only wins above ~1/8 density. Decoders check sizes before reading, reject padding bits and
+over-long varints (one canonical code per index set), and return int64 numpy arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nord.errors import CodecError
+
+BITMAP, OFFSETS, GAPS, FULL = 0, 1, 2, 3
+KIND_NAMES = {BITMAP: "bitmap", OFFSETS: "offsets", GAPS: "gaps", FULL: "full"}
+MAX_VARINT_BYTES = 5  # gaps < 2^35
+
+
+def offset_width(chunk: int) -> int:
+    """Bits per chunk-local offset."""
+    return max(1, (chunk - 1).bit_length())
+
+
+def encode_indices(indices: np.ndarray, numel: int, chunk: int) -> tuple[int, bytes]:
+    """(kind, bytes) of the shortest code for sorted `indices` of a tensor with `numel` values."""
+    count = len(indices)
+    if count == numel:
+        return FULL, b""
+    gaps = np.diff(indices, prepend=-1) - 1
+    gap_bytes = _varint_lengths(gaps)
+    width = offset_width(chunk)
+    sizes = {BITMAP: -(-numel // 8), OFFSETS: -(-count * width // 8), GAPS: int(gap_bytes.sum())}
+    kind = min(sizes, key=lambda k: (sizes[k], k))
+    if kind == BITMAP:
+        mask = np.zeros(numel, dtype=np.uint8)
+        mask[indices] = 1
+        return BITMAP, np.packbits(mask, bitorder="little").tobytes()
+    if kind == OFFSETS:
+        offsets = indices % chunk
+        bits = (offsets[:, None] >> np.arange(width - 1, -1, -1)) & 1  # (count, width), MSB first
+        return OFFSETS, np.packbits(bits.astype(np.uint8).reshape(-1)).tobytes()
+    return GAPS, _varint_encode(gaps, gap_bytes)
+
+
+def decode_indices(kind: int, data: bytes, counts: np.ndarray, numel: int, chunk: int) -> np.ndarray:
+    """Sorted int64 indices from `data`; `counts[c]` entries lie in chunk c. Raises CodecError."""
+    count = int(counts.sum())
+    if kind == FULL:
+        if data or count != numel:
+            raise CodecError("'full' index code must be empty and cover every value")
+        return np.arange(numel, dtype=np.int64)
+    if kind == BITMAP:
+        indices = _bitmap_decode(data, numel)
+    elif kind == OFFSETS:
+        chunk_starts = np.repeat(np.arange(len(counts), dtype=np.int64) * chunk, counts)
+        offsets = _offsets_decode(data, count, offset_width(chunk))
+        chunk_lens = np.minimum(chunk, numel - chunk_starts)
+        if np.any(offsets >= chunk_lens):
+            raise CodecError("index offset outside its chunk")
+        indices = chunk_starts + offsets
+    elif kind == GAPS:
+        indices = _gaps_decode(data, count)
+    else:
+        raise CodecError(f"unknown index code {kind}")
+    if len(indices) != count:
+        raise CodecError(f"index count {len(indices)} does not match the {count} values")
+    if count > 1 and np.any(np.diff(indices) <= 0):
+        raise CodecError("indices are not strictly increasing")
+    if count and (indices[0] < 0 or indices[-1] >= numel):
+        raise CodecError(f"index {int(indices[-1])} out of range for {numel} values")
+    if kind != OFFSETS and not np.array_equal(np.bincount(indices // chunk, minlength=len(counts)), counts):
+        raise CodecError("indices per chunk do not match the chunk counts")
+    return indices
+
+
+def _bitmap_decode(data: bytes, numel: int) -> np.ndarray:
+    if len(data) != -(-numel // 8):
+        raise CodecError(f"bitmap is {len(data)} bytes, expected {-(-numel // 8)}")
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    if bits[numel:].any():
+        raise CodecError("bitmap has padding bits set")
+    return np.flatnonzero(bits[:numel]).astype(np.int64)
+
+
+def _offsets_decode(data: bytes, count: int, width: int) -> np.ndarray:
+    total_bits = count * width
+    if len(data) != -(-total_bits // 8):
+        raise CodecError(f"offsets are {len(data)} bytes, expected {-(-total_bits // 8)}")
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if total_bits % 8 and raw[-1] & ((1 << (8 - total_bits % 8)) - 1):
+        raise CodecError("offsets have padding bits set")
+    padded = np.concatenate([raw, np.zeros(2, dtype=np.uint8)]).astype(np.uint32)
+    bit_pos = np.arange(count, dtype=np.int64) * width
+    first = bit_pos >> 3
+    window = (padded[first] << 16) | (padded[first + 1] << 8) | padded[first + 2]  # 24 bits >= width + 7
+    shift = (24 - width - (bit_pos & 7)).astype(np.uint32)
+    return ((window >> shift) & ((1 << width) - 1)).astype(np.int64)
+
+
+def _varint_lengths(values: np.ndarray) -> np.ndarray:
+    lengths = np.ones(len(values), dtype=np.int64)
+    for j in range(1, MAX_VARINT_BYTES):
+        lengths += values >= (1 << (7 * j))
+    return lengths
+
+
+def _varint_encode(values: np.ndarray, lengths: np.ndarray) -> bytes:
+    if np.any(values >= 1 << (7 * MAX_VARINT_BYTES)):
+        raise CodecError("tensor too large for gap coding")
+    out = np.empty(int(lengths.sum()), dtype=np.uint8)
+    starts = np.cumsum(lengths) - lengths
+    for j in range(int(lengths.max(initial=1))):
+        has = lengths > j
+        more = (lengths[has] > j + 1).astype(np.int64) << 7
+        out[starts[has] + j] = ((values[has] >> (7 * j)) & 0x7F) | more
+    return out.tobytes()
+
+
+def _gaps_decode(data: bytes, count: int) -> np.ndarray:
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if len(raw) < count or len(raw) > count * MAX_VARINT_BYTES:
+        raise CodecError(f"gap code is {len(raw)} bytes, impossible for {count} indices")
+    last = np.flatnonzero(raw < 0x80)  # the final byte of each varint
+    if len(last) != count or last[-1] != len(raw) - 1:
+        raise CodecError(f"gap code holds {len(last)} complete varints, expected {count}")
+    starts = np.concatenate([[0], last[:-1] + 1])
+    lengths = last - starts + 1
+    if lengths.max() > MAX_VARINT_BYTES:
+        raise CodecError("gap varint longer than 5 bytes")
+    if np.any((lengths > 1) & (raw[last] == 0)):
+        raise CodecError("gap varint is not minimally encoded")
+    position = np.arange(len(raw), dtype=np.int64) - np.repeat(starts, lengths)
+    gaps = np.add.reduceat((raw & 0x7F).astype(np.int64) << (7 * position), starts)
+    return np.cumsum(gaps + 1) - 1

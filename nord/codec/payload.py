@@ -1,0 +1,139 @@
+"""The signed payload: per tensor, which values were kept and their NF4 codes and scales.
+
+msgpack layout (arrays only, so one value has one encoding):
+
+    payload = [blocksize, [entry for each envelope tensor, in order]]
+    entry   = [chunk, k, k_last, index_kind, index_bytes, nf4_codes, scales_fp16]
+
+The tensor's n values are split into ⌊n/chunk⌋ chunks of `chunk` values keeping k each, plus a last
+partial chunk of n mod chunk values keeping k_last (0 if there is none). The kept values, in index
+order, are NF4-quantized in blocks of `blocksize` with one fp16 absmax per block; their dequantized value
+is NF4_TABLE[code] · float32(scale) (see nord.nf4), computed the same way on every replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgpack
+import numpy as np
+import torch
+
+from nord.codec.config import MAX_CHUNK
+from nord.codec.indices import decode_indices
+from nord.errors import CodecError
+from nord.nf4 import BNB_BLOCKSIZES, ZERO_CODE, dequantize_nf4
+
+ENTRY_FIELDS = 7
+FP16_MAX = 65504.0
+
+
+class SparseTensor(NamedTuple):
+    """What one contribution adds to one tensor: values at flat positions."""
+
+    indices: torch.Tensor  # (count,) int64, flat, strictly increasing
+    values: torch.Tensor  # (count,) float32, dequantized
+
+
+class TensorEntry(NamedTuple):
+    """One tensor's parsed payload entry (validated)."""
+
+    indices: np.ndarray  # (count,) int64
+    codes: bytes  # ceil(count / 2) packed NF4 codes
+    scales: np.ndarray  # (ceil(count / blocksize),) float16
+
+
+def chunk_counts(numel: int, chunk: int, k: int, k_last: int) -> np.ndarray:
+    """Kept values per chunk."""
+    counts = np.full(numel // chunk, k, dtype=np.int64)
+    return np.append(counts, k_last) if numel % chunk else counts
+
+
+def pack_payload(blocksize: int, entries: list[list[Any]]) -> bytes:
+    return msgpack.packb([blocksize, entries], use_bin_type=True)
+
+
+def unpack_strict(data: bytes, max_bytes: int, what: str) -> Any:
+    """msgpack → Python values with every length bounded; only arrays, ints, str and bin accepted later."""
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=False,
+            strict_map_key=True,
+            max_bin_len=max_bytes,
+            max_str_len=4096,
+            max_array_len=1 << 20,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except msgpack.ExtraData:
+        raise CodecError(f"trailing garbage after the {what}") from None
+    except Exception as e:  # msgpack raises ValueError, TypeError, UnpackException... on bad bytes
+        raise CodecError(f"{what} is not valid msgpack ({type(e).__name__})") from None
+
+
+def parse_payload(
+    payload: bytes, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...]
+) -> tuple[int, dict[str, TensorEntry]]:
+    """Validate a payload against its envelope's tensors; return (blocksize, name -> entry)."""
+    raw = unpack_strict(payload, len(payload), "payload")
+    if not (isinstance(raw, tuple) and len(raw) == 2 and _is_int(raw[0]) and isinstance(raw[1], tuple)):
+        raise CodecError("payload must be [blocksize, entries]")
+    blocksize, raw_entries = raw
+    if blocksize not in BNB_BLOCKSIZES:
+        raise CodecError(f"payload blocksize {blocksize} is not one of {BNB_BLOCKSIZES}")
+    if len(raw_entries) != len(names):
+        raise CodecError(f"payload has {len(raw_entries)} tensor entries for {len(names)} tensors")
+    entries = {}
+    for name, shape, entry in zip(names, shapes, raw_entries, strict=True):
+        try:
+            entries[name] = _parse_entry(entry, int(np.prod(shape, dtype=np.int64)), blocksize)
+        except CodecError as e:
+            raise CodecError(f"tensor {name!r}: {e}") from None
+    return blocksize, entries
+
+
+def _parse_entry(entry: Any, numel: int, blocksize: int) -> TensorEntry:
+    if not (isinstance(entry, tuple) and len(entry) == ENTRY_FIELDS):
+        raise CodecError(f"entry must be an array of {ENTRY_FIELDS} fields")
+    chunk, k, k_last, kind, index_bytes, codes, scale_bytes = entry
+    if not all(_is_int(v) for v in (chunk, k, k_last, kind)):
+        raise CodecError("chunk, k, k_last and index kind must be integers")
+    if not all(isinstance(v, bytes) for v in (index_bytes, codes, scale_bytes)):
+        raise CodecError("indices, codes and scales must be binary")
+    if not 1 <= chunk <= min(numel, MAX_CHUNK):
+        raise CodecError(f"chunk {chunk} invalid for {numel} values")
+    last_len = numel % chunk
+    if not 1 <= k <= chunk or not (k_last == 0 if last_len == 0 else 1 <= k_last <= last_len):
+        raise CodecError(f"kept counts k={k}, k_last={k_last} invalid for chunks of {chunk}")
+    counts = chunk_counts(numel, chunk, k, k_last)
+    count = int(counts.sum())
+    n_scales = -(-count // blocksize)
+    if len(codes) != -(-count // 2):
+        raise CodecError(f"{len(codes)} code bytes do not match {count} values")
+    if count % 2 and codes[-1] & 0x0F != ZERO_CODE:
+        raise CodecError(f"code padding nibble is not {ZERO_CODE} (the code of 0.0)")
+    if len(scale_bytes) != 2 * n_scales:
+        raise CodecError(f"{len(scale_bytes)} scale bytes do not match {n_scales} blocks")
+    scales = np.frombuffer(scale_bytes, dtype="<f2")
+    if not np.isfinite(scales).all():
+        raise CodecError("scale is NaN or infinite")
+    if np.any(scales.view("<u2") & 0x8000):
+        raise CodecError("scale is negative")
+    indices = decode_indices(kind, index_bytes, counts, numel, chunk)
+    return TensorEntry(indices=indices, codes=codes, scales=scales)
+
+
+def dequantize_entry(entry: TensorEntry, blocksize: int) -> SparseTensor:
+    """Dequantize; entries whose value is exactly 0 carry nothing and are dropped (they would still
+    count as a contributor in a per-coordinate mean)."""
+    packed = torch.frombuffer(bytearray(entry.codes), dtype=torch.uint8)
+    absmax = torch.from_numpy(entry.scales.astype(np.float32))
+    values = dequantize_nf4(packed, absmax, len(entry.indices), blocksize)
+    keep = values != 0
+    return SparseTensor(indices=torch.from_numpy(entry.indices)[keep], values=values[keep])
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
