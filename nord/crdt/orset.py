@@ -128,6 +128,12 @@ class ContributionSet:
             if len(ids) > 1
         ]
 
+    def forget_removals_of(self, cids: Iterable[str]) -> None:
+        """Drop removals naming these elements (they were sealed: a removal can no longer change them)."""
+        for cid in cids:
+            for rid in list(self._removed_by.get(cid, ())):
+                self._forget_removal(rid)
+
     def discard(self, cids: Iterable[str]) -> None:
         """Forget elements (and their removals) that can never matter again (compacted or too old)."""
         for cid in cids:

@@ -23,7 +23,6 @@ once compacted.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -33,16 +32,18 @@ import torch
 
 from nord.checkpoint import weights_hash
 from nord.crdt.accumulator import FixedPointAccumulator, contribution_norm, median_scales
+from nord.crdt.antientropy import AntiEntropy
 from nord.crdt.config import MergeConfig
 from nord.crdt.log import Store
-from nord.crdt.messages import Delta, Removal, Seal
+from nord.crdt.messages import Removal, Seal
 from nord.crdt.orset import ContributionSet, Dot, Equivocation
-from nord.errors import CodecError, ConfigError, MergeError
+from nord.crdt.persistence import Persistence
+from nord.errors import ConfigError, MergeError
 
 log = logging.getLogger(__name__)
 
 
-class Replica:
+class Replica(AntiEntropy, Persistence):
     """A replica of one run's state. See the module docstring for the rules it implements."""
 
     def __init__(
@@ -345,6 +346,7 @@ class Replica:
         self._last_verified = None
         if changed:
             self._rebuild_pool()
+            self._set.forget_removals_of(self._folded_ids)
             self._prune()
 
     def _prune(self) -> None:
@@ -385,204 +387,3 @@ class Replica:
 
     def weights_hash(self, include_open_round: bool = True) -> str:
         return weights_hash(self.weights(include_open_round))
-
-    # -------------------------------------------------------------------------------- anti-entropy
-    def digest(self) -> dict[str, Any]:
-        """Small summary for anti-entropy: per-dot id hashes, removal and seal id prefixes."""
-        s = self.merge.max_staleness
-        return {
-            "run_id": self.run_id,
-            "round": self.round,
-            "base_round": self._base_round,
-            "base_hash": self.base_hash,
-            "adds": self._set.digest_of_dots(range(self._base_round - s, self.round + s + 1)),
-            "removals": sorted(rid[:16] for rid in self._set.removals),
-            "seals": sorted(s.seal_id[:16] for seals in self._seals.values() for s in seals.values()),
-        }
-
-    def missing(self, remote_digest: Mapping[str, Any]) -> list[str]:
-        """Contribution ids this replica holds that the remote lacks and could still use."""
-        remote_round = int(remote_digest.get("round", 0))
-        lo, hi = remote_round - self.merge.max_staleness, remote_round + self.merge.max_staleness
-        remote_adds = remote_digest.get("adds", {})
-        mine = self._set.digest_of_dots(range(lo, hi + 1))
-        out = []
-        for peer_hex, rounds in mine.items():
-            for rnd, h in rounds.items():
-                if remote_adds.get(peer_hex, {}).get(rnd) != h:
-                    out.extend(self._set.dots[(bytes.fromhex(peer_hex), int(rnd))])
-        return sorted(out)
-
-    def delta_for(self, remote_digest: Mapping[str, Any]) -> Delta:
-        """Everything the remote lacks: envelopes (by `missing`), removals and seals."""
-        have_removals = set(remote_digest.get("removals", ()))
-        have_seals = set(remote_digest.get("seals", ()))
-        remote_base = int(remote_digest.get("base_round", 0))
-        return Delta(
-            envelopes=tuple(self._set.envelopes[c].to_bytes() for c in self.missing(remote_digest)),
-            removals=tuple(r for r in self.removals() if r.removal_id[:16] not in have_removals),
-            seals=tuple(
-                s
-                for rnd in sorted(self._seals)
-                for s in sorted(self._seals[rnd].values(), key=Seal.rank)
-                if rnd >= remote_base and s.seal_id[:16] not in have_seals
-            ),
-        )
-
-    def needs_snapshot(self, remote_digest: Mapping[str, Any]) -> bool:
-        """True if the remote is behind this replica's compaction point: send it a snapshot instead."""
-        return int(remote_digest.get("round", 0)) < self._base_round
-
-    def join(self, other: Replica | Delta) -> int:
-        """Apply what `other` has and this replica lacks; returns how many items were accepted.
-
-        Items this replica rejects are logged and skipped, so one bad item cannot block the rest.
-        """
-        from nord.codec import decode_envelope
-
-        delta = other.delta_for(self.digest()) if isinstance(other, Replica) else other
-        accepted = 0
-        for data in delta.envelopes:
-            try:
-                accepted += self.add(decode_envelope(data, self.spec, run_id=self.run_id))
-            except (CodecError, MergeError) as e:
-                log.warning("join: rejected a contribution: %s", e)
-        for item, apply in [(r, self.apply_removal) for r in delta.removals] + [
-            (s, self.apply_seal) for s in delta.seals
-        ]:
-            try:
-                accepted += bool(apply(item))
-            except MergeError as e:
-                log.warning("join: rejected a %s: %s", type(item).__name__.lower(), e)
-        return accepted
-
-    # ---------------------------------------------------------------------------------- persistence
-    def _persist(self, kind: str, data: bytes) -> None:
-        if self._store is not None:
-            self._store.append(kind, data)
-
-    def _snapshot_meta(self) -> dict[str, object]:
-        return {
-            "run_id": self.run_id,
-            "base_round": self._base_round,
-            "folded": self._compacted_folded,
-            "folded_dots": sorted([peer.hex(), rnd] for peer, rnd in self._compacted_dots),
-            "round_hashes": {str(k): v for k, v in self._compacted_hashes.items()},
-        }
-
-    def _window(self) -> tuple[dict[str, int], set[Dot], dict[int, str]]:
-        """What a snapshot of the tip must remember: folded ids, dots and base hashes still re-addable."""
-        oldest = self.round - self.merge.max_staleness
-        folded = {c: q for c, q in self._folded_ids.items() if q >= oldest}
-        dots = {d for d in self._folded_dots if d[1] >= oldest}
-        hashes = {q: h for q in range(oldest, self.round) if (h := self._hash_at(q)) is not None}
-        return folded, dots, hashes
-
-    def compact(self) -> None:
-        """Fold every sealed round into the base snapshot and drop their payloads (rounds become final).
-
-        Weights are unchanged; memory and disk keep only the open window.
-        """
-        folded, dots, hashes = self._window()
-        self._set.discard([c for c in self._folded_ids if c in self._set.envelopes])
-        self._seals = {r: s for r, s in self._seals.items() if r >= self.round}
-        self._verified.clear()
-        self._reset_base(self._tip, self.round, folded=folded, folded_dots=dots, hashes=hashes)
-        self._prune()
-        self._norms = {c: n for c, n in self._norms.items() if c in self._set.envelopes}
-        if self._store is not None:
-            self._store.rewrite(self._base, self._snapshot_meta(), self._records())
-
-    def _records(self) -> list[tuple[str, bytes]]:
-        envelopes = sorted(self._set.envelopes.values(), key=lambda e: (e.round, e.contribution_id))
-        seals = [s for r in sorted(self._seals) for s in sorted(self._seals[r].values(), key=Seal.rank)]
-        return (
-            [("add", e.to_bytes()) for e in envelopes]
-            + [("remove", r.to_bytes()) for r in self.removals()]
-            + [("seal", s.to_bytes()) for s in seals]
-        )
-
-    def save_snapshot(self, path: str | Path) -> str:
-        """Write the sealed tip (weights + the window a new replica needs) for a lagging peer; its hash."""
-        from nord.checkpoint import save_checkpoint
-
-        folded, dots, hashes = self._window()
-        meta = self._snapshot_meta(self.round, folded, dots, hashes)
-        return save_checkpoint(path, self._tip, meta)
-
-    def _snapshot_meta(
-        self,
-        base_round: int | None = None,
-        folded: dict[str, int] | None = None,
-        dots: set[Dot] | None = None,
-        hashes: dict[int, str] | None = None,
-    ) -> dict[str, object]:
-        return {
-            "run_id": self.run_id,
-            "base_round": self._base_round if base_round is None else base_round,
-            "folded": self._compacted_folded if folded is None else folded,
-            "folded_dots": sorted([p.hex(), r] for p, r in (self._compacted_dots if dots is None else dots)),
-            "round_hashes": {
-                str(k): v for k, v in (self._compacted_hashes if hashes is None else hashes).items()
-            },
-        }
-
-    @classmethod
-    def from_snapshot(
-        cls,
-        tensors: Mapping[str, torch.Tensor],
-        meta: Mapping[str, str],
-        *,
-        spec: Mapping[str, tuple[int, ...]],
-        merge: MergeConfig,
-        authorities: Sequence[bytes],
-        log_dir: str | Path | None = None,
-    ) -> Replica:
-        """A replica starting at a snapshot (from `save_snapshot` via `load_checkpoint`, or compaction)."""
-        try:
-            run_id = meta["run_id"]
-            base_round = int(meta["base_round"])
-            folded = {str(c): int(q) for c, q in json.loads(meta["folded"]).items()}
-            dots = {(bytes.fromhex(p), int(r)) for p, r in json.loads(meta["folded_dots"])}
-            hashes = {int(q): str(h) for q, h in json.loads(meta["round_hashes"]).items()}
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
-            raise MergeError(f"snapshot metadata is missing or malformed ({e})") from None
-        replica = cls(run_id=run_id, spec=spec, base=tensors, merge=merge, authorities=authorities)
-        replica._reset_base(replica._base, base_round, folded=folded, folded_dots=dots, hashes=hashes)
-        if log_dir is not None:
-            store = Store(log_dir)
-            store.create(replica._base, replica._snapshot_meta())
-            replica._store = store
-        return replica
-
-    @classmethod
-    def open(
-        cls,
-        log_dir: str | Path,
-        *,
-        spec: Mapping[str, tuple[int, ...]],
-        merge: MergeConfig,
-        authorities: Sequence[bytes],
-    ) -> Replica:
-        """Restore a replica from its directory: the snapshot, then every record of the log in order."""
-        from nord.codec import decode_envelope
-
-        store = Store(log_dir)
-        tensors, meta, records = store.load()
-        replica = cls.from_snapshot(tensors, meta, spec=spec, merge=merge, authorities=authorities)
-        for kind, data in records:
-            try:
-                if kind == "add":
-                    replica.add(decode_envelope(data, replica.spec, run_id=replica.run_id))
-                elif kind == "remove":
-                    replica.apply_removal(Removal.from_bytes(data))
-                else:
-                    replica.apply_seal(Seal.from_bytes(data))
-            except (CodecError, MergeError) as e:
-                log.warning("%s: a logged %s record no longer applies: %s", log_dir, kind, e)
-        replica._store = store
-        return replica
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()

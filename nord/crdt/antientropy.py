@@ -1,0 +1,103 @@
+"""Anti-entropy: replicas exchange small digests, then only what the other lacks (delta-state CRDT).
+
+A digest lists, per dot (peer, round) in the useful window, a 64-bit hash of the sorted ids held on that
+dot, plus the id prefixes of held removals and seals. `missing` compares dot hashes, so an equivocating
+second payload on a dot is sent too. `join` applies a `Delta` until nothing more applies: contributions
+first (removals may name them, seals need them), then removals and seals, then again whatever was
+rejected only for being ahead of the round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from nord.crdt.messages import Delta, Seal
+from nord.errors import CodecError, MergeError
+
+log = logging.getLogger(__name__)
+
+
+class AntiEntropy:
+    """Digest, missing, delta_for and join for `Replica` (a mixin over its state)."""
+
+    def digest(self) -> dict[str, Any]:
+        """Small summary for anti-entropy: per-dot id hashes, removal and seal id prefixes."""
+        window = self.merge.max_staleness
+        return {
+            "run_id": self.run_id,
+            "round": self.round,
+            "base_round": self._base_round,
+            "base_hash": self.base_hash,
+            "adds": self._set.digest_of_dots(range(self._base_round - window, self.round + window + 1)),
+            "removals": sorted(rid[:16] for rid in self._set.removals),
+            "seals": sorted(sid[:16] for seals in self._seals.values() for sid in seals),
+        }
+
+    def missing(self, remote_digest: Mapping[str, Any]) -> list[str]:
+        """Contribution ids this replica holds that the remote lacks and could accept now."""
+        remote_round = int(remote_digest.get("round", 0))
+        window = self.merge.max_staleness
+        remote_adds = remote_digest.get("adds", {})
+        out = []
+        for peer_hex, rounds in self._set.digest_of_dots(
+            range(remote_round - window, remote_round + window + 1)
+        ).items():
+            for rnd, h in rounds.items():
+                if remote_adds.get(peer_hex, {}).get(rnd) != h:
+                    out.extend(self._set.dots[(bytes.fromhex(peer_hex), int(rnd))])
+        return sorted(out)
+
+    def delta_for(self, remote_digest: Mapping[str, Any]) -> Delta:
+        """Everything the remote lacks: envelopes (by `missing`), removals and seals."""
+        have_removals = set(remote_digest.get("removals", ()))
+        have_seals = set(remote_digest.get("seals", ()))
+        remote_base = int(remote_digest.get("base_round", 0))
+        return Delta(
+            envelopes=tuple(self._set.envelopes[c].to_bytes() for c in self.missing(remote_digest)),
+            removals=tuple(r for r in self.removals() if r.removal_id[:16] not in have_removals),
+            seals=tuple(
+                seal
+                for rnd in sorted(self._seals)
+                for seal in sorted(self._seals[rnd].values(), key=Seal.rank)
+                if rnd >= remote_base and seal.seal_id[:16] not in have_seals
+            ),
+        )
+
+    def needs_snapshot(self, remote_digest: Mapping[str, Any]) -> bool:
+        """True if the remote is behind this replica's compaction point: send it a snapshot instead."""
+        return int(remote_digest.get("round", 0)) < self._base_round
+
+    def join(self, other: Any) -> int:
+        """Apply what `other` (a Replica or a Delta) has and this replica lacks; how many items were new.
+
+        Items this replica rejects are logged and skipped, so one bad item cannot block the rest.
+        """
+        from nord.codec import decode_envelope
+
+        delta = other if isinstance(other, Delta) else other.delta_for(self.digest())
+        pending: list[tuple[Callable[[Any], bool], Any]] = []
+        for data in delta.envelopes:
+            try:
+                pending.append((self.add, decode_envelope(data, self.spec, run_id=self.run_id)))
+            except CodecError as e:
+                log.warning("join: rejected a contribution: %s", e)
+        pending += [(self.apply_removal, r) for r in delta.removals] + [
+            (self.apply_seal, s) for s in delta.seals
+        ]
+        accepted = 0
+        while pending:
+            retry, errors = [], []
+            for apply, item in pending:
+                try:
+                    accepted += bool(apply(item))
+                except MergeError as e:
+                    retry.append((apply, item))
+                    errors.append(e)
+            if len(retry) == len(pending) or not retry:
+                for e in errors:
+                    log.warning("join: rejected an item: %s", e)
+                break
+            pending = retry
+        return accepted

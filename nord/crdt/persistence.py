@@ -1,0 +1,149 @@
+"""Persistence and compaction of a `Replica`: snapshot + log (nord.crdt.log), restore, snapshots for peers.
+
+Compaction folds the sealed chain into a new base snapshot and drops the folded payloads; it keeps only
+what the open window still needs (contribution ids and dots folded in rounds a late duplicate could still
+claim, and the base hashes of those rounds), so memory and disk stay bounded over a long run and the
+weights are exactly those before compaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nord.checkpoint import save_checkpoint
+from nord.crdt.config import MergeConfig
+from nord.crdt.log import Store
+from nord.crdt.messages import Removal, Seal
+from nord.crdt.orset import Dot
+from nord.errors import CodecError, MergeError
+
+log = logging.getLogger(__name__)
+
+
+class Persistence:
+    """Log, snapshot, compaction and restore for `Replica` (a mixin over its state)."""
+
+    def _persist(self, kind: str, data: bytes) -> None:
+        if self._store is not None:
+            self._store.append(kind, data)
+
+    def _window(self) -> tuple[dict[str, int], set[Dot], dict[int, str]]:
+        """What a snapshot of the tip must remember: folded ids, dots and base hashes still re-addable."""
+        oldest = self.round - self.merge.max_staleness
+        folded = {c: q for c, q in self._folded_ids.items() if q >= oldest}
+        dots = {d for d in self._folded_dots if d[1] >= oldest}
+        hashes = {q: h for q in range(oldest, self.round) if (h := self._hash_at(q)) is not None}
+        return folded, dots, hashes
+
+    def compact(self) -> None:
+        """Fold every sealed round into the base snapshot and drop their payloads (rounds become final).
+
+        Weights are unchanged; memory and disk keep only the open window.
+        """
+        folded, dots, hashes = self._window()
+        self._set.discard([c for c in self._folded_ids if c in self._set.envelopes])
+        self._seals = {r: s for r, s in self._seals.items() if r >= self.round}
+        self._verified.clear()
+        self._reset_base(self._tip, self.round, folded=folded, folded_dots=dots, hashes=hashes)
+        self._prune()
+        self._norms = {c: n for c, n in self._norms.items() if c in self._set.envelopes}
+        if self._store is not None:
+            self._store.rewrite(self._base, self._snapshot_meta(), self._records())
+
+    def _records(self) -> list[tuple[str, bytes]]:
+        envelopes = sorted(self._set.envelopes.values(), key=lambda e: (e.round, e.contribution_id))
+        seals = [s for r in sorted(self._seals) for s in sorted(self._seals[r].values(), key=Seal.rank)]
+        return (
+            [("add", e.to_bytes()) for e in envelopes]
+            + [("remove", r.to_bytes()) for r in self.removals()]
+            + [("seal", s.to_bytes()) for s in seals]
+        )
+
+    def save_snapshot(self, path: str | Path) -> str:
+        """Write the sealed tip (weights + the window a new replica needs) for a lagging peer; its hash."""
+        folded, dots, hashes = self._window()
+        meta = self._snapshot_meta(self.round, folded, dots, hashes)
+        return save_checkpoint(path, self._tip, meta)
+
+    def _snapshot_meta(
+        self,
+        base_round: int | None = None,
+        folded: dict[str, int] | None = None,
+        dots: set[Dot] | None = None,
+        hashes: dict[int, str] | None = None,
+    ) -> dict[str, object]:
+        return {
+            "run_id": self.run_id,
+            "base_round": self._base_round if base_round is None else base_round,
+            "folded": self._compacted_folded if folded is None else folded,
+            "folded_dots": sorted([p.hex(), r] for p, r in (self._compacted_dots if dots is None else dots)),
+            "round_hashes": {
+                str(k): v for k, v in (self._compacted_hashes if hashes is None else hashes).items()
+            },
+        }
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, str],
+        *,
+        spec: Mapping[str, tuple[int, ...]],
+        merge: MergeConfig,
+        authorities: Sequence[bytes],
+        log_dir: str | Path | None = None,
+    ) -> Any:
+        """A replica starting at a snapshot (from `save_snapshot` via `load_checkpoint`, or compaction)."""
+        try:
+            run_id = meta["run_id"]
+            base_round = int(meta["base_round"])
+            folded = {str(c): int(q) for c, q in json.loads(meta["folded"]).items()}
+            dots = {(bytes.fromhex(p), int(r)) for p, r in json.loads(meta["folded_dots"])}
+            hashes = {int(q): str(h) for q, h in json.loads(meta["round_hashes"]).items()}
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise MergeError(f"snapshot metadata is missing or malformed ({e})") from None
+        replica = cls(run_id=run_id, spec=spec, base=tensors, merge=merge, authorities=authorities)
+        replica._reset_base(replica._base, base_round, folded=folded, folded_dots=dots, hashes=hashes)
+        if log_dir is not None:
+            store = Store(log_dir)
+            store.create(replica._base, replica._snapshot_meta())
+            replica._store = store
+        return replica
+
+    @classmethod
+    def open(
+        cls,
+        log_dir: str | Path,
+        *,
+        spec: Mapping[str, tuple[int, ...]],
+        merge: MergeConfig,
+        authorities: Sequence[bytes],
+    ) -> Any:
+        """Restore a replica from its directory: the snapshot, then every record of the log in order."""
+        from nord.codec import decode_envelope
+
+        store = Store(log_dir)
+        tensors, meta, records = store.load()
+        replica = cls.from_snapshot(tensors, meta, spec=spec, merge=merge, authorities=authorities)
+        for kind, data in records:
+            try:
+                if kind == "add":
+                    replica.add(decode_envelope(data, replica.spec, run_id=replica.run_id))
+                elif kind == "remove":
+                    replica.apply_removal(Removal.from_bytes(data))
+                else:
+                    replica.apply_seal(Seal.from_bytes(data))
+            except (CodecError, MergeError) as e:
+                log.warning("%s: a logged %s record no longer applies: %s", log_dir, kind, e)
+        replica._store = store
+        return replica
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
