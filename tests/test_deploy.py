@@ -1,0 +1,174 @@
+"""Deployment files: docker-compose.yml validates offline, the Dockerfile copies what exists, the Colab
+notebook is a clean v4 notebook whose commands parse with the real CLIs, and the systemd unit starts the
+coordinator with flags it accepts."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+NOTEBOOK = ROOT / "deploy" / "colab" / "nord_join.ipynb"
+UNIT = ROOT / "deploy" / "bootstrap" / "nord-coordinator.service"
+
+needs_compose = pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="Debian's docker-compose is not installed (apt-get install docker-compose; .ci/run does)",
+)
+
+
+def compose_config(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["docker-compose", "-f", str(path), "config", "-q"], capture_output=True, text=True, timeout=60
+    )
+
+
+@needs_compose
+def test_compose_file_validates_offline():
+    out = compose_config(COMPOSE)
+    assert out.returncode == 0, out.stderr
+
+
+@needs_compose
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("condition: service_healthy", "condition: service_healthy\n      coordinatr:\n        condition: service_started"),
+        ('- "8080:8080"', "- {published: 8080, target: eighty}"),
+        ("      - coordinator-state:/state", "      - coordinator-stat:/state"),
+    ],
+    ids=["undefined-service", "bad-port", "undeclared-volume"],
+)
+def test_compose_validation_rejects_a_broken_copy(tmp_path, old, new):
+    text = COMPOSE.read_text()
+    assert old in text
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(text.replace(old, new, 1))
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")  # the build context must exist
+    out = compose_config(broken)
+    assert out.returncode != 0, f"docker-compose accepted a broken file:\n{broken.read_text()}"
+
+
+def test_worker_service_can_be_scaled():
+    """`--scale worker=N` fails if the worker pins a container name or a host port."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert set(services) == {"coordinator", "worker"}
+    worker = services["worker"]
+    assert "container_name" not in worker and "ports" not in worker
+    assert "nord-node join" in " ".join(worker["command"])
+    coordinator = services["coordinator"]
+    published = {str(p).split(":")[0] for p in coordinator["ports"]}
+    assert published == {"8080", "31337"}
+    assert any(v.endswith(":/state") for v in coordinator["volumes"])
+
+
+def test_dockerfile_copies_only_files_that_exist_and_installs_cpu_torch_first():
+    text = DOCKERFILE.read_text()
+    copies = re.findall(r"^COPY\s+(.+?)\s+\S+$", text, flags=re.M)
+    assert copies
+    for sources in copies:
+        for src in sources.split():
+            assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+    torch_at = text.index('"torch==${TORCH_VERSION}"')
+    assert text.index("pip install .") > torch_at
+    assert "download.pytorch.org/whl/cpu" in text
+
+
+# ------------------------------------------------------------------------------------------- notebook
+
+
+def notebook() -> nbformat.NotebookNode:
+    nb = nbformat.read(NOTEBOOK, as_version=nbformat.NO_CONVERT)
+    nbformat.validate(nb)
+    return nb
+
+
+def code_lines(nb: nbformat.NotebookNode) -> list[str]:
+    return [line for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()]
+
+
+def form_values(nb: nbformat.NotebookNode) -> dict:
+    """Run the settings cell (pure Python assignments with `#@param` forms) and return its variables."""
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "#@param" in c.source)
+    namespace: dict = {}
+    exec(cell.source, namespace)  # noqa: S102 - our own notebook's settings cell
+    return namespace
+
+
+def test_notebook_is_valid_v4_without_outputs():
+    nb = notebook()
+    assert nb.nbformat == 4
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, "commit the notebook without outputs"
+
+
+def test_notebook_warns_about_the_free_tier_and_names_alternatives():
+    text = " ".join(c.source for c in notebook().cells if c.cell_type == "markdown")
+    assert "free tier" in text and "distributed computing" in text
+    for alternative in ("compute units", "Kaggle", "own GPU", "cloud VM"):
+        assert alternative in text
+
+
+def test_notebook_has_form_fields_for_the_bootstrap_address_and_run():
+    values = form_values(notebook())
+    for name in ("INITIAL_PEERS", "RUN_ID", "STATE_DIR"):
+        assert isinstance(values[name], str) and values[name]
+
+
+def test_notebook_keeps_the_runtime_torch_and_protobuf():
+    lines = code_lines(notebook())
+    installs = [ln for ln in lines if "pip install" in ln]
+    assert installs
+    for line in installs:
+        assert not re.search(r"\btorch\b", line.split("-c", 1)[0]), "never reinstall the notebook's torch"
+    constraints = "\n".join(lines)
+    assert "torch=={torch.__version__}" in constraints and "protobuf<6" in constraints
+
+
+def notebook_join_argv() -> list[str]:
+    nb = notebook()
+    values = form_values(nb)
+    (line,) = [ln for ln in code_lines(nb) if ln.startswith("!nord-node join")]
+    return shlex.split(line[1:].format(**values))
+
+
+def test_notebook_join_command_parses_with_the_real_worker_cli():
+    from node.__main__ import build_parser
+
+    argv = notebook_join_argv()
+    args = build_parser().parse_args(argv[1:])
+    assert args.client_mode
+    values = form_values(notebook())
+    assert args.run == values["RUN_ID"]
+
+
+# -------------------------------------------------------------------------------------------- systemd
+
+
+def unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str
+    parser.read(UNIT)
+    return parser
+
+
+def test_systemd_unit_starts_the_coordinator_with_flags_it_accepts():
+    from coordinator.__main__ import build_parser
+
+    service = unit()["Service"]
+    argv = shlex.split(service["ExecStart"])
+    assert Path(argv[0]).name == "nord-coordinator"
+    build_parser().parse_args(argv[1:])
+    assert service["KillMode"] == "mixed"  # SIGTERM to the coordinator, SIGKILL to a leftover p2pd
+    assert "network-online.target" in unit()["Unit"]["After"]
