@@ -43,7 +43,10 @@ def test_compose_file_validates_offline():
 @pytest.mark.parametrize(
     "old, new",
     [
-        ("condition: service_healthy", "condition: service_healthy\n      coordinatr:\n        condition: service_started"),
+        (
+            "condition: service_healthy",
+            "condition: service_healthy\n      coordinatr:\n        condition: service_started",
+        ),
         ('- "8080:8080"', "- {published: 8080, target: eighty}"),
         ("      - coordinator-state:/state", "      - coordinator-stat:/state"),
     ],
