@@ -33,6 +33,7 @@ Public API (stable):
         .store_record(key, subkey, value, ttl_s) -> bool    value: msgpack-able, <= MAX_RECORD_BYTES
         .get_records(key) -> dict[subkey, value]
         .connected_peers() -> list[str]
+        .bytes_sent, .bytes_received: int         stream traffic so far (as caller and as server)
         .install_signal_handlers()                SIGINT/SIGTERM -> shutdown() then KeyboardInterrupt
         .shutdown()
     TransportError (from nord.errors) for everything a user must fix, as one line.
@@ -145,6 +146,8 @@ class Transport:
         self._lock_file: Any = None
         self._closed = False
         self._close_lock = threading.Lock()
+        self.bytes_sent = 0  # frame bytes written and read on streams, both as caller and as server
+        self.bytes_received = 0
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -305,7 +308,9 @@ class Transport:
             ) from None
         try:
             await _write_frame(writer, KIND_REQUEST, body, digest)
+            self.bytes_sent += HEADER.size + len(body)
             kind, reply = await _read_frame(reader, max_reply_bytes, who=f"peer {_short(peer_id)}")
+            self.bytes_received += HEADER.size + len(reply)
         except (ConnectionError, asyncio.IncompleteReadError) as e:
             raise TransportError(
                 f"peer {_short(peer_id)} closed the stream for {name!r} ({type(e).__name__})"
@@ -326,6 +331,7 @@ class Transport:
             try:
                 try:
                     _, body = await _read_frame(reader, max_request_bytes, who=f"peer {_short(peer)}")
+                    self.bytes_received += HEADER.size + len(body)
                 except TransportError as e:
                     logger.info("rejected a request from %s: %s", _short(peer), e)
                     await _write_error(writer, str(e))
@@ -344,6 +350,7 @@ class Transport:
                     await _write_error(writer, "internal error in the peer's handler (see its log)")
                     return
                 await _write_frame(writer, KIND_OK, reply, digest)
+                self.bytes_sent += HEADER.size + len(reply)
             except (ConnectionError, asyncio.IncompleteReadError) as e:
                 logger.debug("stream from %s ended early: %s", _short(peer), e)
             finally:

@@ -1,0 +1,437 @@
+"""Gossip: the anti-entropy protocol that makes the replicas of one run converge, over `nord.transport`.
+
+Every peer (worker or coordinator) serves these request handlers; requests and replies are msgpack maps
+and every request names its run, so a peer of another run answers "run ... not found" in one line:
+
+    hello      {run_id} -> {run_id, role, client_mode, round, base_hash}
+    config     {run_id} -> the RunConfig JSON
+    sync       {run_id, digest} -> {delta: what the caller lacks (Delta bytes, at most SYNC_BUDGET_BYTES of
+               envelopes; `more` says to ask again), digest: the server's digest, behind: caller is older
+               than the server's compaction point (fetch a snapshot)}
+    push       {run_id, delta} -> {accepted}
+    fetch      {run_id, ids} -> {delta: those contributions}
+    snapshot   {run_id} -> safetensors bytes of the sealed tip (`Replica.save_snapshot`)
+    tokenizer  {run_id} -> tokenizer.json bytes
+
+One exchange with peer P, started by either side (so client-mode peers, which nobody can dial, take
+part): `sync` brings what P has and we lack, then `push` sends what P lacks by P's digest. New
+contributions are also pushed at once to every reachable peer and announced in the DHT:
+
+    nord/<run>/peers              subkey <peer id>         {role, client_mode}          (presence)
+    nord/<run>/contrib/<round>    subkey <cid>/<holder>    {cid, round, size, holder}
+
+so a peer that sees a record for a contribution it lacks pulls it from any holder, not only its author.
+Only small records go to the DHT; payloads travel on streams.
+
+Thread safety: handlers run in transport threads. Everything here takes `Gossip.lock` around the replica;
+owners (worker, coordinator) must hold it too whenever they touch the replica.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import random
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from nord.codec import CodecConfig
+from nord.crdt import Delta, Removal, Replica, Seal
+from nord.errors import MergeError, NordError, TransportError
+from nord.transport import Transport
+
+log = logging.getLogger(__name__)
+
+PEER_TTL_S = 60.0  # presence records expire unless refreshed by `heartbeat`
+RECORD_TTL_S = 900.0  # contribution records
+SYNC_BUDGET_BYTES = 32 << 20  # envelope bytes per sync reply; the caller asks again while `more`
+SMALL_REQUEST_BYTES = 1 << 20
+MAX_DELTA_BYTES = SYNC_BUDGET_BYTES + CodecConfig().max_payload_bytes + SMALL_REQUEST_BYTES
+MAX_SNAPSHOT_BYTES = 16 << 30
+MAX_TOKENIZER_BYTES = 64 << 20
+
+
+class RunNotFound(TransportError):
+    """The peer serves another run (or none)."""
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise TransportError(f"{what}: not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise TransportError(f"{what}: expected a map")
+    return obj
+
+
+# ---- calls that work before a replica exists (a joining worker) -------------------------------------------
+
+
+def hello(transport: Transport, peer_id: str, run_id: str) -> dict[str, Any]:
+    """Ask `peer_id` whether it serves `run_id`; RunNotFound (one line) if not."""
+    try:
+        reply = transport.request(
+            peer_id, "hello", _pack({"run_id": run_id}), max_reply_bytes=SMALL_REQUEST_BYTES
+        )
+    except TransportError as e:
+        if "not found" in str(e):
+            raise RunNotFound(str(e)) from None
+        raise
+    return _unpack(reply, "hello reply")
+
+
+def fetch_run_config_json(transport: Transport, peer_id: str, run_id: str) -> str:
+    reply = transport.request(
+        peer_id, "config", _pack({"run_id": run_id}), max_reply_bytes=SMALL_REQUEST_BYTES
+    )
+    return reply.decode("utf-8")
+
+
+def fetch_snapshot(transport: Transport, peer_id: str, run_id: str, out_path: str | Path) -> Path:
+    """Download the peer's sealed snapshot to `out_path` (checked by the caller with load_checkpoint)."""
+    from nord.fsutil import atomic_write_bytes
+
+    data = transport.request(
+        peer_id, "snapshot", _pack({"run_id": run_id}), max_reply_bytes=MAX_SNAPSHOT_BYTES, timeout_s=600
+    )
+    atomic_write_bytes(out_path, data)
+    return Path(out_path)
+
+
+def fetch_tokenizer(transport: Transport, peer_id: str, run_id: str) -> bytes:
+    return transport.request(
+        peer_id, "tokenizer", _pack({"run_id": run_id}), max_reply_bytes=MAX_TOKENIZER_BYTES
+    )
+
+
+# ---- the protocol over a replica ---------------------------------------------------------------------------
+
+
+class Gossip:
+    """Serves and runs the anti-entropy protocol for one replica.
+
+    Args:
+        transport: a started Transport.
+        replica: this peer's replica of the run.
+        run_config_json: the run's RunConfig as JSON (served to joining peers).
+        role: "worker" or "coordinator" (shown to peers).
+        bootstrap_peers: peer ids always tried (the run's bootstrap peers), besides those found in the DHT.
+        tokenizer_path: tokenizer.json to serve, if this peer has one.
+        on_update: called (without the lock) after anything new was accepted from a peer.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        replica: Replica,
+        run_config_json: str,
+        *,
+        role: str = "worker",
+        bootstrap_peers: tuple[str, ...] = (),
+        tokenizer_path: str | Path | None = None,
+        on_update: Callable[[], None] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.replica = replica
+        self.run_id = replica.run_id
+        self.run_config_json = run_config_json
+        self.role = role
+        self.bootstrap_peers = tuple(p for p in bootstrap_peers if p != transport.peer_id)
+        self.tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
+        self.on_update = on_update
+        self.lock = threading.RLock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="nord-gossip")
+        self._snapshot_cache: tuple[str, bytes] | None = None
+        self._peers: dict[str, dict[str, Any]] = {}
+
+    # ---- serving -----------------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Register the handlers and announce this peer in the DHT."""
+        handlers = {
+            "hello": (self._on_hello, SMALL_REQUEST_BYTES),
+            "config": (self._on_config, SMALL_REQUEST_BYTES),
+            "sync": (self._on_sync, SMALL_REQUEST_BYTES),
+            "push": (self._on_push, MAX_DELTA_BYTES),
+            "fetch": (self._on_fetch, SMALL_REQUEST_BYTES),
+            "snapshot": (self._on_snapshot, SMALL_REQUEST_BYTES),
+            "tokenizer": (self._on_tokenizer, SMALL_REQUEST_BYTES),
+        }
+        for name, (fn, max_bytes) in handlers.items():
+            self.transport.add_handler(name, fn, max_request_bytes=max_bytes)
+        self.heartbeat()
+
+    def _request_of(self, body: bytes, name: str) -> dict[str, Any]:
+        req = _unpack(body, f"{name} request")
+        if req.get("run_id") != self.run_id:
+            raise RunNotFound(
+                f"run {req.get('run_id')!r} not found on this peer (it serves run {self.run_id!r})"
+            )
+        return req
+
+    def _on_hello(self, peer: str, body: bytes) -> bytes:
+        self._request_of(body, "hello")
+        with self.lock:
+            state = {"round": self.replica.round, "base_hash": self.replica.base_hash}
+        return _pack(
+            {
+                "run_id": self.run_id,
+                "role": self.role,
+                "client_mode": self.transport.config.client_mode,
+                **state,
+            }
+        )
+
+    def _on_config(self, peer: str, body: bytes) -> bytes:
+        self._request_of(body, "config")
+        return self.run_config_json.encode("utf-8")
+
+    def _on_sync(self, peer: str, body: bytes) -> bytes:
+        digest = self._request_of(body, "sync").get("digest")
+        if not isinstance(digest, dict):
+            raise TransportError("sync request carries no digest")
+        with self.lock:
+            behind = self.replica.needs_snapshot(digest)
+            delta = self.replica.delta_for(digest)
+            mine = self.replica.digest()
+        delta, more = _within_budget(delta, SYNC_BUDGET_BYTES)
+        return _pack({"delta": delta.to_bytes(), "digest": mine, "behind": behind, "more": more})
+
+    def _on_push(self, peer: str, body: bytes) -> bytes:
+        req = self._request_of(body, "push")
+        accepted = self._join(_delta_from(req.get("delta")))
+        return _pack({"accepted": accepted})
+
+    def _on_fetch(self, peer: str, body: bytes) -> bytes:
+        ids = set(self._request_of(body, "fetch").get("ids") or ())
+        with self.lock:
+            held = [e.to_bytes() for cid, e in self.replica.contributions() if cid in ids]
+        delta, _ = _within_budget(Delta(envelopes=tuple(held)), SYNC_BUDGET_BYTES)
+        return _pack({"delta": delta.to_bytes()})
+
+    def _on_snapshot(self, peer: str, body: bytes) -> bytes:
+        self._request_of(body, "snapshot")
+        with self.lock:
+            key = f"{self.replica.round}:{self.replica.base_hash}"
+            if self._snapshot_cache is None or self._snapshot_cache[0] != key:
+                with tempfile.TemporaryDirectory(prefix="nord-snapshot-") as tmp:
+                    path = Path(tmp) / "snapshot.safetensors"
+                    self.replica.save_snapshot(path)
+                    self._snapshot_cache = (key, path.read_bytes())
+            return self._snapshot_cache[1]
+
+    def _on_tokenizer(self, peer: str, body: bytes) -> bytes:
+        self._request_of(body, "tokenizer")
+        if self.tokenizer_path is None or not self.tokenizer_path.is_file():
+            raise NordError("this peer has no tokenizer to serve")
+        return self.tokenizer_path.read_bytes()
+
+    def _join(self, delta: Delta) -> int:
+        with self.lock:
+            before = {cid for cid, _ in self.replica.contributions()}
+            accepted = self.replica.join(delta)
+            new = [(cid, e) for cid, e in self.replica.contributions() if cid not in before]
+        if new:
+            self._pool.submit(self._announce_holder, new)
+        if accepted and self.on_update is not None:
+            self.on_update()
+        return accepted
+
+    # ---- peers -------------------------------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """Refresh this peer's presence record (call every ~PEER_TTL_S / 3)."""
+        record = {"role": self.role, "client_mode": self.transport.config.client_mode}
+        try:
+            self.transport.store_record(
+                f"nord/{self.run_id}/peers", self.transport.peer_id, record, PEER_TTL_S
+            )
+        except TransportError as e:
+            log.warning("could not announce this peer: %s", e)
+
+    def peers(self) -> dict[str, dict[str, Any]]:
+        """Live peers of the run (peer id -> {role, client_mode}) but this one; bootstrap peers always."""
+        found = {p: {"role": "bootstrap", "client_mode": False} for p in self.bootstrap_peers}
+        try:
+            for peer, record in self.transport.get_records(f"nord/{self.run_id}/peers").items():
+                if peer != self.transport.peer_id and isinstance(record, dict):
+                    found[peer] = {
+                        "role": str(record.get("role")),
+                        "client_mode": bool(record.get("client_mode")),
+                    }
+        except TransportError as e:
+            log.debug("peer lookup failed: %s", e)
+        self._peers = found
+        return found
+
+    def reachable_peers(self) -> list[str]:
+        """Peers others can dial (not client mode)."""
+        return sorted(p for p, info in self.peers().items() if not info["client_mode"])
+
+    # ---- spreading ---------------------------------------------------------------------------------------
+
+    def publish(self, envelope: Any) -> int:
+        """Announce our contribution (already added to the replica) and push it to every reachable peer.
+
+        Returns how many peers accepted the push.
+        """
+        self._announce_holder([(envelope.contribution_id, envelope)])
+        return self._push_all(Delta(envelopes=(envelope.to_bytes(),)))
+
+    def publish_seal(self, seal: Seal) -> int:
+        return self._push_all(Delta(seals=(seal,)))
+
+    def publish_removal(self, removal: Removal) -> int:
+        return self._push_all(Delta(removals=(removal,)))
+
+    def _push_all(self, delta: Delta) -> int:
+        body = _pack({"run_id": self.run_id, "delta": delta.to_bytes()})
+        futures = [self._pool.submit(self._push_one, peer, body) for peer in self.reachable_peers()]
+        return sum(f.result() for f in futures)
+
+    def _push_one(self, peer: str, body: bytes) -> int:
+        try:
+            reply = _unpack(
+                self.transport.request(peer, "push", body, max_reply_bytes=SMALL_REQUEST_BYTES), "push"
+            )
+            return int(bool(reply.get("accepted")))
+        except TransportError as e:
+            log.info("push to %s failed: %s", peer[-8:], e)
+            return 0
+
+    def _announce_holder(self, items: list[tuple[str, Any]]) -> None:
+        me = self.transport.peer_id
+        for cid, envelope in items:
+            record = {"cid": cid, "round": int(envelope.round), "size": int(envelope.nbytes), "holder": me}
+            try:
+                self.transport.store_record(
+                    f"nord/{self.run_id}/contrib/{envelope.round}", f"{cid}/{me}", record, RECORD_TTL_S
+                )
+            except TransportError as e:
+                log.debug("could not announce %s: %s", cid[:16], e)
+
+    # ---- pulling -----------------------------------------------------------------------------------------
+
+    def sync_with(self, peer: str) -> tuple[int, bool]:
+        """Two-way exchange with `peer`; returns (items accepted here, whether we lag its compaction)."""
+        accepted, behind = 0, False
+        for _ in range(64):  # bounded: each reply carries at most SYNC_BUDGET_BYTES of envelopes
+            with self.lock:
+                digest = self.replica.digest()
+            reply = _unpack(
+                self.transport.request(
+                    peer,
+                    "sync",
+                    _pack({"run_id": self.run_id, "digest": digest}),
+                    max_reply_bytes=MAX_DELTA_BYTES,
+                ),
+                "sync reply",
+            )
+            behind = bool(reply.get("behind"))
+            got = self._join(_delta_from(reply.get("delta")))
+            accepted += got
+            if not reply.get("more") or got == 0:
+                break
+        remote = reply.get("digest")
+        if isinstance(remote, dict) and not behind:
+            with self.lock:
+                theirs, _ = _within_budget(self.replica.delta_for(remote), SYNC_BUDGET_BYTES)
+            if len(theirs):
+                self._push_one(peer, _pack({"run_id": self.run_id, "delta": theirs.to_bytes()}))
+        return accepted, behind
+
+    def pull_announced(self, rounds: range) -> int:
+        """Fetch contributions announced in the DHT for `rounds` that we lack, from any of their holders."""
+        wanted: dict[str, list[str]] = {}
+        for rnd in rounds:
+            if rnd < 0:
+                continue
+            try:
+                records = self.transport.get_records(f"nord/{self.run_id}/contrib/{rnd}")
+            except TransportError:
+                continue
+            for record in records.values():
+                if isinstance(record, dict) and isinstance(record.get("cid"), str):
+                    wanted.setdefault(record["cid"], []).append(str(record.get("holder")))
+        me = self.transport.peer_id
+        with self.lock:
+            remaining = {cid: set(h) - {me} for cid, h in wanted.items() if not self.replica.has(cid)}
+        accepted, tried = 0, set()
+        while remaining:
+            counts = Counter(h for holders in remaining.values() for h in holders if h not in tried)
+            if not counts:
+                break
+            holder = counts.most_common(1)[0][0]  # the holder of most of what we lack first
+            tried.add(holder)
+            ids = sorted(cid for cid, holders in remaining.items() if holder in holders)
+            try:
+                reply = _unpack(
+                    self.transport.request(
+                        holder,
+                        "fetch",
+                        _pack({"run_id": self.run_id, "ids": ids}),
+                        max_reply_bytes=MAX_DELTA_BYTES,
+                    ),
+                    "fetch reply",
+                )
+                accepted += self._join(_delta_from(reply.get("delta")))
+            except TransportError as e:
+                log.info("fetch from %s failed: %s", holder[-8:], e)
+                continue
+            with self.lock:
+                remaining = {cid: h for cid, h in remaining.items() if not self.replica.has(cid)}
+        return accepted
+
+    def anti_entropy(self, fanout: int = 2) -> tuple[int, bool]:
+        """Pull announced contributions, then sync with up to `fanout` random reachable peers.
+
+        Returns (items accepted, whether some peer says we are behind its compaction point).
+        """
+        with self.lock:
+            rnd, staleness = self.replica.round, self.replica.merge.max_staleness
+        accepted = self.pull_announced(range(rnd - staleness, rnd + staleness + 1))
+        peers = self.reachable_peers()
+        behind = False
+        for peer in random.sample(peers, min(fanout, len(peers))):
+            try:
+                got, peer_behind = self.sync_with(peer)
+            except TransportError as e:
+                log.info("sync with %s failed: %s", peer[-8:], e)
+                continue
+            accepted += got
+            behind = behind or peer_behind
+        return accepted, behind
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _delta_from(data: Any) -> Delta:
+    if not isinstance(data, (bytes, bytearray)):
+        raise TransportError("message carries no delta")
+    try:
+        return Delta.from_bytes(bytes(data))
+    except MergeError as e:
+        raise TransportError(f"malformed delta: {e}") from None
+
+
+def _within_budget(delta: Delta, budget: int) -> tuple[Delta, bool]:
+    """Keep envelopes (in order) up to `budget` bytes (at least one); removals and seals always travel."""
+    kept, used = [], 0
+    for data in delta.envelopes:
+        if kept and used + len(data) > budget:
+            return Delta(envelopes=tuple(kept), removals=delta.removals, seals=delta.seals), True
+        kept.append(data)
+        used += len(data)
+    return delta, False
