@@ -1,0 +1,147 @@
+"""Replica persistence: reopen after restart, compaction, torn and corrupt log tails, kill -9."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from crdt_support import AUTHORITY, SPEC, envelope, fingerprint, make_replica
+
+from nord.crdt import MergeConfig, Replica
+from nord.crdt.log import frame, read_log
+from nord.errors import MergeError
+
+KEYS = [AUTHORITY.public_key]
+
+
+def reopen(path: Path) -> Replica:
+    return Replica.open(path, spec=SPEC, merge=MergeConfig(), authorities=KEYS)
+
+
+def run_two_rounds(r: Replica) -> None:
+    for p in range(3):
+        r.add(envelope(p, 0, r.base_hash))
+    r.remove(envelope(2, 0, r.base_hash).contribution_id, reason="bad", identity=AUTHORITY)
+    r.seal(AUTHORITY)
+    for p in range(2):
+        r.add(envelope(p, 1, r.base_hash))
+
+
+def test_reopen_restores_the_same_state(tmp_path):
+    r = make_replica(authorities=KEYS, log_dir=tmp_path / "rep")
+    run_two_rounds(r)
+    expected = fingerprint(r)
+    r.close()
+    again = reopen(tmp_path / "rep")
+    assert fingerprint(again) == expected and again.round == 1
+    again.add(envelope(3, 1, again.base_hash))
+    expected = fingerprint(again)
+    again.close()
+    assert fingerprint(reopen(tmp_path / "rep")) == expected
+
+
+def test_compaction_survives_restart_and_bounds_the_log(tmp_path):
+    r = make_replica(authorities=KEYS, log_dir=tmp_path / "rep")
+    run_two_rounds(r)
+    before = fingerprint(r)
+    log_before = (tmp_path / "rep" / "log-0.bin").stat().st_size
+    r.compact()
+    assert r.weights_hash() == before[-1]
+    r.close()
+    files = sorted(p.name for p in (tmp_path / "rep").iterdir())
+    assert files == ["CURRENT", "log-1.bin", "snapshot-1.safetensors"]
+    assert (tmp_path / "rep" / "log-1.bin").stat().st_size < log_before
+    again = reopen(tmp_path / "rep")
+    assert again.weights_hash() == before[-1] and again.base_round == 1
+    assert not again.add(envelope(0, 0, make_replica().base_hash))  # folded before compaction: a duplicate
+
+
+def test_a_replica_directory_is_never_created_twice(tmp_path):
+    make_replica(authorities=KEYS, log_dir=tmp_path / "rep").close()
+    with pytest.raises(MergeError, match="already holds a replica"):
+        make_replica(authorities=KEYS, log_dir=tmp_path / "rep")
+    with pytest.raises(MergeError, match="no replica"):
+        reopen(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("damage", ["torn", "bitflip", "garbage"])
+def test_corrupt_log_tail_is_cut_with_a_warning(tmp_path, caplog, damage):
+    r = make_replica(authorities=KEYS, log_dir=tmp_path / "rep")
+    first, second = envelope(0, 0, r.base_hash), envelope(1, 0, r.base_hash)
+    r.add(first)
+    r.add(second)
+    r.close()
+    path = tmp_path / "rep" / "log-0.bin"
+    data = path.read_bytes()
+    good = len(frame("add", first.to_bytes()))
+    if damage == "torn":
+        path.write_bytes(data[:-7])
+    elif damage == "bitflip":
+        path.write_bytes(data[:-20] + bytes([data[-20] ^ 0x40]) + data[-19:])
+    else:
+        path.write_bytes(data + b"\x05\x00\x00\x00junk!")
+    with caplog.at_level(logging.WARNING, logger="nord.crdt.log"):
+        again = reopen(tmp_path / "rep")
+    assert any("tail" in rec.getMessage() for rec in caplog.records)
+    assert again.has(first.contribution_id)
+    assert again.has(second.contribution_id) == (damage == "garbage")
+    assert path.stat().st_size == (len(data) if damage == "garbage" else good)
+    again.add(second)  # appending after the cut works and survives
+    again.close()
+    assert reopen(tmp_path / "rep").has(second.contribution_id)
+
+
+def test_read_log_stops_at_the_first_bad_frame(tmp_path):
+    path = tmp_path / "log.bin"
+    path.write_bytes(frame("add", b"one") + frame("nope", b"two") + frame("seal", b"three"))
+    records, valid = read_log(path)
+    assert records == [("add", b"one")] and valid == len(frame("add", b"one"))
+
+
+CHILD = """
+import sys
+from crdt_support import AUTHORITY, envelope, make_replica
+r = make_replica(authorities=[AUTHORITY.public_key], log_dir=sys.argv[1])
+i = 0
+while True:
+    env = envelope(i % 6, r.round, r.base_hash, seed=i)
+    r.add(env)
+    print("ack", env.contribution_id, flush=True)
+    i += 1
+    if i % 6 == 0:
+        print("sealed", r.seal(AUTHORITY).round, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [7, 23])
+def test_kill_9_keeps_every_acknowledged_contribution(tmp_path, kill_after):
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path / "rep")], stdout=subprocess.PIPE, text=True, env=env
+    )
+    acked, sealed = [], -1
+    try:
+        for line in child.stdout:
+            kind, value = line.split()
+            if kind == "ack":
+                acked.append(value)
+            else:
+                sealed = int(value)
+            if len(acked) >= kill_after:
+                break
+        os.kill(child.pid, signal.SIGKILL)  # mid-way through its next add, fsync or seal
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    r = reopen(tmp_path / "rep")
+    assert all(r.has(cid) for cid in acked)
+    assert r.round >= sealed + 1
+    r.close()
+    assert fingerprint(reopen(tmp_path / "rep")) == fingerprint(r)  # the cut log replays the same way
