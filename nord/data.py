@@ -293,10 +293,12 @@ def _encode_stream(tok, texts: list[str], dtype, desc: str, progress: bool) -> n
     eot = tok.token_to_id(EOT)
     encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets; tokenizers >= 0.20
     arrays, step = [], 8
-    for lo in tqdm(range(0, len(texts), step), desc=desc, unit="docs", unit_scale=step, disable=not progress):
-        chunk = [t for t in texts[lo : lo + step] if t]
-        for enc in encode_batch(chunk) if chunk else []:
-            arrays.append(np.asarray(enc.ids + [eot], dtype=dtype))
+    with tqdm(total=len(texts), desc=desc, unit="doc", disable=not progress) as bar:
+        for lo in range(0, len(texts), step):
+            chunk = [t for t in texts[lo : lo + step] if t]
+            for enc in encode_batch(chunk) if chunk else []:
+                arrays.append(np.asarray(enc.ids + [eot], dtype=dtype))
+            bar.update(len(texts[lo : lo + step]))
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
 
