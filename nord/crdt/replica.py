@@ -222,9 +222,10 @@ class Replica(AntiEntropy, Persistence):
         return True
 
     def apply_seal(self, seal: Seal) -> bool:
-        """Accept an authority's seal. True if it now heads its round on this replica's chain.
+        """Accept an authority's seal. True if it is new and now heads its round on this replica's chain.
 
-        A seal whose contributions are not all known yet is kept and applied when they arrive (False).
+        A seal whose contributions are not all known yet is kept and applied when they arrive (False);
+        so is one that loses to a competing seal (it may still win when more contributions arrive).
         Raises MergeError if it is not from an authority, is for another run, or is forged: its listed
         contributions are not foldable at its round or recomputation gives another weights hash.
         """
@@ -237,7 +238,7 @@ class Replica(AntiEntropy, Persistence):
             return False
         sid = seal.seal_id
         if sid in self._seals.get(seal.round, {}):
-            return self._on_chain(sid)
+            return False
         if len(seal.contribution_ids) > self.merge.capacity:
             raise MergeError(f"seal lists {len(seal.contribution_ids)} contributions, over round capacity")
         ready = all(c in self._set.envelopes for c in seal.contribution_ids)
