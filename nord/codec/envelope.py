@@ -193,7 +193,8 @@ def decode_envelope(
     if not isinstance(raw, tuple) or not raw:
         raise CodecError("envelope must be a non-empty msgpack array")
     if raw[0] != FORMAT_VERSION or not isinstance(raw[0], int) or isinstance(raw[0], bool):
-        raise CodecError(f"unknown envelope version {raw[0]!r} (expected {FORMAT_VERSION})")
+        shown = raw[0] if isinstance(raw[0], int) else f"of type {type(raw[0]).__name__}"
+        raise CodecError(f"unknown envelope version {shown} (expected {FORMAT_VERSION})")
     if len(raw) != ENVELOPE_FIELDS:
         raise CodecError(f"envelope has {len(raw)} fields, expected {ENVELOPE_FIELDS}")
     version, env_run, round_, base_hash, peer_key, names, shapes, payload, payload_hash, signature = raw

@@ -70,7 +70,8 @@ def unpack_strict(data: bytes, max_bytes: int, what: str) -> Any:
     except msgpack.ExtraData:
         raise CodecError(f"trailing garbage after the {what}") from None
     except Exception as e:  # msgpack raises ValueError, TypeError, UnpackException... on bad bytes
-        raise CodecError(f"{what} is not valid msgpack ({type(e).__name__})") from None
+        detail = " ".join(str(e).split())[:80]
+        raise CodecError(f"{what} is not valid msgpack ({type(e).__name__}: {detail})") from None
 
 
 def parse_payload(
