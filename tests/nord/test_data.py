@@ -109,6 +109,16 @@ def test_split_blocks_rejoin_to_the_text_and_reach_target(shakespeare_works):
     assert all(len(b) >= 1000 for b in blocks[:-1])
 
 
+def test_gutenberg_header_and_licence_are_stripped():
+    text = (
+        "The Project Gutenberg EBook of Hamlet\r\nThis eBook is for the use of anyone anywhere\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\nACT I.\nWho's there?\n\n"
+        "End of the Project Gutenberg EBook of Hamlet\n*** END OF THIS PROJECT GUTENBERG EBOOK ***\nlicence\n"
+    )
+    assert data.strip_gutenberg(text) == "ACT I.\nWho's there?\n"
+    assert data.strip_gutenberg("no markers here") == "no markers here\n"
+
+
 @pytest.mark.parametrize("length", [0, 1, 7, 1000, 1001])
 @pytest.mark.parametrize("n", [1, 3, 8])
 def test_shards_are_disjoint_contiguous_and_cover_the_stream(length, n):
@@ -276,6 +286,12 @@ def test_cli_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, 
     assert captured.out == "" and captured.err.count("\n") == 1
     assert captured.err.startswith("nord: error: ") and message in captured.err
     assert not root.exists() or not any(root.iterdir())
+
+
+def test_cli_info_on_a_directory_that_is_no_corpus(tmp_path, capsys):
+    assert run_data_cli(["data", "info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a prepared corpus" in err
 
 
 def test_cli_hf_source_without_datasets_says_what_to_install(tmp_path, capsys):
