@@ -10,13 +10,15 @@ with the code of 0.0 (7), as bitsandbytes does.
 `quantize_nf4` is a plain-torch copy of bitsandbytes' own reference kernel (same reciprocal-multiply
 for full blocks, division for the tail block, clamp and midpoints), so its codes, nibble order and
 absmax equal `bitsandbytes.functional.quantize_4bit(..., quant_type="nf4")` bit for bit (tests check).
-On CUDA `quantize` calls bitsandbytes itself. Dequantization is always this module's table lookup.
+On CUDA `quantize` calls bitsandbytes itself. Dequantization is always this module's numpy
+table lookup on the CPU.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 # bitsandbytes' NF4 code book (bitsandbytes/backends/utils.py), quantiles of N(0, 1) scaled to [-1, 1].
@@ -43,6 +45,7 @@ NF4_TABLE = torch.tensor(
 )
 ZERO_CODE = 7  # NF4_TABLE[7] == 0.0
 _MIDPOINTS = (NF4_TABLE[:-1] + NF4_TABLE[1:]) / 2
+_TABLE_NP = NF4_TABLE.numpy()
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -85,23 +88,25 @@ def quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.
     return packed.reshape(-1), state.absmax.float()
 
 
-def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The first `n` 4-bit codes of `packed` (high nibble first) as int64."""
-    codes = torch.empty(packed.numel() * 2, dtype=torch.int64, device=packed.device)
+def unpack_codes(packed: np.ndarray, n: int) -> np.ndarray:
+    """The first `n` 4-bit codes of `packed` (uint8, high nibble first) as uint8."""
+    codes = np.empty(2 * len(packed), dtype=np.uint8)
     codes[0::2] = packed >> 4
-    codes[1::2] = packed & 0xF
+    codes[1::2] = packed & 0x0F
     return codes[:n]
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int = 64) -> torch.Tensor:
-    """NF4 codes back to float32: TABLE[code] · absmax of the code's block (deterministic everywhere).
+def dequantize_nf4(packed: np.ndarray, absmax: np.ndarray, n: int, blocksize: int = 64) -> np.ndarray:
+    """NF4 codes back to float32: TABLE[code] · absmax of the code's block.
+
+    numpy on the CPU for every caller — encoder (for its residual) and every replica — so the
+    bits cannot depend on a device or a thread count (and small torch CPU ops are slower here).
 
     Args:
         packed: uint8, ceil(n/2) bytes. absmax: float32, ceil(n/blocksize) scales. n: value count.
     Returns:
-        float32 tensor of length n on `packed`'s device.
+        float32 array of length n.
     """
-    codes = unpack_codes(packed, n)
-    table = NF4_TABLE.to(packed.device)
-    scale = absmax.float().repeat_interleave(blocksize)[:n]
-    return table[codes] * scale
+    codes = unpack_codes(np.asarray(packed, dtype=np.uint8), n)
+    scales = np.repeat(np.asarray(absmax, dtype=np.float32), blocksize)[:n]
+    return _TABLE_NP[codes] * scales

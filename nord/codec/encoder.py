@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from nord.codec.config import CodecConfig
@@ -32,6 +33,8 @@ def top_k_indices(values: torch.Tensor, cfg: CodecConfig) -> tuple[torch.Tensor,
     chunk = min(cfg.chunk_size, n)
     full = n - n % chunk
     k, k_last = cfg.keep(chunk), (cfg.keep(n - full) if n > full else 0)
+    if k == chunk and k_last == n - full:  # density 1: everything, no selection needed
+        return torch.arange(n, device=values.device), chunk, k, k_last
     rows = values[:full].abs().view(-1, chunk)  # (n // chunk, chunk)
     picked = torch.topk(rows, k, dim=1, sorted=False).indices.sort(dim=1).values
     picked = picked + torch.arange(0, full, chunk, device=values.device).unsqueeze(1)
@@ -72,22 +75,13 @@ class DeltaEncoder:
                 acc += self.cfg.ef_decay * self._residual[name].to(acc.device)
             indices, chunk, k, k_last = top_k_indices(acc, self.cfg)
             packed, absmax = quantize(acc[indices], self.cfg.blocksize)
-            scales = absmax.clamp(max=FP16_MAX).half()
-            sent = dequantize_nf4(packed, scales.float(), len(indices), self.cfg.blocksize)
-            acc[indices] -= sent
+            packed = packed.cpu().numpy()
+            scales = absmax.clamp(max=FP16_MAX).half().cpu().numpy().astype("<f2")
+            sent = dequantize_nf4(packed, scales.astype(np.float32), len(indices), self.cfg.blocksize)
+            acc[indices] -= torch.from_numpy(sent).to(acc.device)
             residuals[name] = acc
             index_kind, index_bytes = encode_indices(indices.cpu().numpy(), acc.numel(), chunk)
-            entries.append(
-                [
-                    chunk,
-                    k,
-                    k_last,
-                    index_kind,
-                    index_bytes,
-                    packed.cpu().numpy().tobytes(),
-                    scales.cpu().numpy().astype("<f2").tobytes(),
-                ]
-            )
+            entries.append([chunk, k, k_last, index_kind, index_bytes, packed.tobytes(), scales.tobytes()])
         envelope = seal_envelope(
             run_id=run_id,
             round=round,

@@ -129,11 +129,10 @@ def _parse_entry(entry: Any, numel: int, blocksize: int) -> TensorEntry:
 def dequantize_entry(entry: TensorEntry, blocksize: int) -> SparseTensor:
     """Dequantize; entries whose value is exactly 0 carry nothing and are dropped (they would still
     count as a contributor in a per-coordinate mean)."""
-    packed = torch.frombuffer(bytearray(entry.codes), dtype=torch.uint8)
-    absmax = torch.from_numpy(entry.scales.astype(np.float32))
-    values = dequantize_nf4(packed, absmax, len(entry.indices), blocksize)
-    keep = values != 0
-    return SparseTensor(indices=torch.from_numpy(entry.indices)[keep], values=values[keep])
+    packed = np.frombuffer(entry.codes, dtype=np.uint8)
+    values = dequantize_nf4(packed, entry.scales.astype(np.float32), len(entry.indices), blocksize)
+    keep = values != 0  # numpy: torch's boolean indexing is ~10x slower on a busy CPU
+    return SparseTensor(indices=torch.from_numpy(entry.indices[keep]), values=torch.from_numpy(values[keep]))
 
 
 def _is_int(v: Any) -> bool:

@@ -36,13 +36,15 @@ def test_quantize_nf4_matches_bitsandbytes_bit_for_bit(bnb, n, blocksize):
     assert torch.equal(packed, ref_packed.reshape(-1))  # codes and nibble order
     assert torch.equal(absmax, ref_state.absmax)
     ref_values = bnb.dequantize_4bit(ref_packed, ref_state).reshape(-1)
-    assert torch.equal(dequantize_nf4(packed, absmax, n, blocksize), ref_values)
+    assert torch.equal(
+        torch.from_numpy(dequantize_nf4(packed.numpy(), absmax.numpy(), n, blocksize)), ref_values
+    )
 
 
 def test_first_value_is_in_the_high_nibble():
     packed, absmax = quantize_nf4(torch.tensor([-1.0, 1.0, 0.0]), 64)
     assert packed.tolist() == [0x0F, ZERO_CODE << 4 | ZERO_CODE]
-    assert unpack_codes(packed, 3).tolist() == [0, 15, ZERO_CODE]
+    assert unpack_codes(packed.numpy(), 3).tolist() == [0, 15, ZERO_CODE]
     assert absmax.tolist() == [1.0]
 
 
@@ -51,7 +53,7 @@ def test_dequantize_is_table_times_absmax():
     packed = codes[0::2] << 4 | codes[1::2]
     absmax = torch.tensor([0.37], dtype=torch.float32)
     expected = NF4_TABLE * absmax
-    assert torch.equal(dequantize_nf4(packed, absmax, 16, 64), expected)
+    assert torch.equal(torch.from_numpy(dequantize_nf4(packed.numpy(), absmax.numpy(), 16, 64)), expected)
 
 
 def test_quantize_on_cpu_is_the_torch_implementation():
@@ -61,12 +63,9 @@ def test_quantize_on_cpu_is_the_torch_implementation():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_quantize_dequantizes_to_the_same_bits_as_cpu():
+def test_cuda_quantize_agrees_with_cpu():
     x = awkward_values(10_000, seed=2)
     packed, absmax = quantize(x.cuda(), 64)
-    on_gpu = dequantize_nf4(packed, absmax, x.numel(), 64).cpu()
-    on_cpu = dequantize_nf4(packed.cpu(), absmax.cpu(), x.numel(), 64)
-    assert torch.equal(on_gpu, on_cpu)
     cpu_packed, cpu_absmax = quantize_nf4(x, 64)
     assert torch.equal(absmax.cpu(), cpu_absmax)
     # bitsandbytes' CUDA kernel may round a value sitting exactly on a midpoint the other way
