@@ -325,6 +325,7 @@ def _build(cfg: DataConfig, final: Path, key: str, progress: bool) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the corpus is not secret
         tok.save(str(tmp / "tokenizer.json"))
         train.tofile(tmp / "train.bin")
         val.tofile(tmp / "val.bin")
