@@ -30,12 +30,11 @@ from nord.neurons.naive import check_scan_inputs
 
 
 def _sequential(x: Tensor, decay: Tensor, h: Tensor) -> Tensor:
-    """h_t = decay_t·h_{t−1} + x_t over dim 0 (time-first); returns the stacked states."""
-    states = []
-    for x_t, a_t in zip(x.unbind(0), decay.unbind(0), strict=True):
-        h = a_t * h + x_t
-        states.append(h)
-    return torch.stack(states, 0)
+    """h_t = decay_t·h_{t−1} + x_t over dim 0 (time-first); returns the stacked states (no autograd)."""
+    out = torch.empty_like(x)
+    for t in range(x.shape[0]):
+        h = torch.addcmul(x[t], decay[t], h, out=out[t])
+    return out
 
 
 def _scan(x: Tensor, log_a: Tensor, h0: Tensor | None, chunk_size: int) -> Tensor:

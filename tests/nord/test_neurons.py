@@ -237,3 +237,14 @@ def test_dynamic_neuron_works_in_float32_under_half_inputs():
 def test_dynamic_neuron_rejects_bad_config(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         DynamicDecayNeuron(4, **kwargs)
+
+
+def test_dynamic_neuron_recurrence_stays_float32_under_autocast():
+    torch.manual_seed(4)
+    neuron = DynamicDecayNeuron(8, chunk_size=4)
+    x = torch.randn(2, 30, 8)
+    _, reference, _ = neuron(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, membrane, state = neuron(x)
+    assert membrane.dtype == torch.float32 and state.h.dtype == torch.float32
+    assert_close("membrane", reference, membrane, ratio=1e-6)
