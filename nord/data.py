@@ -385,6 +385,7 @@ class Corpus:
 
     def __init__(self, path: Path, meta: dict, tokenizer) -> None:
         self.path = path
+        self.tokenizer_path = path / "tokenizer.json"
         self.meta = meta
         self.tokenizer = tokenizer
         self.tokenizer_hash: str = meta["tokenizer_sha256"]

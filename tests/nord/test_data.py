@@ -71,6 +71,7 @@ def test_corpus_streams_tokenizer_and_info(small_corpus, text_dir):
     c = small_corpus
     assert c.train.dtype == np.uint16 and c.val.dtype == np.uint16
     assert c.vocab_size == VOCAB and c.tokenizer.token_to_id("<|endoftext|>") == 0
+    assert c.tokenizer_path.read_bytes() == (c.path / "tokenizer.json").read_bytes()
     info = c.info
     assert info["documents"] == 2 + len([p for p in (text_dir / "c.jsonl").read_text().splitlines() if p])
     assert info["train_tokens"] == len(c.train) and info["val_tokens"] == len(c.val)
