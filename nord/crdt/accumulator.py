@@ -65,6 +65,8 @@ def median_scales(norms: Mapping[str, float]) -> dict[str, float]:
 
 def _exact_float64(x: torch.Tensor) -> torch.Tensor:
     """int64 -> float64 correctly rounded without relying on the CPU's 64-bit conversion instruction."""
+    if x.numel() == 0 or int(x.abs().max()) < 2**53:  # every such integer is a float64: any conversion is exact
+        return x.to(torch.float64)
     hi = torch.bitwise_right_shift(x, 32).to(torch.float64)  # |hi| < 2^31: exact
     lo = torch.bitwise_and(x, 0xFFFFFFFF).to(torch.float64)  # 0 <= lo < 2^32: exact
     return hi * 2.0**32 + lo  # one correctly rounded addition
@@ -95,11 +97,17 @@ class FixedPointAccumulator:
             if int(idx[0]) < 0 or int(idx[-1]) >= math.prod(self.spec[name]):
                 raise MergeError(f"contribution index out of range for {name!r}")
 
-    def add(self, delta: Mapping[str, SparseLike], *, scale: float = 1.0, sign: int = 1) -> None:
-        """Add (sign=+1) or subtract (sign=-1) one contribution; O(its nonzeros)."""
+    def add(
+        self, delta: Mapping[str, SparseLike], *, scale: float = 1.0, sign: int = 1, checked: bool = False
+    ) -> None:
+        """Add (sign=+1) or subtract (sign=-1) one contribution; O(its nonzeros).
+
+        `checked=True` skips `check` for a delta that already passed it.
+        """
         if sign == 1 and self.n >= self.cfg.capacity:
             raise MergeError(f"round is full: {self.n} contributions is the int64-safe capacity")
-        self.check(delta)
+        if not checked:
+            self.check(delta)
         for name, sparse in delta.items():
             idx = sparse.indices
             if idx.numel() == 0:
@@ -130,10 +138,9 @@ class FixedPointAccumulator:
                 out[name] = b.clone()
                 continue
             counts = self.counts[name]
-            mask = counts >= self.cfg.min_contributors
-            mean = torch.zeros(counts.numel(), dtype=torch.float64)
-            mean[mask] = _exact_float64(self.sums[name][mask]) / counts[mask].to(torch.float64)
+            mean = _exact_float64(self.sums[name]) / counts.clamp(min=1).to(torch.float64)
             flat = b.reshape(-1)
             updated = (flat.to(torch.float64) + mean * step).to(torch.float32)
-            out[name] = torch.where(mask, updated, flat).reshape(shape)  # untouched: base bits exactly
+            keep = counts < self.cfg.min_contributors  # untouched (C = 0) or too few: base bits exactly
+            out[name] = torch.where(keep, flat, updated).reshape(shape)
         return out

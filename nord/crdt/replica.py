@@ -167,8 +167,10 @@ class Replica(AntiEntropy, Persistence):
             if eligible == (cid in self._pool):
                 continue
             if not self.merge.median_norm_clip:  # with median clipping the pool is summed at read time
-                delta = (deltas or {}).get(cid) or self._set.envelopes[cid].delta()
-                self._acc.add(delta, sign=1 if eligible else -1)
+                delta = (deltas or {}).get(cid)
+                if delta is None:
+                    delta = self._set.envelopes[cid].delta()
+                self._acc.add(delta, sign=1 if eligible else -1, checked=True)
             (self._pool.add if eligible else self._pool.discard)(cid)
 
     # ----------------------------------------------------------------------------------- mutations
@@ -193,7 +195,7 @@ class Replica(AntiEntropy, Persistence):
         if len(self._pool) >= self.merge.capacity:
             raise MergeError(f"round {r} is full ({self.merge.capacity} contributions)")
         delta = envelope.delta()
-        self._acc.check(delta)
+        self._acc.check(delta)  # every held contribution passed this: later sums skip it
         if self.merge.median_norm_clip:
             self._norms[cid] = contribution_norm(delta, self.merge)
         self._persist("add", envelope.to_bytes())
@@ -278,7 +280,7 @@ class Replica(AntiEntropy, Persistence):
         scales = median_scales({c: self._norm(c) for c in cids}) if self.merge.median_norm_clip else {}
         acc = FixedPointAccumulator(self.spec, self.merge)
         for cid in sorted(cids):
-            acc.add(self._set.envelopes[cid].delta(), scale=scales.get(cid, 1.0))
+            acc.add(self._set.envelopes[cid].delta(), scale=scales.get(cid, 1.0), checked=True)
         return acc.apply_update(prev)
 
     def _norm(self, cid: str) -> float:
@@ -379,6 +381,19 @@ class Replica(AntiEntropy, Persistence):
 
     def equivocations(self) -> list[Equivocation]:
         return self._set.equivocations()
+
+    def stats(self) -> dict[str, int]:
+        """Sizes for dashboards and benchmarks."""
+        return {
+            "round": self.round,
+            "base_round": self._base_round,
+            "held": len(self._set.envelopes),
+            "pool": len(self._pool),
+            "removals": len(self._set.removals),
+            "equivocations": len(self._set.equivocations()),
+            "accumulator_bytes": self._acc.nbytes(),
+            "payload_bytes": sum(len(e.payload) for e in self._set.envelopes.values()),
+        }
 
     def weights(self, include_open_round: bool = True) -> dict[str, torch.Tensor]:
         """Sealed weights, plus η·S/C of the open round's pool (a fresh dict of float32 CPU tensors)."""
