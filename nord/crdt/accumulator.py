@@ -65,7 +65,7 @@ def median_scales(norms: Mapping[str, float]) -> dict[str, float]:
 
 def _exact_float64(x: torch.Tensor) -> torch.Tensor:
     """int64 -> float64 correctly rounded without relying on the CPU's 64-bit conversion instruction."""
-    if x.numel() == 0 or int(x.abs().max()) < 2**53:  # every such integer is a float64: any conversion is exact
+    if x.numel() == 0 or int(x.abs().max()) < 2**53:  # all exactly representable: any conversion is exact
         return x.to(torch.float64)
     hi = torch.bitwise_right_shift(x, 32).to(torch.float64)  # |hi| < 2^31: exact
     lo = torch.bitwise_and(x, 0xFFFFFFFF).to(torch.float64)  # 0 <= lo < 2^32: exact
