@@ -4,9 +4,9 @@
     params       4 B/param (fp32 master weights) + 2 B/param under fp16 autocast (cached fp16 copies)
     grads        4 B/trainable param
     optimizer    AdamW 8 B/trainable param (two fp32 moments); bitsandbytes 8-bit AdamW 2 B (+ block scales)
-    activations  tokens · [L · (c_D·D + c_F·F + c_M·M) · a + c_V·V]        a = 2 B (fp16) or 4 B (fp32)
-                 with activation checkpointing: tokens · [L·D·a + (c_D·D + c_F·F + c_M·M)·a + c_V·V]
-                 (block inputs kept, one block recomputed at a time)
+    activations  tokens · [L · (c_D·D + c_F·F + c_M·M) + c_V·V]                  (bytes per token)
+                 with activation checkpointing: tokens · [L·4·D + (c_D·D + c_F·F + c_M·M) + c_V·V]
+                 (the fp32 residual stream at each block input kept, one block recomputed at a time)
 
 The per-token coefficients count the tensors autograd saves in one block (`NordLM` plus the neuron's
 scan); tests/nord/test_memory.py checks them against the bytes autograd really saves, and the whole
@@ -25,13 +25,13 @@ T4_USABLE_BYTES = 15 * GIB  # what a 16 GB T4 leaves to PyTorch (Colab reports ~
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context, cuBLAS workspace, allocator slack
 OPTIMIZERS = ("adamw", "adamw8bit")
 
-# Elements autograd saves per token, per block (see the module docstring). Calibrated against
-# `torch.autograd.graph.saved_tensors_hooks` on CPU fp32 (tests/nord/test_memory.py).
-PER_D = 16  # norms, mixer projections and gate, the neuron's scan (input, decay, membrane, spikes)
-PER_F = 3  # MLP pre-activation, spikes, and the surrogate's saved input
-PER_M = 3  # memory gate: pre-activation, spikes, surrogate input
-# Per token at the head: logits (a bytes), their fp32 copy and log-softmax (4 + 4 bytes).
-HEAD_FP32_BYTES_PER_VOCAB = 8
+# Bytes autograd saves per token in one block, per unit of D, F and M, for (fp32, fp16 autocast).
+# Measured with `torch.autograd.graph.saved_tensors_hooks` (tests/nord/test_memory.py): per D the norms,
+# the mixer projections and gate, and the neuron's float32 scan (inputs, decays, membranes, spikes); per F
+# and M a spike's float32 input and its output. Autocast halves the matmul inputs; the neuron stays fp32.
+BLOCK_BYTES = {False: (64, 8, 8), True: (58, 6, 6)}
+# Per token and vocabulary entry: the saved fp32 log-softmax, the live logits and their gradient.
+HEAD_BYTES = {False: 12, True: 12}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,13 +67,13 @@ def activation_bytes(
     cfg: ModelConfig, *, batch_size: int, seq_len: int, fp16: bool, activation_checkpointing: bool
 ) -> int:
     """Bytes autograd keeps for one forward pass of `batch_size` windows of `seq_len` tokens."""
-    a = 2 if fp16 else 4
+    per_d, per_f, per_m = BLOCK_BYTES[fp16]
     tokens = batch_size * seq_len
-    block = PER_D * cfg.d_model + PER_F * cfg.d_mlp + PER_M * cfg.n_memory_slots
-    head = cfg.vocab_size * (a + HEAD_FP32_BYTES_PER_VOCAB)
+    block = per_d * cfg.d_model + per_f * cfg.d_mlp + per_m * cfg.n_memory_slots
+    head = HEAD_BYTES[fp16] * cfg.vocab_size
     if activation_checkpointing:
-        return tokens * (cfg.n_layers * cfg.d_model * a + block * a + head)
-    return tokens * (cfg.n_layers * block * a + head)
+        return tokens * (cfg.n_layers * 4 * cfg.d_model + block + head)
+    return tokens * (cfg.n_layers * block + head)
 
 
 def estimate_training_memory(
