@@ -19,6 +19,35 @@ from nord.errors import CodecError, MergeError
 log = logging.getLogger(__name__)
 
 
+def _checked_digest(remote: Any) -> dict[str, Any]:
+    """A remote digest with the expected shape (it comes from the network), else MergeError."""
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    def is_str_list(x: Any) -> bool:
+        return isinstance(x, (list, tuple)) and all(isinstance(i, str) for i in x)
+
+    adds = remote.get("adds", {}) if isinstance(remote, Mapping) else None
+    ok = (
+        isinstance(remote, Mapping)
+        and is_int(remote.get("round", 0))
+        and is_int(remote.get("base_round", 0))
+        and isinstance(adds, Mapping)
+        and all(
+            isinstance(peer, str)
+            and isinstance(rounds, Mapping)
+            and all(isinstance(r, str) and isinstance(h, str) for r, h in rounds.items())
+            for peer, rounds in adds.items()
+        )
+        and is_str_list(remote.get("removals", []))
+        and is_str_list(remote.get("seals", []))
+    )
+    if not ok:
+        raise MergeError("malformed anti-entropy digest")
+    return dict(remote)
+
+
 class AntiEntropy:
     """Digest, missing, delta_for and join for `Replica` (a mixin over its state)."""
 
@@ -37,6 +66,7 @@ class AntiEntropy:
 
     def missing(self, remote_digest: Mapping[str, Any]) -> list[str]:
         """Contribution ids this replica holds that the remote lacks and could accept now."""
+        remote_digest = _checked_digest(remote_digest)
         remote_round = int(remote_digest.get("round", 0))
         window = self.merge.max_staleness
         remote_adds = remote_digest.get("adds", {})
@@ -51,6 +81,7 @@ class AntiEntropy:
 
     def delta_for(self, remote_digest: Mapping[str, Any]) -> Delta:
         """Everything the remote lacks: envelopes (by `missing`), removals and seals."""
+        remote_digest = _checked_digest(remote_digest)
         have_removals = set(remote_digest.get("removals", ()))
         have_seals = set(remote_digest.get("seals", ()))
         remote_base = int(remote_digest.get("base_round", 0))
@@ -67,6 +98,7 @@ class AntiEntropy:
 
     def needs_snapshot(self, remote_digest: Mapping[str, Any]) -> bool:
         """True if the remote is behind this replica's compaction point: send it a snapshot instead."""
+        remote_digest = _checked_digest(remote_digest)
         return int(remote_digest.get("round", 0)) < self._base_round
 
     def join(self, other: Any) -> int:

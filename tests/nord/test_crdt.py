@@ -375,3 +375,31 @@ def test_robust_options_stay_order_independent(option):
     for e in envs:
         follower.add(e)
     assert follower.apply_seal(seal)
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [None, [], {"round": "3"}, {"round": -1}, {"adds": {"ab": {"0": 5}}}, {"adds": []}, {"seals": [1]}],
+    ids=["none", "list", "round-str", "round-neg", "hash-int", "adds-list", "seal-int"],
+)
+def test_malformed_remote_digest_is_a_merge_error(digest):
+    r = make_replica()
+    r.add(envelope(0, 0, r.base_hash))
+    for method in (r.missing, r.delta_for, r.needs_snapshot):
+        with pytest.raises(MergeError, match="digest"):
+            method(digest)
+
+
+def test_delta_round_trips_through_bytes():
+    hub = make_replica()
+    hub.add(envelope(0, 0, hub.base_hash))
+    hub.remove(envelope(0, 0, hub.base_hash).contribution_id, reason="x", identity=AUTHORITY)
+    hub.add(envelope(1, 0, hub.base_hash))
+    hub.seal(AUTHORITY)
+    fresh = make_replica()
+    delta = hub.delta_for(fresh.digest())
+    assert len(delta.envelopes) == 2 and len(delta.seals) == 1
+    assert Delta.from_bytes(delta.to_bytes()) == delta
+    fresh.join(Delta.from_bytes(delta.to_bytes()))
+    assert fingerprint(fresh) == fingerprint(hub)
+    assert hub.missing(fresh.digest()) == [] and len(hub.delta_for(fresh.digest())) == 0
