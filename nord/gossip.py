@@ -34,6 +34,7 @@ import logging
 import random
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,7 @@ from nord.transport import Transport
 log = logging.getLogger(__name__)
 
 PEER_TTL_S = 60.0  # presence records expire unless refreshed by `heartbeat`
+BACKOFF_S = 15.0  # a peer that failed a request is skipped this long
 RECORD_TTL_S = 900.0  # contribution records
 SYNC_BUDGET_BYTES = 32 << 20  # envelope bytes per sync reply; the caller asks again while `more`
 SMALL_REQUEST_BYTES = 1 << 20
@@ -154,6 +156,7 @@ class Gossip:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="nord-gossip")
         self._snapshot_cache: tuple[str, bytes] | None = None
         self._peers: dict[str, dict[str, Any]] = {}
+        self._backoff: dict[str, float] = {}  # peer id -> monotonic time until which it is skipped
 
     # ---- serving -----------------------------------------------------------------------------------------
 
@@ -276,8 +279,18 @@ class Gossip:
         return found
 
     def reachable_peers(self) -> list[str]:
-        """Peers others can dial (not client mode)."""
-        return sorted(p for p, info in self.peers().items() if not info["client_mode"])
+        """Peers others can dial (not client mode), except those that failed in the last BACKOFF_S."""
+        now = time.monotonic()
+        return sorted(
+            p
+            for p, info in self.peers().items()
+            if not info["client_mode"] and self._backoff.get(p, 0.0) <= now
+        )
+
+    def _failed(self, peer: str, what: str, error: TransportError) -> None:
+        first = peer not in self._backoff
+        self._backoff[peer] = time.monotonic() + BACKOFF_S
+        log.log(logging.INFO if first else logging.DEBUG, "%s with %s failed: %s", what, peer[-8:], error)
 
     # ---- spreading ---------------------------------------------------------------------------------------
 
@@ -305,9 +318,10 @@ class Gossip:
             reply = _unpack(
                 self.transport.request(peer, "push", body, max_reply_bytes=SMALL_REQUEST_BYTES), "push"
             )
+            self._backoff.pop(peer, None)
             return int(bool(reply.get("accepted")))
         except TransportError as e:
-            log.info("push to %s failed: %s", peer[-8:], e)
+            self._failed(peer, "push", e)
             return 0
 
     def _announce_holder(self, items: list[tuple[str, Any]]) -> None:
@@ -367,7 +381,8 @@ class Gossip:
         me = self.transport.peer_id
         with self.lock:
             remaining = {cid: set(h) - {me} for cid, h in wanted.items() if not self.replica.has(cid)}
-        accepted, tried = 0, set()
+        now = time.monotonic()
+        accepted, tried = 0, {p for p, until in self._backoff.items() if until > now}
         while remaining:
             counts = Counter(h for holders in remaining.values() for h in holders if h not in tried)
             if not counts:
@@ -387,7 +402,7 @@ class Gossip:
                 )
                 accepted += self._join(_delta_from(reply.get("delta")))
             except TransportError as e:
-                log.info("fetch from %s failed: %s", holder[-8:], e)
+                self._failed(holder, "fetch", e)
                 continue
             with self.lock:
                 remaining = {cid: h for cid, h in remaining.items() if not self.replica.has(cid)}
@@ -407,8 +422,9 @@ class Gossip:
             try:
                 got, peer_behind = self.sync_with(peer)
             except TransportError as e:
-                log.info("sync with %s failed: %s", peer[-8:], e)
+                self._failed(peer, "sync", e)
                 continue
+            self._backoff.pop(peer, None)
             accepted += got
             behind = behind or peer_behind
         return accepted, behind

@@ -35,6 +35,7 @@ Public API (stable):
         .connected_peers() -> list[str]
         .bytes_sent, .bytes_received: int         stream traffic so far (as caller and as server)
         .install_signal_handlers()                SIGINT/SIGTERM -> shutdown() then KeyboardInterrupt
+        .stopped_by_signal: int | None            which signal stopped it, if one did
         .shutdown()
     TransportError (from nord.errors) for everything a user must fix, as one line.
 
@@ -146,6 +147,7 @@ class Transport:
         self._lock_file: Any = None
         self._closed = False
         self._close_lock = threading.Lock()
+        self.stopped_by_signal: int | None = None  # set by the handlers of install_signal_handlers
         self.bytes_sent = 0  # frame bytes written and read on streams, both as caller and as server
         self.bytes_received = 0
 
@@ -240,6 +242,7 @@ class Transport:
 
         def on_signal(signum: int, frame: object) -> None:
             logger.info("received %s, shutting down", signal.Signals(signum).name)
+            self.stopped_by_signal = signum
             self.shutdown()
             raise KeyboardInterrupt
 

@@ -1,0 +1,85 @@
+"""A worker's state directory: everything `nord-node join` needs to resume after a crash or a reset.
+
+    p2p.key        libp2p private key: the peer id (nord.transport)
+    identity.key   ed25519 key that signs contributions (nord.identity)
+    run.json       the run's RunConfig as fetched from the run's peers
+    replica/       the CRDT replica: snapshot + append-only log (nord.crdt)
+    worker.pt      error-feedback residual, optimizer state, inner steps done, and the last contribution
+    status.json    the last round's status (what the status line shows), for scripts and tests
+
+Every file is written atomically (temporary file, fsync, rename), so a kill at any instant leaves either
+the previous or the new version. The last contribution is saved *before* it is added to the replica or
+sent, so a restart re-sends that same envelope instead of training a second one for the round.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nord.errors import ConfigError
+from nord.fsutil import atomic_write_bytes
+
+FORMAT_VERSION = 1
+
+
+class StateDir:
+    """Paths and atomic reads/writes of one worker's state directory."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).expanduser()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.p2p_key = self.path / "p2p.key"
+        self.identity_key = self.path / "identity.key"
+        self.run_json = self.path / "run.json"
+        self.replica_dir = self.path / "replica"
+        self.worker_file = self.path / "worker.pt"
+        self.status_file = self.path / "status.json"
+
+    def check_run(self, run_json: str) -> None:
+        """Remember the run's config; refuse a state directory that belongs to another run config."""
+        if self.run_json.is_file():
+            old = json.loads(self.run_json.read_text(encoding="utf-8"))
+            if old != json.loads(run_json):
+                raise ConfigError(
+                    f"{self.path} holds state of another run config (run {old.get('run_id')!r}); "
+                    "use another --state-dir, or delete that one to start over"
+                )
+            return
+        atomic_write_bytes(self.run_json, run_json.encode("utf-8"))
+
+    def reset_replica(self) -> None:
+        """Drop the replica (it fell behind every peer's compaction point and restarts from a snapshot)."""
+        shutil.rmtree(self.replica_dir, ignore_errors=True)
+
+    def save_worker(self, state: dict[str, Any]) -> None:
+        buf = io.BytesIO()
+        torch.save({"format_version": FORMAT_VERSION, **state}, buf)
+        atomic_write_bytes(self.worker_file, buf.getvalue())
+
+    def load_worker(self) -> dict[str, Any] | None:
+        if not self.worker_file.is_file():
+            return None
+        try:
+            state = torch.load(io.BytesIO(self.worker_file.read_bytes()), weights_only=True)
+        except Exception as e:  # torch raises many kinds on a damaged pickle
+            raise ConfigError(
+                f"{self.worker_file} is damaged ({type(e).__name__}); delete it to start fresh"
+            ) from None
+        if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(f"{self.worker_file} has an unknown format; delete it to start fresh")
+        return state
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        atomic_write_bytes(self.status_file, json.dumps(status, sort_keys=True).encode("utf-8"))
+
+    def read_status(self) -> dict[str, Any] | None:
+        if not self.status_file.is_file():
+            return None
+        return json.loads(self.status_file.read_text(encoding="utf-8"))

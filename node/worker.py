@@ -1,0 +1,374 @@
+"""`nord-node join`: the volunteer worker's loop.
+
+    fetch the run's config and latest sealed snapshot → prepare the data, take a shard
+    loop:  W ← sealed weights of the open round r
+           H inner steps (nord.train.train_steps) on the shard
+           Δ ← W_local − W; envelope ← DeltaEncoder.encode(Δ) (error feedback keeps what was not sent)
+           save state → add to the replica → announce in the DHT and push to reachable peers
+           anti-entropy until an authority's seal for round r arrives, then round r + 1
+
+A restart with the same --state-dir resumes: same peer id, same signing key, the replica from its log,
+the residual and optimizer state, and, if round r was already contributed, that same envelope (never a
+second one: two envelopes of one peer and round would both be excluded as equivocation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from node.session import fetch_run, find_run, model_spec, open_replica, peer_ids, start_transport
+from node.state import StateDir
+from nord.codec import DeltaEncoder, decode_envelope
+from nord.config import RunConfig
+from nord.crdt import Replica
+from nord.data import prepare
+from nord.errors import CodecError, ConfigError, MergeError, NordError
+from nord.gossip import PEER_TTL_S, Gossip
+from nord.identity import Identity
+from nord.model import NordLM
+from nord.train import make_optimizer, train_steps
+from nord.transport import Transport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARDS = 8  # shard count when --shard is not given: worker i = hash(peer id) mod 8
+
+
+class OutOfMemory(NordError):
+    """The run's model and batch do not fit this device."""
+
+
+@dataclasses.dataclass
+class RoundReport:
+    round: int
+    loss: float | None
+    firing_rate: float | None
+    contributed: bool
+
+
+class Worker:
+    """One worker bound to a started transport, a replica and a prepared corpus."""
+
+    def __init__(
+        self,
+        *,
+        run: RunConfig,
+        run_json: str,
+        transport: Transport,
+        replica: Replica,
+        state: StateDir,
+        identity: Identity,
+        corpus,
+        shard: tuple[int, int],
+        device: torch.device,
+        bootstrap: tuple[str, ...],
+        poll_s: float = 1.0,
+        progress: bool = True,
+    ) -> None:
+        self.run, self.transport, self.replica, self.state = run, transport, replica, state
+        self.identity, self.corpus, self.shard, self.device = identity, corpus, shard, device
+        self.poll_s, self.progress = poll_s, progress
+        self.gossip = Gossip(
+            transport,
+            replica,
+            run_json,
+            role="worker",
+            bootstrap_peers=bootstrap,
+            tokenizer_path=Path(corpus.path) / "tokenizer.json",
+        )
+        self.spec = model_spec(run)
+        self.model = NordLM(run.model).to(device)
+        self.optimizer = make_optimizer(self.model, run.train, device)
+        self.scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+        self.encoder = DeltaEncoder(run.codec, self.spec)
+        self.inner_steps_done = 0
+        self.pending: bytes | None = None  # our last envelope, saved before it was added or sent
+        self._last_heartbeat = 0.0
+        self._restore()
+        seed_material = hashlib.sha256(f"{run.train.seed}:{transport.peer_id}".encode()).digest()
+        seed = (int.from_bytes(seed_material[:4], "big") + self.inner_steps_done) % 2**32
+        self.batches = corpus.batches(
+            "train", run.train.batch_size, run.train.seq_len, seed=seed, shard=shard
+        )
+
+    # ---- state -------------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        saved = self.state.load_worker()
+        if saved is None:
+            return
+        try:
+            self.encoder.load_state_dict(saved["residual"])
+            if saved.get("optimizer"):
+                self.optimizer.load_state_dict(saved["optimizer"])
+        except (CodecError, ValueError, KeyError) as e:
+            raise ConfigError(f"{self.state.worker_file} does not fit this run ({e}); delete it") from None
+        self.inner_steps_done = int(saved.get("inner_steps_done", 0))
+        self.pending = saved.get("envelope")
+        if self.pending:
+            try:
+                envelope = decode_envelope(self.pending, self.spec, run_id=self.run.run_id)
+            except CodecError as e:
+                log.warning("dropping the saved contribution: %s", e)
+                self.pending = None
+                return
+            self._add_and_publish(envelope, resend=True)
+
+    def _save(self, envelope_bytes: bytes | None) -> None:
+        self.state.save_worker(
+            {
+                "residual": self.encoder.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "inner_steps_done": self.inner_steps_done,
+                "envelope": envelope_bytes or b"",
+            }
+        )
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def run_rounds(self, max_rounds: int | None) -> None:
+        self.gossip.serve()
+        done = 0
+        bar = tqdm(total=max_rounds, desc="rounds", unit="round", disable=not self.progress)
+        try:
+            while max_rounds is None or done < max_rounds:
+                self._catch_up()
+                report = self.contribute()
+                self.wait_for_seal(report.round)
+                done += 1
+                bar.update(1)
+                self._report(report)
+        finally:
+            bar.close()
+            self.gossip.close()
+
+    def contribute(self) -> RoundReport:
+        """Train H steps on the open round's sealed weights and send the delta (once per round)."""
+        with self.gossip.lock:
+            rnd = self.replica.round
+            if self._contributed(rnd):
+                return RoundReport(round=rnd, loss=None, firing_rate=None, contributed=False)
+            base = self.replica.weights(include_open_round=False)
+            base_hash = self.replica.base_hash
+        self.state.write_status({**self._status(rnd), "phase": "training"})
+        self.model.load_state_dict({k: v.to(self.device) for k, v in base.items()}, strict=True)
+        stats = self._train()
+        trained = {name: p.detach().to("cpu", torch.float32) for name, p in self.model.named_parameters()}
+        delta = {name: trained[name] - base[name] for name in self.spec}
+        envelope = self.encoder.encode(
+            delta, run_id=self.run.run_id, round=rnd, base_hash=base_hash, identity=self.identity
+        )
+        self._save(envelope.to_bytes())
+        self._add_and_publish(envelope, resend=False)
+        return RoundReport(round=rnd, loss=stats.loss, firing_rate=stats.firing_rate, contributed=True)
+
+    def _train(self):
+        cfg = self.run.train
+
+        def lr_at(step: int) -> float:
+            return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+        try:
+            stats = train_steps(
+                self.model,
+                self.optimizer,
+                self.batches,
+                cfg.inner_steps,
+                scaler=self.scaler,
+                grad_clip=cfg.grad_clip,
+                lr_fn=lr_at,
+                start_step=self.inner_steps_done,
+                device=self.device,
+                progress=self.progress,
+            )
+        except torch.cuda.OutOfMemoryError:
+            raise OutOfMemory(self._oom_message()) from None
+        self.inner_steps_done += cfg.inner_steps
+        return stats
+
+    def _oom_message(self) -> str:
+        props = torch.cuda.get_device_properties(self.device)
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        return (
+            f"out of GPU memory: this run's model ({params:.0f}M parameters, "
+            f"batch {self.run.train.batch_size}×{self.run.train.seq_len}) does not fit {props.name} "
+            f"({props.total_memory / 2**30:.1f} GiB); "
+            "join a run with a smaller recipe, free the GPU, or use --device cpu"
+        )
+
+    def _add_and_publish(self, envelope, *, resend: bool) -> None:
+        with self.gossip.lock:
+            try:
+                self.replica.add(envelope)
+            except MergeError as e:  # e.g. too old after a long outage: nothing to send
+                log.warning("our contribution for round %d no longer applies: %s", envelope.round, e)
+                return
+        reached = self.gossip.publish(envelope)
+        log.info(
+            "%s contribution %s for round %d (%d bytes) to %d peer(s)",
+            "re-sent" if resend else "sent",
+            envelope.contribution_id[:12],
+            envelope.round,
+            envelope.nbytes,
+            reached,
+        )
+
+    def _contributed(self, rnd: int) -> bool:
+        me = self.identity.public_key
+        return any(e.peer_key == me for _, e in self.replica.contributions(round=rnd))
+
+    def wait_for_seal(self, rnd: int) -> None:
+        """Anti-entropy until the replica's open round moves past `rnd`."""
+        self.state.write_status({**self._status(rnd), "phase": "waiting"})
+        started = time.monotonic()
+        warned = False
+        while True:
+            with self.gossip.lock:
+                if self.replica.round > rnd:
+                    return
+            self._catch_up()
+            if not warned and time.monotonic() - started > 2 * self.run.rounds.deadline_s + 60:
+                log.warning(
+                    "no seal for round %d after %.0f s: is the run's authority online?",
+                    rnd,
+                    time.monotonic() - started,
+                )
+                warned = True
+            time.sleep(self.poll_s)
+
+    def _catch_up(self) -> None:
+        """One anti-entropy pass; restart from a snapshot if every peer has compacted past us."""
+        if time.monotonic() - self._last_heartbeat > PEER_TTL_S / 3:
+            self.gossip.heartbeat()
+            self._last_heartbeat = time.monotonic()
+        _, behind = self.gossip.anti_entropy(fanout=2)
+        if behind:
+            log.warning(
+                "this replica is older than the peers' compaction point: restarting it from a snapshot"
+            )
+            source = find_run(self.transport, self.gossip.reachable_peers(), self.run.run_id)
+            with self.gossip.lock:
+                self.replica.close()
+                self.state.reset_replica()
+                self.replica = open_replica(
+                    self.run, self.state.replica_dir, transport=self.transport, source=source
+                )
+                self.gossip.replica = self.replica
+
+    # ---- reporting ---------------------------------------------------------------------------------
+
+    def _status(self, rnd: int) -> dict:
+        with self.gossip.lock:
+            sealed_hash = self.replica.base_hash
+            open_round = self.replica.round
+        return {
+            "round": rnd,
+            "open_round": open_round,
+            "sealed_weights_hash": sealed_hash,
+            "peer_id": self.transport.peer_id,
+            "shard": list(self.shard),
+            "bytes_up": self.transport.bytes_sent,
+            "bytes_down": self.transport.bytes_received,
+        }
+
+    def _report(self, report: RoundReport) -> None:
+        peers = len(self.gossip.peers())
+        status = {
+            **self._status(report.round),
+            "phase": "sealed",
+            "loss": report.loss,
+            "firing_rate": report.firing_rate,
+            "peers": peers,
+        }
+        self.state.write_status(status)
+        loss = f"{report.loss:.3f}" if report.loss is not None else "  -  "
+        rate = f"{report.firing_rate:.3f}" if report.firing_rate is not None else "  -  "
+        tqdm.write(
+            f"round {report.round} | loss {loss} | firing rate {rate} | peers {peers} | "
+            f"up {_mb(status['bytes_up'])} down {_mb(status['bytes_down'])} | "
+            f"weights {status['sealed_weights_hash'][:12]}"
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def shard_for(peer_id: str, override: str | None) -> tuple[int, int]:
+    """`--shard i/n`, else shard hash(peer id) mod DEFAULT_SHARDS of DEFAULT_SHARDS."""
+    if override:
+        try:
+            i, n = (int(x) for x in override.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard {override!r}: write i/n, e.g. 2/8") from None
+        if not (n >= 1 and 0 <= i < n):
+            raise ConfigError(f"--shard {override!r}: need 0 <= i < n")
+        return i, n
+    digest = hashlib.sha256(peer_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % DEFAULT_SHARDS, DEFAULT_SHARDS
+
+
+def join(args) -> int:
+    """`nord-node join`: everything from flags to the training loop, with a clean shutdown on any exit."""
+    state = StateDir(args.state_dir or Path.home() / ".nord" / args.run)
+    device = pick_device(args.device)
+    transport = start_transport(args, state.p2p_key)
+    transport.install_signal_handlers()
+    replica = None
+    try:
+        source = find_run(transport, peer_ids(tuple(args.initial_peers)), args.run)
+        run, run_json = fetch_run(transport, source, args.run)
+        state.check_run(run_json)
+        identity = Identity.load_or_create(state.identity_key)
+        corpus = prepare(run.data, Path(args.data_dir).expanduser() if args.data_dir else None, progress=True)
+        if corpus.vocab_size > run.model.vocab_size:
+            raise ConfigError(
+                f"the prepared tokenizer has {corpus.vocab_size} tokens, "
+                f"more than the model's {run.model.vocab_size}"
+            )
+        replica = open_replica(run, state.replica_dir, transport=transport, source=source)
+        worker = Worker(
+            run=run,
+            run_json=run_json,
+            transport=transport,
+            replica=replica,
+            state=state,
+            identity=identity,
+            corpus=corpus,
+            shard=shard_for(transport.peer_id, args.shard),
+            device=device,
+            bootstrap=peer_ids(tuple(args.initial_peers)),
+            poll_s=args.poll_s,
+            progress=not args.no_progress,
+        )
+        tqdm.write(
+            f"joined run {run.run_id} as {transport.peer_id} "
+            f"(shard {worker.shard[0]}/{worker.shard[1]}, {device})"
+        )
+        worker.run_rounds(args.max_rounds)
+        replica = worker.replica
+        return 0
+    except KeyboardInterrupt:
+        if transport.stopped_by_signal == signal.SIGTERM:
+            return 0  # asked to stop, and stopped cleanly
+        raise
+    finally:
+        if replica is not None:
+            replica.close()
+        transport.shutdown()
