@@ -33,41 +33,59 @@ class Persistence:
         if self._store is not None:
             self._store.append(kind, data)
 
-    def _window(self) -> tuple[dict[str, int], set[Dot], dict[int, str]]:
-        """What a snapshot of the tip must remember: folded ids, dots and base hashes still re-addable."""
-        oldest = self.round - self.merge.max_staleness
-        folded = {c: q for c, q in self._folded_ids.items() if q >= oldest}
-        dots = {d for d in self._folded_dots if d[1] >= oldest}
-        hashes = {q: h for q in range(oldest, self.round) if (h := self._hash_at(q)) is not None}
+    def _window(self, rnd: int) -> tuple[dict[str, int], set[Dot], dict[int, str]]:
+        """What a base at round `rnd` must remember: ids and dots folded before it, and base hashes,
+        for the rounds a contribution could still claim (>= rnd - max_staleness)."""
+        oldest = rnd - self.merge.max_staleness
+        ids, dots = self._folded_before(rnd)
+        folded = {c: q for c, q in ids.items() if q >= oldest}
+        dots = {d for d in dots if d[1] >= oldest}
+        hashes = {q: h for q in range(oldest, rnd) if (h := self._hash_at(q)) is not None}
         return folded, dots, hashes
 
-    def compact(self) -> None:
-        """Fold every sealed round into the base snapshot and drop their payloads (rounds become final).
+    def compact(self, keep_rounds: int = 0) -> None:
+        """Fold sealed rounds into the base snapshot and drop their payloads (those rounds become final).
 
-        Weights are unchanged; memory and disk keep only the open window.
+        Args:
+            keep_rounds: the most recent sealed rounds to keep unfolded, so that a competing seal for
+                them can still win (module docstring of nord.crdt.replica). Weights are unchanged.
         """
-        folded, dots, hashes = self._window()
-        self._set.discard([c for c in self._folded_ids if c in self._set.envelopes])
-        self._seals = {r: s for r, s in self._seals.items() if r >= self.round}
-        self._verified.clear()
-        self._reset_base(self._tip, self.round, folded=folded, folded_dots=dots, hashes=hashes)
+        if keep_rounds < 0:
+            raise MergeError(f"keep_rounds must be >= 0, got {keep_rounds}")
+        cut = max(0, len(self._chain) - keep_rounds)
+        new_round, kept, tip = self._base_round + cut, self._chain[cut:], self._tip
+        base = self._weights_at(new_round)
+        folded, dots, hashes = self._window(new_round)
+        gone = [c for seal in self._chain[:cut] for c in seal.contribution_ids]
+        self._set.discard(gone)
+        self._seals = {r: s for r, s in self._seals.items() if r >= new_round}
+        self._verified = {s.seal_id for s in kept}
+        self._reset_base(base, new_round, folded=folded, folded_dots=dots, hashes=hashes)
+        self._chain, self._tip = kept, tip
+        self._rebuild_pool()
         self._prune()
         self._norms = {c: n for c, n in self._norms.items() if c in self._set.envelopes}
         if self._store is not None:
             self._store.rewrite(self._base, self._snapshot_meta(), self._records())
 
     def _records(self) -> list[tuple[str, bytes]]:
-        envelopes = sorted(self._set.envelopes.values(), key=lambda e: (e.round, e.contribution_id))
-        seals = [s for r in sorted(self._seals) for s in sorted(self._seals[r].values(), key=Seal.rank)]
-        return (
-            [("add", e.to_bytes()) for e in envelopes]
-            + [("remove", r.to_bytes()) for r in self.removals()]
-            + [("seal", s.to_bytes()) for s in seals]
-        )
+        """The held state as log records, in an order that replays: round by round, contributions then
+        seals, and removals last."""
+        records: list[tuple[str, bytes]] = []
+        rounds = sorted({e.round for e in self._set.envelopes.values()} | set(self._seals))
+        for rnd in rounds:
+            held = sorted(
+                (e for e in self._set.envelopes.values() if e.round == rnd), key=lambda e: e.contribution_id
+            )
+            records += [("add", e.to_bytes()) for e in held]
+            records += [
+                ("seal", s.to_bytes()) for s in sorted(self._seals.get(rnd, {}).values(), key=Seal.rank)
+            ]
+        return records + [("remove", r.to_bytes()) for r in self.removals()]
 
     def save_snapshot(self, path: str | Path) -> str:
         """Write the sealed tip (weights + the window a new replica needs) for a lagging peer; its hash."""
-        folded, dots, hashes = self._window()
+        folded, dots, hashes = self._window(self.round)
         meta = self._snapshot_meta(self.round, folded, dots, hashes)
         return save_checkpoint(path, self._tip, meta)
 

@@ -403,3 +403,25 @@ def test_delta_round_trips_through_bytes():
     fresh.join(Delta.from_bytes(delta.to_bytes()))
     assert fingerprint(fresh) == fingerprint(hub)
     assert hub.missing(fresh.digest()) == [] and len(hub.delta_for(fresh.digest())) == 0
+
+
+def test_compaction_can_keep_recent_rounds_open_to_a_better_seal():
+    a, b = make_replica(), make_replica()
+    envs = [envelope(p, 0, a.base_hash) for p in range(3)]
+    for e in envs[:2]:
+        a.add(e)
+    a.seal(AUTHORITY)
+    a.add(envelope(4, 1, a.base_hash))
+    a.seal(AUTHORITY)
+    before = a.weights_hash()
+    a.compact(keep_rounds=2)
+    assert a.weights_hash() == before and a.base_round == 0 and len(a.seals()) == 2
+    a.compact(keep_rounds=1)
+    assert a.weights_hash() == before and a.base_round == 1 and len(a.seals()) == 1
+    for e in envs:
+        b.add(e)
+    b.seal(AUTHORITY_2)
+    a.compact(keep_rounds=0)
+    a.join(b)  # b's better seal for round 0 comes too late: round 0 is final on `a`
+    assert a.base_round == 2 and a.weights_hash(include_open_round=False) == before
+    assert a.pool() == [envs[2].contribution_id]  # its third contribution rolls into round 2 instead

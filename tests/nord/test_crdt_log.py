@@ -145,3 +145,15 @@ def test_kill_9_keeps_every_acknowledged_contribution(tmp_path, kill_after):
     assert r.round >= sealed + 1
     r.close()
     assert fingerprint(reopen(tmp_path / "rep")) == fingerprint(r)  # the cut log replays the same way
+
+
+def test_compaction_keeping_rounds_replays_from_its_log(tmp_path):
+    r = make_replica(authorities=KEYS, log_dir=tmp_path / "rep")
+    run_two_rounds(r)
+    r.seal(AUTHORITY)
+    r.add(envelope(3, 2, r.base_hash))
+    r.compact(keep_rounds=1)
+    expected = fingerprint(r)
+    r.close()
+    again = reopen(tmp_path / "rep")
+    assert fingerprint(again) == expected and again.base_round == 1 and again.round == 2
