@@ -198,12 +198,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _open_corpus(args: argparse.Namespace):
-    from nord.data import DataConfig, default_data_root, load_corpus, prepare
+    from nord.data import DataConfig, load_corpus, prepare
 
     if args.data:
         return load_corpus(args.data)
-    info = prepare(DataConfig(source=args.source), default_data_root())
-    return load_corpus(info.path)
+    return prepare(DataConfig(source=args.source, vocab_size=args.vocab_size))
 
 
 def _save(out: Path, model: NordLM, optimizer, scaler, step: int, history: dict, corpus, recipe: str) -> None:
@@ -213,7 +212,7 @@ def _save(out: Path, model: NordLM, optimizer, scaler, step: int, history: dict,
         {
             "step": step,
             "recipe": recipe,
-            "tokenizer_path": str(Path(corpus.tokenizer_path).resolve()),
+            "tokenizer_path": str((corpus.path / "tokenizer.json").resolve()),
             "tokenizer_sha256": corpus.tokenizer_hash,
         },
     )
@@ -238,7 +237,8 @@ def _resume(out: Path, cfg, device) -> tuple[NordLM, dict]:
     try:
         state = torch.load(state_path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several kinds for truncated or foreign files
-        raise CheckpointError(f"{state_path} is corrupt or not a Nord training state ({e})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{state_path} is corrupt or not a Nord training state ({reason})") from None
     if not isinstance(state, dict) or state.get("format_version") != STATE_FORMAT_VERSION:
         raise CheckpointError(f"{state_path} is not a Nord training state of format {STATE_FORMAT_VERSION}")
     if state.get("weights_hash") != meta.get("weights_hash"):

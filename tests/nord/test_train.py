@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import math
 
 import pytest
 import torch
@@ -63,3 +65,90 @@ def test_train_steps_say_when_batches_run_out():
     opt = make_optimizer(model, TrainConfig(), "cpu")
     with pytest.raises(DataError, match="ran out after 2 of 5"):
         train_steps(model, opt, itertools.islice(fixed_batches(), 2), 5, grad_clip=1.0, device="cpu")
+
+
+# --- nord train, end to end on a real prepared corpus ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """A real corpus: this repository's docs (English prose), prepared with a small BPE."""
+    from pathlib import Path
+
+    from nord.data import DataConfig, prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    docs = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
+    text = root / "docs.txt"
+    text.write_text(docs.read_text(encoding="utf-8") * 3, encoding="utf-8")
+    cfg = DataConfig(source=str(text), vocab_size=300, val_fraction=0.1)
+    return prepare(cfg, root / "prepared", progress=False).path
+
+
+def train_argv(corpus_dir, out, *extra):
+    return ["train", "--model", "tiny", "--data", str(corpus_dir), "--out", str(out), "--batch-size", "4",
+            "--seq-len", "32", "--eval-every", "3", "--eval-batches", "2", "--warmup", "2", "--device", "cpu",
+            *extra]  # fmt: skip
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_nord_train_writes_checkpoint_curve_and_resumes(corpus_dir, tmp_path, capsys):
+    from nord.checkpoint import read_metadata
+    from nord.cli import main
+    from nord.evaluate import sha256_file
+
+    out = tmp_path / "run"
+    assert main(train_argv(corpus_dir, out, "--steps", "6")) == 0
+    printed = capsys.readouterr().out
+    assert "step      3" in printed and "step      6" in printed and "ppl" in printed
+    meta = read_metadata(out / "model.safetensors")
+    assert meta["step"] == "6" and json.loads(meta["model_config"])["vocab_size"] == 300
+    assert meta["tokenizer_sha256"] == sha256_file(meta["tokenizer_path"])
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["step"] == 6 and state["weights_hash"] == meta["weights_hash"]
+
+    assert main(train_argv(corpus_dir, out, "--steps", "6")) == 2  # would overwrite: refused
+    assert "--resume" in one_error_line(capsys)
+
+    assert main(train_argv(corpus_dir, out, "--steps", "9", "--resume")) == 0
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["step"] == 9 and state["history"]["step"] == [3, 6, 9]
+    assert state["optimizer"]["state"][0]["step"].item() == 9  # AdamW moments carried over
+
+
+@pytest.mark.parametrize("problem", ["other-model", "corrupt-state", "nothing", "unknown-recipe"])
+def test_nord_train_rejects_bad_resume_and_config_with_one_line(corpus_dir, tmp_path, capsys, problem):
+    from nord.cli import main
+
+    out = tmp_path / "run"
+    if problem in ("other-model", "corrupt-state"):
+        assert main(train_argv(corpus_dir, out, "--steps", "3")) == 0
+        capsys.readouterr()
+    if problem == "corrupt-state":
+        (out / "train_state.pt").write_bytes(b"not a torch file")
+    argv = train_argv(corpus_dir, out, "--steps", "6", "--resume")
+    if problem == "other-model":
+        argv[argv.index("tiny")] = "small"
+    if problem == "unknown-recipe":
+        argv[argv.index("tiny")] = "gigantic"
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert {"other-model": "another config", "corrupt-state": "corrupt", "nothing": "nothing to resume",
+            "unknown-recipe": "tiny, small"}[problem] in line  # fmt: skip
+
+
+def test_evaluate_reads_the_whole_validation_split(corpus_dir):
+    from nord.data import load_corpus
+    from nord.train import evaluate
+
+    corpus = load_corpus(corpus_dir)
+    model = NordLM(dataclasses.replace(get_config("tiny"), vocab_size=corpus.vocab_size))
+    result = evaluate(model, corpus, seq_len=32)
+    assert result.tokens == len(corpus.val) - 1
+    assert result.loss == pytest.approx(math.log(corpus.vocab_size), rel=0.1)  # untrained: near uniform
