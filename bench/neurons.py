@@ -1,0 +1,142 @@
+"""Forward+backward time of one spiking layer: dynamic-decay (parallel scan) vs LIF (sequential) vs PSN.
+
+    dynamic  DynamicDecayNeuron: input-dependent decay, chunked parallel scan over time
+    lif      LIFNeuron: soft reset, one Python step per token (autograd through the loop)
+    psn      PSN-style (Fang et al. 2023): H = W·X over time with a learned lower-triangular T×T matrix W,
+             spikes Θ(H − θ); O(T²) time and memory, skipped where W and its gradient exceed --psn-max-gib
+
+Every size keeps the number of tokens per batch fixed (B = --tokens // T) and N neurons, so the columns
+compare cost per token as T grows. Loss = Σ spikes·g (random g), so backward runs through the surrogates.
+
+    python bench/neurons.py [--quick] [--device cuda] [--out bench/results/neurons.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from nord.neurons import DynamicDecayNeuron, LIFNeuron, spike
+
+
+class PSNLayer(nn.Module):
+    """Parallel spiking neuron: H_t = Σ_{s≤t} W_ts X_s, S_t = Θ(H_t − θ); W is T×T (fixed max length)."""
+
+    def __init__(self, dim: int, seq_len: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(seq_len) + torch.randn(seq_len, seq_len) / seq_len)
+        self.threshold = nn.Parameter(torch.full((dim,), 0.1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.einsum("ts,bsn->btn", self.weight.tril(), x)  # (B, T, N)
+        return spike(h - self.threshold), h
+
+
+def make_step(layer: nn.Module, x: torch.Tensor):
+    """A closure running one forward + backward of `layer` on `x` with a fixed random upstream gradient."""
+    upstream = torch.randn_like(x)
+
+    def step() -> None:
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        (layer(x)[0] * upstream).sum().backward()
+
+    return step
+
+
+def time_interleaved(steps: dict, repeats: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """Median wall and process-CPU seconds per step; the layers take turns so they share the same load."""
+    for step in steps.values():
+        step()  # warm-up
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {n: {"wall_s": statistics.median(wall[n]), "cpu_s": statistics.median(cpu[n])} for n in steps}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    parser.add_argument("--tokens", type=int, default=16384, help="B·T per batch, kept fixed (B = tokens/T)")
+    parser.add_argument("--dim", type=int, default=512, help="N neurons")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--psn-max-gib", type=float, default=1.0, help="skip PSN when 3·T²·4 bytes exceed it")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="T in {256, 1024}, 4096 tokens, N=128, 1 repeat")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/neurons.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.lengths, args.tokens, args.dim, args.repeats = [256, 1024], 4096, 128, 1
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+
+    rows = []
+    for T in tqdm(args.lengths, desc="lengths"):
+        B = max(1, args.tokens // T)
+        x = torch.randn(B, T, args.dim, device=device, requires_grad=True)
+        steps = {
+            "dynamic": make_step(DynamicDecayNeuron(args.dim, chunk_size=args.chunk_size).to(device), x),
+            "lif": make_step(LIFNeuron(args.dim).to(device), x),
+        }
+        # PSN's T×T weight, its gradient and the masked copy must fit --psn-max-gib
+        if 3 * T * T * 4 <= args.psn_max_gib * 2**30:
+            steps["psn"] = make_step(PSNLayer(args.dim, T).to(device), x)
+        times = time_interleaved(steps, args.repeats, device)
+        rows.append(
+            {"T": T, "B": B, "N": args.dim, **{name: times.get(name) for name in ("dynamic", "lif", "psn")}}
+        )
+
+    header = f"{'T':>6} {'B':>4} {'N':>4} | {'dynamic ms':>10} {'LIF ms':>9} {'PSN ms':>9} | "
+    header += f"{'LIF/dyn':>7} {'PSN/dyn':>7} | {'LIF/dyn':>7} {'PSN/dyn':>7}"
+    print(f"{'wall-clock medians':>52} | {'wall ratios':>15} | {'CPU-time ratios':>15}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        dyn, lif, psn = r["dynamic"], r["lif"], r["psn"]
+        psn_ms = f"{psn['wall_s'] * 1e3:9.1f}" if psn else f"{'skipped':>9}"
+
+        def ratio(other, key, dyn=dyn):
+            return f"{other[key] / dyn[key]:7.2f}" if other else f"{'-':>7}"
+
+        print(
+            f"{r['T']:>6} {r['B']:>4} {r['N']:>4} | {dyn['wall_s'] * 1e3:10.1f} {lif['wall_s'] * 1e3:9.1f} "
+            f"{psn_ms} | {ratio(lif, 'wall_s')} {ratio(psn, 'wall_s')} | {ratio(lif, 'cpu_s')} {ratio(psn, 'cpu_s')}"
+        )
+    print(f"PSN skipped where 3·T²·4 bytes > {args.psn_max_gib} GiB (T×T weight, gradient, masked copy).")
+    meta = {
+        "device": str(device),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "chunk_size": args.chunk_size,
+        "repeats": args.repeats,
+        "tokens_per_batch": args.tokens,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
