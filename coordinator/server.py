@@ -1,0 +1,220 @@
+"""`nord-coordinator serve`: the bootstrap peer, full replica, authority, checkpoint server and dashboard.
+
+One process: the hivemind peer (nord.transport, its own threads), the gossip protocol over the replica
+(nord.gossip, same protocol as `nord-node join`), uvicorn serving the API and dashboard in a thread, and
+the authority loop in the main thread. SIGINT/SIGTERM shut the peer down (no p2pd left), then uvicorn.
+
+State directory (everything a restart needs; a restart resumes the run with nothing lost):
+
+    p2p.key          libp2p key: the peer id in the multiaddrs volunteers were given
+    identity.key     ed25519 authority key that signs seals and removals
+    run.json         the run config as served (with this authority's key added if it listed none)
+    replica/         the CRDT replica: snapshot + append-only log
+    history.sqlite   peers, rounds, contributions, metrics, seals, revocations, bans, checkpoints
+    checkpoints/     the last `rounds.keep_checkpoints` sealed weights, <round>.safetensors
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from coordinator.api import ApiContext, create_app, join_command
+from coordinator.authority import Authority
+from coordinator.history import History
+from coordinator.validate import ValidationConfig, Validator
+from node.bootstrap import open_run_replica
+from node.session import start_transport
+from node.state import StateDir
+from nord.config import RunConfig
+from nord.data import prepare
+from nord.errors import ConfigError
+from nord.gossip import PEER_TTL_S, Gossip
+from nord.identity import Identity
+from nord.model import NordLM
+from nord.recipes import RECIPES, get_config
+
+log = logging.getLogger(__name__)
+
+SYNC_EVERY_S = 5.0  # anti-entropy with one peer: picks up what client-mode peers left with others
+TICK_S = 0.2
+
+
+def parse_http(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"--http {value!r}: write HOST:PORT, e.g. 0.0.0.0:8000")
+    return host.strip("[]"), int(port)
+
+
+def load_allowlist(path: str | None) -> frozenset[str] | None:
+    """Hex ed25519 keys, one per line ('#' comments allowed); None without a file (public run)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"allowlist not found: {p}")
+    keys = set()
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        key = line.split("#", 1)[0].strip().lower()
+        if not key:
+            continue
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise ConfigError(f"{p}:{n}: {key[:70]!r} is not a 64-digit hex ed25519 public key")
+        keys.add(key)
+    return frozenset(keys)
+
+
+def load_run(path: str, identity: Identity) -> RunConfig:
+    """The run config, with this coordinator's key as the authority when the file lists none."""
+    run = RunConfig.load(path)
+    if not run.authorities:
+        run = run.with_authorities((identity.public_hex,))
+    elif identity.public_hex not in run.authorities:
+        raise ConfigError(
+            f"{path} lists authorities that do not include this coordinator's key {identity.public_hex}: "
+            "add it, or start with the state dir that holds one of them"
+        )
+    return run
+
+
+class UvicornThread:
+    """uvicorn in a daemon thread (so signals stay with the main thread and the P2P peer)."""
+
+    def __init__(self, app, host: str, port: int) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="nord-http", daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError("the HTTP server did not start: is the --http port already in use?")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def serve(args) -> int:
+    state = StateDir(args.state_dir)
+    identity = Identity.load_or_create(state.identity_key)
+    run = load_run(args.run_config, identity)
+    run_json = run.to_json()
+    state.check_run(run_json)
+    host, port = parse_http(args.http)
+    allowlist = load_allowlist(args.allowlist)
+    validation = ValidationConfig(
+        batches=args.val_batches,
+        max_loss_increase=args.max_loss_increase,
+        max_relative_norm=args.max_relative_norm,
+        ban_after=args.ban_after,
+    )
+    corpus = prepare(run.data, Path(args.data_dir).expanduser() if args.data_dir else None, progress=False)
+    history = History.open(state.path / "history.sqlite")
+    history.set_meta("run_id", run.run_id)
+    transport = start_transport(args, state.p2p_key)
+    transport.install_signal_handlers()
+    replica = http = gossip = None
+    try:
+        replica = open_run_replica(run, state)
+        gossip = Gossip(
+            transport,
+            replica,
+            run_json,
+            role="coordinator",
+            tokenizer_path=Path(corpus.path) / "tokenizer.json",
+        )
+        gossip.serve()
+        authority = Authority(
+            run=run,
+            replica=replica,
+            identity=identity,
+            history=history,
+            validator=Validator(run, corpus, validation),
+            checkpoint_dir=state.path / "checkpoints",
+            validation=validation,
+            lock=gossip.lock,
+            publish_seal=gossip.publish_seal,
+            publish_removal=gossip.publish_removal,
+            allowlist=allowlist,
+        )
+        authority.start()
+        multiaddrs = transport.visible_maddrs()
+        app = create_app(
+            ApiContext(
+                history=history,
+                run_config=run.to_dict(),
+                checkpoint_dir=state.path / "checkpoints",
+                model=model_info(run),
+                admin=authority,
+                admin_token=os.environ.get("NORD_ADMIN_TOKEN") or None,
+                live=lambda: {"multiaddrs": multiaddrs, "authority": identity.public_hex},
+            )
+        )
+        http = UvicornThread(app, host, port)
+        http.start()
+        (state.path / "maddrs.txt").write_text("\n".join(multiaddrs) + "\n")
+        shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        print(f"run {run.run_id}: coordinator ready (authority {identity.public_hex[:16]}…)", flush=True)
+        print("volunteers join with:", flush=True)
+        print(f"  {join_command(multiaddrs, run.run_id)}", flush=True)
+        for addr in multiaddrs[1:]:
+            print(f"  (or --initial-peers {addr})", flush=True)
+        print(f"dashboard: http://{shown_host}:{http.server.config.port}/", flush=True)
+        loop(authority, gossip)
+        return 0
+    except KeyboardInterrupt:
+        if transport.stopped_by_signal in (signal.SIGTERM, signal.SIGINT):
+            return 0
+        raise
+    finally:
+        if http is not None:
+            http.stop()
+        if gossip is not None:
+            gossip.close()
+        transport.shutdown()
+        if replica is not None:
+            replica.close()
+        history.close()
+
+
+def loop(authority: Authority, gossip: Gossip) -> None:
+    """Until SIGINT/SIGTERM: authority steps, presence heartbeats, periodic anti-entropy."""
+    last_heartbeat = last_sync = 0.0
+    while True:
+        authority.step()
+        now = time.monotonic()
+        if now - last_heartbeat > PEER_TTL_S / 3:
+            gossip.heartbeat()
+            last_heartbeat = now
+        if now - last_sync > SYNC_EVERY_S:
+            gossip.anti_entropy(fanout=1)
+            last_sync = now
+        time.sleep(TICK_S)
+
+
+def model_info(run: RunConfig) -> dict:
+    """What the dashboard shows about the model: the recipe it matches (else its shape) and its size."""
+    import torch
+
+    with torch.device("meta"):
+        params = NordLM(run.model).num_params()
+    cfg = dataclasses.asdict(run.model)
+    recipes = [n for n in RECIPES if get_config(n, vocab_size=run.model.vocab_size) == run.model]
+    return {
+        "name": recipes[0] if recipes else f"d{cfg['d_model']}×{cfg['n_layers']}",
+        "parameters": params,
+        "layers": cfg["n_layers"],
+        "d_model": cfg["d_model"],
+        "vocab_size": cfg["vocab_size"],
+    }
