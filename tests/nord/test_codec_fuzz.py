@@ -19,7 +19,7 @@ from nord.identity import Identity
 SPEC = {"a": (8, 70), "b": (5,), "c": (300,)}
 IDENTITY = Identity.from_private_bytes(bytes(32))
 FUZZ = settings(
-    max_examples=150,
+    max_examples=100,
     deadline=2000,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],

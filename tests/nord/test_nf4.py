@@ -26,8 +26,11 @@ def awkward_values(n: int, seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 129, 1000, 4097], ids=lambda n: f"n{n}")
-@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize(
+    ("n", "blocksize"),
+    [(1, 64), (2, 64), (63, 64), (64, 64), (129, 64), (4097, 64), (1000, 128)],
+    ids=lambda v: str(v),
+)
 def test_quantize_nf4_matches_bitsandbytes_bit_for_bit(bnb, n, blocksize):
     x = awkward_values(n, seed=n)
     ref_packed, ref_state = bnb.quantize_4bit(x, blocksize=blocksize, quant_type="nf4")
