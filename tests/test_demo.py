@@ -4,6 +4,7 @@ stops it cleanly, and no process (worker, coordinator, DHT child, p2pd, p2pd wat
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nord.demo import DemoConfig
-from nord.demo.processes import spawn, stop_children
+from nord.demo.processes import leftover_processes, spawn, stop_children
 from nord.errors import ConfigError
 
 
@@ -138,3 +139,18 @@ def test_fresh_refuses_to_delete_a_directory_the_demo_did_not_make(tmp_path):
     assert out.returncode == 2
     assert "refuses to delete" in out.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_leftover_sweep_kills_only_processes_naming_paths_inside_the_state_dir(tmp_path):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    naming_root = subprocess.Popen([*sleeper, str(tmp_path)])  # like the `nord demo --state-dir X` itself
+    naming_child = subprocess.Popen([*sleeper, f"-id={tmp_path}/worker-0/p2p.key"])  # like a stray p2pd
+    try:
+        killed = leftover_processes(tmp_path)
+        assert [k.split()[0] for k in killed] == [str(naming_child.pid)]
+        assert naming_child.wait(timeout=10) == -signal.SIGKILL
+        assert naming_root.poll() is None
+    finally:
+        naming_root.kill()
+        naming_child.kill()
+        naming_root.wait()

@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 RUN_ID = "demo"
 MARKER = ".nord-demo"  # written into the state dir; --fresh deletes only directories that carry it
 PROMPT = "ROMEO:"
+# Chosen so that a round takes about a minute with three workers on two CPU cores (docs/quickstart.md).
+DEFAULT_INNER_STEPS = {"tiny": 50, "small": 10}
+DEMO_SEQ_LEN = 128
+ROUND_DEADLINE_S = 120.0  # a round seals without a slow worker's contribution after this long
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +55,7 @@ class DemoConfig:
     workers: int = 3
     rounds: int | None = None  # None: run until Ctrl-C
     model: str = "small"
-    inner_steps: int = 20
+    inner_steps: int | None = None  # None: the model's entry in DEFAULT_INNER_STEPS
     http: str = "127.0.0.1:8080"
     host: str = "127.0.0.1"  # the coordinator's listen address; 0.0.0.0 lets other machines join
     state_dir: Path = Path("~/.nord/demo")
@@ -63,12 +67,18 @@ class DemoConfig:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.inner_steps is None:
+            object.__setattr__(self, "inner_steps", DEFAULT_INNER_STEPS.get(self.model, 10))
         if self.inner_steps < 1:
             raise ConfigError(f"--inner-steps must be >= 1, got {self.inner_steps}")
         http_host, _ = split_host_port(self.http)
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser().resolve())
         if not http_host:
             raise ConfigError(f"--http needs HOST:PORT, got {self.http!r}")
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "data"
 
     @property
     def dashboard_url(self) -> str:
@@ -205,7 +215,6 @@ def child_env(cfg: DemoConfig) -> dict[str, str]:
     threads = max(1, (os.cpu_count() or 2) // cfg.workers)
     env = dict(os.environ)
     env.update(
-        NORD_DATA_DIR=str(cfg.state_dir / "data"),
         OMP_NUM_THREADS=str(threads),
         MKL_NUM_THREADS=str(threads),
         PYTHONUNBUFFERED="1",
@@ -221,8 +230,9 @@ def ensure_run_config(cfg: DemoConfig, env: dict[str, str]) -> Path:
     run_json = cfg.state_dir / "run.json"
     if not run_json.is_file():
         argv = [sys.executable, "-m", "coordinator", "init", "--run", RUN_ID, "--model", cfg.model]
-        argv += ["--out", str(run_json), "--state-dir", str(cfg.state_dir / "coordinator")]
-        argv += ["--inner-steps", str(cfg.inner_steps), "--quorum", str(cfg.workers)]
+        argv += ["--out", str(run_json), "--data-dir", str(cfg.data_dir), "--quorum", str(cfg.workers)]
+        argv += ["--deadline", str(ROUND_DEADLINE_S), "--inner-steps", str(cfg.inner_steps)]
+        argv += ["--seq-len", str(min(DEMO_SEQ_LEN, get_config(cfg.model).max_seq_len))]
         print(f"preparing the corpus and the run config ({cfg.model} model)…", flush=True)
         done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL)
         if done.returncode != 0 or not run_json.is_file():
@@ -248,7 +258,8 @@ def tokenizer_path(run_json: Path, data_root: Path) -> Path:
 def serve_argv(cfg: DemoConfig, run_json: Path) -> list[str]:
     port = free_port(cfg.host)
     argv = [sys.executable, "-m", "coordinator", "serve", "--run-config", str(run_json)]
-    argv += ["--state-dir", str(cfg.state_dir / "coordinator"), "--http", cfg.http]
+    argv += ["--state-dir", str(cfg.state_dir / "coordinator"), "--data-dir", str(cfg.data_dir)]
+    argv += ["--http", cfg.http]
     argv += ["--host-maddrs", f"/ip4/{cfg.host}/tcp/{port}"]
     if cfg.host == "127.0.0.1":
         argv.append("--local-only")
@@ -285,7 +296,8 @@ def pull_checkpoint(cfg: DemoConfig, env: dict[str, str]) -> Path | None:
 def worker_argv(cfg: DemoConfig, index: int, bootstrap: list[str]) -> list[str]:
     """Worker `index`: a public peer, except the last of two or more, which runs in client mode (NAT)."""
     argv = [sys.executable, "-m", "node", "join", "--run", RUN_ID, "--initial-peers", *bootstrap]
-    argv += ["--state-dir", str(cfg.state_dir / f"worker-{index}"), "--device", "cpu", "--no-progress"]
+    argv += ["--state-dir", str(cfg.state_dir / f"worker-{index}"), "--data-dir", str(cfg.data_dir)]
+    argv += ["--device", "cpu", "--no-progress"]
     if cfg.host == "127.0.0.1":
         argv.append("--local-only")
     if cfg.workers >= 2 and index == cfg.workers - 1:
@@ -308,7 +320,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rounds", type=int, default=None, metavar="K", help="stop after K sealed rounds (default: Ctrl-C)"
     )
     p.add_argument("--model", default=DemoConfig.model, help="model recipe: tiny, small, base, nord-1b")
-    p.add_argument("--inner-steps", type=int, default=DemoConfig.inner_steps, help="H: local steps per round")
+    p.add_argument(
+        "--inner-steps",
+        type=int,
+        default=None,
+        help="H: local steps per round (default: "
+        + ", ".join(f"{k} {v}" for k, v in DEFAULT_INNER_STEPS.items())
+        + ")",
+    )
     p.add_argument("--http", default=DemoConfig.http, metavar="HOST:PORT", help="dashboard address")
     p.add_argument(
         "--host", default=DemoConfig.host, help="coordinator listen address (0.0.0.0: let others join)"
@@ -332,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
     prepare_state_dir(cfg)
     env = child_env(cfg)
     run_json = ensure_run_config(cfg, env)
-    tokenizer = tokenizer_path(run_json, cfg.state_dir / "data")
+    tokenizer = tokenizer_path(run_json, cfg.data_dir)
     coordinator: Child | None = None
     workers: list[Child] = []
     checkpoint: Path | None = None

@@ -132,28 +132,42 @@ def signals_ignored_while_stopping() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def ancestors() -> set[int]:
+    """This process and every process above it (never ours to kill, even if they name the state dir)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
+
+
 def leftover_processes(state_dir: Path) -> list[str]:
-    """SIGKILL any process still naming the state dir (a p2pd is started with `-id=<state>/p2p.key`).
+    """SIGKILL any process that still names a path *inside* the state dir (the children's own state dirs,
+    or a p2pd started with `-id=<state>/<child>/p2p.key`); the demo's own command line names only the
+    state dir itself, and its ancestors are skipped anyway.
 
     Linux only (reads /proc); elsewhere the process groups are all there is.
     """
     proc = Path("/proc")
     if not proc.is_dir():
         return []
-    needle = str(state_dir).encode()
+    inside = str(state_dir).rstrip("/") + "/"
+    spared = ancestors()
     killed = []
     for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) in spared:
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
         except OSError:
             continue
-        if needle in cmdline:
+        if any(a.removeprefix("-id=").startswith(inside) for a in argv):
             try:
                 os.kill(int(entry.name), signal.SIGKILL)
             except ProcessLookupError:
                 continue
-            program = cmdline.split(b"\0")[0].decode(errors="replace")
-            killed.append(f"{entry.name} {program}")
+            killed.append(f"{entry.name} {argv[0]}")
     return killed
