@@ -178,9 +178,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="small", help=f"recipe: {', '.join(RECIPES)} (default small)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data", metavar="DIR", help="a corpus prepared by `nord data`")
-    data.add_argument(
-        "--source", default="shakespeare", help="corpus source to prepare (default shakespeare)"
-    )
+    data.add_argument("--source", default="shakespeare", help="source to prepare (see `nord data prepare`)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary when preparing --source")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)

@@ -27,9 +27,13 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, get_config("tiny").vocab_size, (2, 45), generator=g)
 
 
-@pytest.mark.parametrize("spiking", [True, False], ids=["spiking", "dense"])
-def test_step_by_step_logits_equal_whole_sequence(tokens, spiking):
-    model = build(spiking=spiking)
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"spiking": False}, {"spike_mode": "integer"}],
+    ids=["spiking", "dense", "integer-spikes"],
+)
+def test_step_by_step_logits_equal_whole_sequence(tokens, overrides):
+    model = build(**overrides)
     with torch.no_grad():
         whole = model(tokens)
     state = model.init_state(tokens.shape[0])
