@@ -31,6 +31,8 @@ import torch
 from nord.crdt.config import MergeConfig
 from nord.errors import MergeError
 
+SLICE = 1 << 18  # coordinates materialized at a time
+
 
 class SparseLike(Protocol):
     indices: torch.Tensor  # (nnz,) int64, flat, strictly increasing
@@ -130,17 +132,23 @@ class FixedPointAccumulator:
 
     def apply_update(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """W = base + η·S/C per coordinate with C >= min_contributors (float32, bit-exact; module doc)."""
-        step = self.cfg.outer_lr * 2.0**-self.cfg.frac_bits
         out: dict[str, torch.Tensor] = {}
         for name, shape in self.spec.items():
-            b = base[name]
+            b = base[name].reshape(-1)
             if name not in self.sums:
-                out[name] = b.clone()
+                out[name] = b.clone().reshape(shape)
                 continue
-            counts = self.counts[name]
-            mean = _exact_float64(self.sums[name]) / counts.clamp(min=1).to(torch.float64)
-            flat = b.reshape(-1)
-            updated = (flat.to(torch.float64) + mean * step).to(torch.float32)
-            keep = counts < self.cfg.min_contributors  # untouched (C = 0) or too few: base bits exactly
-            out[name] = torch.where(keep, flat, updated).reshape(shape)
+            w = torch.empty_like(b)
+            for lo in range(0, b.numel(), SLICE):  # slices keep the float64 temporaries in cache
+                hi = min(lo + SLICE, b.numel())
+                w[lo:hi] = self._update_slice(b[lo:hi], self.sums[name][lo:hi], self.counts[name][lo:hi])
+            out[name] = w.reshape(shape)
         return out
+
+    def _update_slice(self, base: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        mean = _exact_float64(sums) / counts.clamp(min=1).to(torch.float64)
+        updated = (base.to(torch.float64) + mean * (self.cfg.outer_lr * 2.0**-self.cfg.frac_bits)).to(
+            torch.float32
+        )
+        keep = counts < self.cfg.min_contributors  # untouched (C = 0) or too few: base bits exactly
+        return torch.where(keep, base, updated)
