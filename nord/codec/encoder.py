@@ -91,6 +91,11 @@ class DeltaEncoder:
             payload=pack_payload(self.cfg.blocksize, entries),
             identity=identity,
         )
+        if envelope.nbytes > self.cfg.max_payload_bytes:
+            raise CodecError(
+                f"envelope of {envelope.nbytes} bytes is over codec.max_payload_bytes "
+                f"({self.cfg.max_payload_bytes}): peers would reject it; lower codec.density"
+            )
         self._residual.update(residuals)
         return envelope
 

@@ -165,6 +165,13 @@ def test_failed_encode_leaves_residual_unchanged(identity):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_encode_refuses_an_envelope_peers_would_reject(identity):
+    enc = DeltaEncoder(CodecConfig(density=1.0, max_payload_bytes=4096), SPEC)
+    with pytest.raises(CodecError, match="over codec.max_payload_bytes"):
+        enc.encode(random_delta(15), run_id=RUN, round=0, base_hash=BASE, identity=identity)
+    assert enc.state_dict() == {}
+
+
 @pytest.mark.parametrize(
     ("delta", "message"),
     [
