@@ -42,8 +42,12 @@ class Equivocation:
 
 
 def envelope_header(envelope: Any) -> dict[str, Any]:
+    """Everything the peer signed except the payload itself: enough to verify the signature later."""
     return {
         "contribution_id": envelope.contribution_id,
+        "version": envelope.version,
+        "names": envelope.names,
+        "shapes": envelope.shapes,
         "run_id": envelope.run_id,
         "round": envelope.round,
         "base_hash": envelope.base_hash,

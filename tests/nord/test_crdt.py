@@ -21,8 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nord.checkpoint import weights_hash
+from nord.codec.envelope import signing_message
 from nord.crdt import Delta, MergeConfig, Removal, Seal
 from nord.errors import MergeError
+from nord.identity import verify_signature
 
 FAST = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -318,6 +320,10 @@ def test_equivocation_excludes_both_payloads_on_every_replica():
         assert evidence.peer_key == PEERS[3].public_key and evidence.round == 0
         named = {h["contribution_id"] for h in evidence.contributions}
         assert named == {one.contribution_id, two.contribution_id}
+        for h in evidence.contributions:  # the evidence proves itself: the peer's signature checks out
+            fields = (h["version"], h["run_id"], h["round"], h["base_hash"], evidence.peer_key)
+            message = signing_message(*fields, h["names"], h["shapes"], h["payload_hash"])
+            assert verify_signature(evidence.peer_key, message, h["signature"])
     assert len({fingerprint(r) for r in (a, b, c)}) == 1
 
 
