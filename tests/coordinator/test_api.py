@@ -114,10 +114,7 @@ def test_run_config_and_dashboard_are_served(client):
 
 
 def test_admin_needs_the_bearer_token(client):
-    cid = (
-        client.get("/api/rounds").json()
-        and client.get("/api/revocations").json()["revocations"][0]["contribution_id"]
-    )
+    cid = client.get("/api/revocations").json()["revocations"][0]["contribution_id"]
     assert client.post(f"/api/admin/revoke/{cid}").status_code == 401
     assert (
         client.post(f"/api/admin/revoke/{cid}", headers={"Authorization": "Bearer nope"}).status_code == 401

@@ -1,0 +1,246 @@
+"""The authority on a real replica of a small spiking model, real signed envelopes, a real corpus.
+
+Validation scores each contribution on held-out batches; bad ones are removed with a signed removal and
+the reason is recorded; repeat offenders are banned; rounds seal on quorum or deadline; a restart from
+the replica's log and the history resumes the same rounds, checkpoints and hashes.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from coordinator.authority import Authority
+from coordinator.history import History
+from coordinator.validate import ValidationConfig, Validator
+from nord.checkpoint import load_checkpoint
+from nord.codec import DeltaEncoder
+from nord.config import RoundConfig, RunConfig, TrainConfig
+from nord.crdt import Replica
+from nord.data import DataConfig, prepare
+from nord.errors import MergeError
+from nord.identity import Identity
+from nord.model import ModelConfig, NordLM
+
+AUTHORITY = Identity.from_private_bytes(bytes([1]) * 32)
+WORKERS = [Identity.from_private_bytes(bytes([20 + i]) * 32) for i in range(4)]
+MODEL = ModelConfig(
+    vocab_size=512, d_model=32, n_layers=2, d_mlp=64, n_memory_slots=8, chunk_size=16, max_seq_len=32
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the king and queen of spring walk over green hills while rivers sing to stars".split()
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(400)) for _ in range(60))
+    (root / "text.txt").write_text(text)
+    return prepare(DataConfig(source=str(root / "text.txt"), vocab_size=512), root / "data", progress=False)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000.0
+
+    def __call__(self):
+        return self.now
+
+
+def make_run(quorum=2, deadline_s=60.0, keep=3):
+    return RunConfig(
+        run_id="auth-test",
+        model=MODEL,
+        data=DataConfig(vocab_size=512),
+        train=TrainConfig(inner_steps=1, batch_size=2, seq_len=32),
+        rounds=RoundConfig(quorum=quorum, deadline_s=deadline_s, keep_checkpoints=keep),
+        authorities=(AUTHORITY.public_hex,),
+    )
+
+
+def open_replica(run, path):
+    spec = {k: tuple(v) for k, v in NordLM(run.model).param_spec().items()}
+    if (path / "replica").exists():
+        return Replica.open(path / "replica", spec=spec, merge=run.merge, authorities=[AUTHORITY.public_key])
+    torch.manual_seed(run.train.seed)
+    base = {n: p.detach() for n, p in NordLM(run.model).named_parameters()}
+    return Replica(
+        run_id=run.run_id,
+        spec=spec,
+        base=base,
+        merge=run.merge,
+        authorities=[AUTHORITY.public_key],
+        log_dir=path / "replica",
+    )
+
+
+def make_authority(run, corpus, path, clock, validation=None, **kw):
+    validation = validation or ValidationConfig(batches=1, batch_size=2)
+    replica = open_replica(run, path)
+    history = History.open(path / "history.sqlite")
+    authority = Authority(
+        run=run,
+        replica=replica,
+        identity=AUTHORITY,
+        history=history,
+        validator=Validator(run, corpus, validation),
+        checkpoint_dir=path / "checkpoints",
+        validation=validation,
+        lock=threading.RLock(),
+        clock=clock,
+        **kw,
+    )
+    authority.start()
+    return authority
+
+
+def contribute(authority, worker, scale, seed=0):
+    """A signed contribution of `worker` for the open round: a random delta of `scale`."""
+    replica = authority.replica
+    g = torch.Generator().manual_seed(seed)
+    delta = {n: torch.randn(s, generator=g) * scale for n, s in replica.spec.items()}
+    env = DeltaEncoder(authority.run.codec, replica.spec).encode(
+        delta,
+        run_id=replica.run_id,
+        round=replica.round,
+        base_hash=replica.base_hash,
+        identity=WORKERS[worker],
+    )
+    replica.add(env)
+    return env.contribution_id
+
+
+def close(authority):
+    authority.replica.close()
+    authority.history.close()
+
+
+def test_quorum_seals_round_and_saves_checkpoint(corpus, tmp_path):
+    auth = make_authority(make_run(quorum=2), corpus, tmp_path, Clock())
+    assert auth.history.checkpoint(0) is not None  # round 0's seeded init is the first checkpoint
+    contribute(auth, 0, 1e-4, seed=1)
+    assert auth.step() is None  # one of two
+    contribute(auth, 1, 1e-4, seed=2)
+    seal = auth.step()
+    assert seal is not None and seal.round == 0 and len(seal.contribution_ids) == 2
+    ckpt = auth.history.checkpoint(1)
+    tensors, _ = load_checkpoint(tmp_path / "checkpoints" / ckpt["file"])
+    assert ckpt["weights_hash"] == seal.weights_hash == auth.replica.base_hash
+    assert torch.equal(
+        tensors["embed.weight"], auth.replica.weights(include_open_round=False)["embed.weight"]
+    )
+    metrics = auth.history.metrics()[0]
+    assert metrics["val_loss"] > 0 and "firing_rate/layers.0" in metrics
+    assert auth.history.rounds()[0]["accepted"] == 2 and auth.history.tokens_seen() == 2 * 64
+    close(auth)
+
+
+def test_deadline_seals_with_one_contribution(corpus, tmp_path):
+    clock = Clock()
+    auth = make_authority(make_run(quorum=3, deadline_s=60.0), corpus, tmp_path, clock)
+    contribute(auth, 0, 1e-4)
+    clock.now += 59
+    assert auth.step() is None
+    clock.now += 2
+    seal = auth.step()
+    assert seal is not None and auth.history.rounds()[0]["seal_reason"] == "deadline"
+    close(auth)
+
+
+def test_absurd_norm_is_removed_with_reason_and_round_seals_without_it(corpus, tmp_path):
+    auth = make_authority(make_run(quorum=1), corpus, tmp_path, Clock())
+    bad = contribute(auth, 0, 100.0)
+    assert auth.step() is None  # the only contribution was rejected: nothing to seal
+    row = auth.history.contribution(bad)
+    assert row["status"] == "rejected" and "norm" in row["reason"]
+    assert bad not in auth.replica.pool() and auth.replica.removals()[0].contribution_id == bad
+    assert auth.history.revocations()[0]["reason"] == row["reason"]
+    good = contribute(auth, 1, 1e-4)
+    seal = auth.step()
+    assert seal.contribution_ids == (good,) or list(seal.contribution_ids) == [good]
+    close(auth)
+
+
+def test_loss_increase_is_rejected_and_repeat_offender_banned(corpus, tmp_path):
+    validation = ValidationConfig(
+        batches=1, batch_size=2, max_relative_norm=1e9, max_loss_increase=0.05, ban_after=2
+    )
+    auth = make_authority(make_run(quorum=1), corpus, tmp_path, Clock(), validation=validation)
+    offender = WORKERS[2].public_key.hex()
+    for rnd in range(2):
+        bad = contribute(auth, 2, 3.0, seed=rnd)
+        contribute(auth, 0, 1e-4, seed=10 + rnd)
+        seal = auth.step()
+        assert seal.round == rnd and bad not in seal.contribution_ids
+        row = auth.history.contribution(bad)
+        assert row["status"] == "rejected" and "loss rose" in row["reason"]
+        assert row["loss_after"] > row["loss_before"] + 0.05
+    assert auth.history.is_banned(offender) and "2 contributions rejected" in auth.history.bans()[0]["reason"]
+    late = contribute(auth, 2, 1e-4, seed=5)  # harmless now, but the peer is banned
+    auth.step()
+    assert auth.history.contribution(late)["reason"] == "peer is banned" and late not in auth.replica.pool()
+    close(auth)
+
+
+def test_banned_and_non_allowlisted_peers_are_removed_on_arrival(corpus, tmp_path):
+    allow = frozenset({WORKERS[0].public_key.hex(), WORKERS[1].public_key.hex()})
+    auth = make_authority(make_run(quorum=3), corpus, tmp_path, Clock(), allowlist=allow)
+    auth.ban(WORKERS[1].public_key.hex(), reason="admin says so", by="admin")
+    stranger = contribute(auth, 3, 1e-4)
+    banned = contribute(auth, 1, 1e-4)
+    ok = contribute(auth, 0, 1e-4)
+    auth.step()
+    assert "allowlist" in auth.history.contribution(stranger)["reason"]
+    assert auth.history.contribution(banned)["reason"] == "peer is banned"
+    assert auth.replica.pool() == [ok]
+    close(auth)
+
+
+def test_admin_revoke_removes_an_open_contribution_but_not_a_sealed_one(corpus, tmp_path):
+    auth = make_authority(make_run(quorum=2), corpus, tmp_path, Clock())
+    a = contribute(auth, 0, 1e-4, seed=1)
+    auth.step()
+    auth.revoke(a, reason="operator: duplicate data", by="admin")
+    assert auth.replica.pool() == [] and auth.history.revocations()[0]["by"] == "admin"
+    contribute(auth, 1, 1e-4, seed=2)
+    contribute(auth, 2, 1e-4, seed=3)
+    seal = auth.step()
+    with pytest.raises(MergeError, match="already sealed"):
+        auth.revoke(seal.contribution_ids[0], reason="too late", by="admin")
+    close(auth)
+
+
+def test_restart_resumes_same_rounds_checkpoints_and_hashes(corpus, tmp_path):
+    run = make_run(quorum=1, keep=2)
+    clock = Clock()
+    auth = make_authority(run, corpus, tmp_path, clock)
+    for r in range(4):
+        contribute(auth, r % 2, 1e-4, seed=r)
+        assert auth.step().round == r
+    contribute(auth, 0, 1e-4, seed=99)  # pending in the open round when the process dies
+    before = (auth.history.rounds(), auth.history.checkpoints(), auth.replica.base_hash, auth.replica.pool())
+    assert [c["round"] for c in before[1]] == [3, 4]  # keep_checkpoints=2
+    close(auth)  # as after kill -9: nothing beyond what was already durable
+    again = make_authority(run, corpus, tmp_path, clock)
+    assert again.replica.round == 4 and again.replica.base_hash == before[2]
+    assert again.replica.pool() == before[3]
+    assert (again.history.rounds(), again.history.checkpoints()) == before[:2]
+    assert again.step().round == 4
+    close(again)
+
+
+def test_seal_missing_from_history_is_recovered_from_the_replica_log(corpus, tmp_path):
+    run = make_run(quorum=1)
+    auth = make_authority(run, corpus, tmp_path, Clock())
+    contribute(auth, 0, 1e-4)
+    seal = auth.replica.seal(AUTHORITY)  # sealed on the replica, then the process died before recording
+    close(auth)
+    again = make_authority(run, corpus, tmp_path, Clock())
+    again.step()
+    row = again.history.rounds()[0]
+    assert row["weights_hash"] == seal.weights_hash and row["seal_reason"] == "recovered"
+    assert again.history.checkpoint(1)["weights_hash"] == seal.weights_hash
+    close(again)
