@@ -1,0 +1,194 @@
+"""Length generalisation: a model trained on T=512 windows generates 30,000 tokens and reads long text.
+
+1. Generation: one token at a time with `NordLM.step` (O(1) state), sampling at --temperature; after each
+   token the largest |H| of every layer's mixer membrane is recorded. H_t = a_t·H_{t−1} + (1−a_t)·X_t is a
+   convex combination of past inputs, so it must stay within the inputs' range however long the run.
+2. Validation loss by position: rows of --eval-len consecutive validation tokens are read in windows of
+   the training length with the neuron state carried across windows (exactly one long forward pass),
+   and the per-token cross-entropy is averaged in position buckets 0–512, 512–1k, 1k–2k, 2k–4k, ...
+
+The model is a checkpoint written by `nord train` (--checkpoint) or trained here briefly (--model).
+
+    python bench/length.py [--quick] [--model tiny --train-steps 300 | --checkpoint runs/x/model.safetensors]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nord.config import TrainConfig
+from nord.data import DataConfig, prepare
+from nord.model import NordLM, load_model
+from nord.recipes import RECIPES, get_config
+from nord.train import cosine_lr, make_optimizer, train_steps
+
+
+def train_briefly(recipe: str, corpus, args: argparse.Namespace) -> tuple[NordLM, dict]:
+    cfg = dataclasses.replace(get_config(recipe, vocab_size=corpus.vocab_size), max_seq_len=args.seq_len)
+    torch.manual_seed(args.seed)
+    model = NordLM(cfg)
+    train_cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr)
+    optimizer = make_optimizer(model, train_cfg, "cpu")
+    lr_fn = cosine_lr(args.lr, warmup_steps=max(1, args.train_steps // 10), total_steps=args.train_steps)
+    batches = iter(corpus.batches("train", args.batch_size, args.seq_len, seed=args.seed))
+    stats = train_steps(model, optimizer, batches, args.train_steps, grad_clip=train_cfg.grad_clip,
+                        lr_fn=lr_fn, device="cpu")  # fmt: skip
+    info = {"recipe": recipe, "train_steps": args.train_steps, "train_tokens": stats.tokens,
+            "train_loss": stats.loss, "train_firing_rate": stats.firing_rate,
+            "train_s": stats.seconds}  # fmt: skip
+    return model, info
+
+
+@torch.inference_mode()
+def generate_and_watch(model: NordLM, n_tokens: int, temperature: float, seed: int, bucket: int) -> dict:
+    """Sample `n_tokens` one at a time; per layer, the largest |H| in each bucket of `bucket` tokens."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    state = model.init_state(1)
+    idx = torch.zeros(1, dtype=torch.long)
+    n_layers = len(model.blocks)
+    max_h = torch.zeros(math.ceil(n_tokens / bucket), n_layers)
+    rate_sum, ids = 0.0, []
+    start = time.perf_counter()
+    for t in tqdm(range(n_tokens), desc="generate", unit="tok", mininterval=2):
+        logits, state, rates = model.step(idx, state)
+        peaks = torch.stack([s.h.abs().max() for s in state])  # (L,)
+        max_h[t // bucket] = torch.maximum(max_h[t // bucket], peaks)
+        rate_sum += rates["overall"].item()
+        idx = torch.multinomial(F.softmax(logits.float() / temperature, -1), 1, generator=gen)[:, 0]
+        ids.append(int(idx))
+    seconds = time.perf_counter() - start
+    finite = all(torch.isfinite(s.h).all() for s in state)
+    return {"tokens": n_tokens, "seconds": seconds, "tokens_per_s": n_tokens / seconds, "bucket": bucket,
+            "max_abs_h": max_h.tolist(), "firing_rate": rate_sum / n_tokens, "finite": bool(finite),
+            "ids": ids}  # fmt: skip
+
+
+@torch.no_grad()
+def loss_by_position(model: NordLM, corpus, eval_len: int, rows: int, window: int) -> dict:
+    """Mean cross-entropy in position buckets [0, w), [w, 2w), [2w, 4w), ... over `rows` long rows."""
+    model.eval()
+    rows = min(rows, (len(corpus.val) - 1) // eval_len)
+    if rows < 1:
+        raise SystemExit(
+            f"--eval-len {eval_len} is longer than the validation split ({len(corpus.val)} tokens)"
+        )
+    tokens = torch.from_numpy(corpus.val[: rows * eval_len + 1].astype("int64"))
+    x = tokens[:-1].view(rows, eval_len)
+    y = tokens[1:].view(rows, eval_len)
+    losses, state = [], None
+    for start in tqdm(range(0, eval_len, window), desc="eval by position", unit="window"):
+        out = model(x[:, start : start + window], state=state)
+        state = out.state
+        losses.append(F.cross_entropy(out.logits.float().transpose(1, 2), y[:, start : start + window],
+                                      reduction="none"))  # fmt: skip
+    per_token = torch.cat(losses, 1).mean(0)  # (eval_len,) averaged over rows
+    edges = [0, window]
+    while edges[-1] < eval_len:
+        edges.append(min(2 * edges[-1], eval_len))
+    spans = zip(edges[:-1], edges[1:], strict=True)
+    buckets = [{"start": a, "end": b, "loss": per_token[a:b].mean().item()} for a, b in spans]
+    return {"rows": rows, "eval_len": eval_len, "buckets": buckets}
+
+
+def plot(gen: dict, by_pos: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    max_h = torch.tensor(gen["max_abs_h"])  # (buckets, L)
+    xs = [(i + 1) * gen["bucket"] for i in range(max_h.shape[0])]
+    for layer in range(max_h.shape[1]):
+        left.plot(xs, max_h[:, layer], label=f"layer {layer}")
+    left.set_xlabel("generated tokens")
+    left.set_ylabel(f"max |H| per {gen['bucket']} tokens")
+    left.set_ylim(bottom=0)
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    labels = [f"{b['start']}–{b['end']}" for b in by_pos["buckets"]]
+    right.bar(labels, [b["loss"] for b in by_pos["buckets"]])
+    right.set_xlabel("token position")
+    right.set_ylabel("validation cross-entropy (nats)")
+    right.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=None, help="model.safetensors from `nord train`")
+    parser.add_argument("--model", default="tiny", choices=sorted(RECIPES), help="recipe to train here")
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512, help="training window (the length to exceed)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--gen-tokens", type=int, default=30_000)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--eval-len", type=int, default=8192, help="length of each validation row")
+    parser.add_argument("--eval-rows", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 2,000 tokens, 2k rows")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/length.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.train_steps, args.gen_tokens, args.eval_len, args.eval_rows = 20, 2000, 2048, 2
+    torch.set_num_threads(args.threads)
+    corpus = prepare(DataConfig(source="shakespeare"), progress=False)
+    if args.checkpoint is not None:
+        model, meta = load_model(args.checkpoint)
+        window = model.cfg.max_seq_len
+        model_info = {"checkpoint": str(args.checkpoint), "step": meta.get("step"), "seq_len": window}
+    else:
+        model, model_info = train_briefly(args.model, corpus, args)
+        window = args.seq_len
+    model_info["params"] = model.num_params()
+
+    gen = generate_and_watch(model, args.gen_tokens, args.temperature, args.seed, bucket=1000)
+    by_pos = loss_by_position(model, corpus, args.eval_len, args.eval_rows, window)
+
+    print(f"model: {model_info}")
+    max_h = torch.tensor(gen["max_abs_h"])
+    print(f"generated {gen['tokens']} tokens at {gen['tokens_per_s']:.0f} tok/s, "
+          f"firing {gen['firing_rate']:.3f}, state finite: {gen['finite']}")  # fmt: skip
+    print(f"{'layer':>5} | {'max|H| 1st 1k':>13} {'max|H| last 1k':>14} {'max|H| overall':>14}")
+    for layer in range(max_h.shape[1]):
+        col = max_h[:, layer]
+        print(f"{layer:>5} | {col[0]:13.3f} {col[-1]:14.3f} {col.max():14.3f}")
+    print(f"{'positions':>12} | {'val loss':>8} {'vs 0–' + str(window):>9}")
+    first = by_pos["buckets"][0]["loss"]
+    for b in by_pos["buckets"]:
+        print(f"{b['start']:>5}–{b['end']:<6} | {b['loss']:8.4f} {b['loss'] - first:+9.4f}")
+    sample = corpus.decode(gen.pop("ids")[:300])
+    print(f"sample: {sample[:400]!r}")
+    meta = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
+            "machine": platform.machine()}  # fmt: skip
+    result = {
+        "meta": meta,
+        "model": model_info,
+        "generation": gen,
+        "loss_by_position": by_pos,
+        "sample": sample,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    plot(gen, by_pos, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
