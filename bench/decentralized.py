@@ -1,0 +1,291 @@
+"""How well decentralized sparse 4-bit training learns, and at how few bytes (`nord bench decentralized`).
+
+The same spiking model, corpus, token budget and seeds in every setup; peers' shards are disjoint
+(`Corpus.batches(..., shard=(i, K))`), and every setup sees rounds · H · K · B · T training tokens:
+
+    central           one process, batch K·B, rounds·H AdamW steps
+    dense             K peers, H inner steps, fp32 pseudo-gradients averaged (DiLoCo, plain outer step)
+    dense-nesterov    as dense with outer Nesterov momentum (lr 0.7, μ 0.9)
+    nord-<d>          Nord's codec (top-k per 4096-chunk at density d, NF4) + error feedback +
+                      the sparse-aware mean, through the real envelope bytes and Replica (density 25%,
+                      6.25%, 1.56%)
+    <d>-divk          as nord-<d> with a dense ÷K mean (weight-dilution ablation; bench-side)
+    <d>-noef          as nord-<d> without error feedback (CodecConfig.ef_decay = 0)
+    <d>-median        as nord-<d> with each contribution clipped to the round's median norm
+                      (MergeConfig.median_norm_clip)
+    <d>-damped        as nord-<d> with W += η·S/(C + c0), c0 = 1 (bench-side)
+
+Peers run in one process (see bench/_decentralized_sim.py); setups run in parallel worker processes
+(--jobs), each with one torch thread.
+
+    nord bench decentralized                # reduced CPU default (tiny model; see docs/benchmarks)
+    nord bench decentralized --quick        # smoke run (seconds)
+    nord bench decentralized --scale        # the `small` model on a GPU
+    nord bench decentralized --peers 16 --setups central dense nord-6.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _decentralized_sim import RunShape, Setup, run_setup  # noqa: E402
+
+from nord.data import DataConfig, default_data_root, prepare  # noqa: E402
+from nord.errors import ConfigError  # noqa: E402
+from nord.fsutil import atomic_write_bytes  # noqa: E402
+
+DENSITIES = {"25": 0.25, "6.25": 0.0625, "1.56": 64 / 4096}
+
+
+def all_setups(ablation: str) -> dict[str, Setup]:
+    """Every setup by name; the ablations (divk, noef, median, damped) run at density `ablation`."""
+    setups = {
+        "central": Setup(name="central", kind="central"),
+        "dense": Setup(name="dense", kind="dense"),
+        "dense-nesterov": Setup(name="dense-nesterov", kind="dense", outer="nesterov", outer_lr=0.7),
+    }
+    for label, d in DENSITIES.items():
+        setups[f"nord-{label}"] = Setup(name=f"nord-{label}", kind="nord", density=d)
+    d = DENSITIES[ablation]
+    for suffix, extra in (
+        ("divk", {"mean": "divk"}),
+        ("noef", {"ef_decay": 0.0}),
+        ("median", {"mean": "median"}),
+        ("damped", {"mean": "damped", "c0": 1.0}),
+    ):
+        name = f"{ablation}-{suffix}"
+        setups[name] = Setup(name=name, kind="nord", density=d, **extra)
+    return setups
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Setups: see the module doc.")
+    p.add_argument("--model", default=None, help="recipe (default tiny; small with --scale)")
+    p.add_argument("--peers", type=int, default=None, help="K peers (default 4; 2 with --quick)")
+    p.add_argument("--rounds", type=int, default=None, help="outer rounds (default 30)")
+    p.add_argument("--inner-steps", type=int, default=None, help="H inner steps per round (default 6)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-peer batch (default 4)")
+    p.add_argument("--seq-len", type=int, default=None, help="default 64")
+    p.add_argument("--lr", type=float, default=3e-3, help="inner AdamW peak lr (cosine schedule)")
+    p.add_argument("--eval-every", type=int, default=None, help="rounds between validation points")
+    p.add_argument("--eval-windows", type=int, default=None, help="windows per intermediate validation")
+    p.add_argument("--setups", nargs="+", default=None, help="names to run (default: all)")
+    p.add_argument("--ablation-density", choices=sorted(DENSITIES), default="1.56")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for --seeded setups")
+    p.add_argument(
+        "--seeded", nargs="*", default=["central", "dense", "nord-6.25"],
+        help="setups run with every --seeds value (the others with the first seed only)",
+    )  # fmt: skip
+    p.add_argument("--jobs", type=int, default=3, help="setups trained in parallel processes")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, 2 peers, 2 rounds")
+    p.add_argument("--scale", action="store_true", help="GPU run: small model, B 16, T 256, 60 rounds, H 20")
+    p.add_argument("--device", default=None, help="default cuda with --scale, else cpu")
+    p.add_argument("--out", default="bench/results/decentralized.json", help="JSON output")
+    p.add_argument("--plots", default=None, help="PNG prefix (default: the --out path without .json)")
+    args = p.parse_args(argv)
+    if args.quick and args.scale:
+        raise ConfigError("--quick and --scale exclude each other")
+    for name in ("peers", "rounds", "inner_steps", "batch_size", "seq_len", "eval_every", "jobs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
+
+
+def run_shape(args: argparse.Namespace, corpus_dir: str) -> RunShape:
+    if args.quick:
+        preset = {"model": "tiny", "peers": 2, "rounds": 2, "inner_steps": 2, "batch_size": 2,
+                  "seq_len": 16, "eval_every": 1, "eval_windows": 2, "final_windows": 4,
+                  "warmup": 2}  # fmt: skip
+    elif args.scale:
+        preset = {"model": "small", "peers": 4, "rounds": 60, "inner_steps": 20, "batch_size": 16,
+                  "seq_len": 256, "eval_every": 5, "eval_windows": 20, "warmup": 50}  # fmt: skip
+    else:
+        preset = {"model": "tiny", "peers": 4, "rounds": 30, "inner_steps": 6, "batch_size": 4,
+                  "seq_len": 64, "eval_every": 2, "eval_windows": 12, "warmup": 20}  # fmt: skip
+    for key in (
+        "model",
+        "peers",
+        "rounds",
+        "inner_steps",
+        "batch_size",
+        "seq_len",
+        "eval_every",
+        "eval_windows",
+    ):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    device = args.device or ("cuda" if args.scale else "cpu")
+    return RunShape(corpus_dir=corpus_dir, lr=args.lr, device=device, **preset)
+
+
+def _task(item: tuple[Setup, int, RunShape]) -> dict:
+    torch.set_num_threads(1)  # one thread per process: on a busy machine more threads only spin
+    setup, seed, shape = item
+    return run_setup(setup, seed, shape)
+
+
+def _run_all(tasks: list, jobs: int):
+    """Results as they finish: in this process for --jobs 1, else in a pool of spawned processes."""
+    if jobs == 1:
+        yield from map(_task, tasks)
+        return
+    with mp.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
+        yield from pool.imap_unordered(_task, tasks)
+
+
+def summarize(results: list[dict], baseline: str = "dense", central: str = "central") -> list[dict]:
+    """One row per setup: mean (and spread over seeds) of the final validation, ratios to baselines."""
+    by_name: dict[str, list[dict]] = {}
+    for r in results:
+        by_name.setdefault(r["setup"]["name"], []).append(r)
+    means = {n: statistics.fmean(r["val"]["loss"] for r in rs) for n, rs in by_name.items()}
+    base_bytes = by_name[baseline][0]["bytes_per_peer_round"] if baseline in by_name else None
+    rows = []
+    for name, rs in by_name.items():
+        losses = [r["val"]["loss"] for r in rs]
+        first = rs[0]
+        row = {
+            "setup": name,
+            "seeds": len(rs),
+            "val_loss": means[name],
+            "val_loss_spread": (max(losses) - min(losses)) if len(rs) > 1 else None,
+            "ppl": math.exp(means[name]),
+            "bpb": statistics.fmean(r["val"]["bpb"] for r in rs),
+            "firing_rate": statistics.fmean(r["firing_rate"] for r in rs),
+            "bytes_per_peer_round": first["bytes_per_peer_round"],
+            "bytes_per_peer_total": first["bytes_per_peer_total"],
+            "bytes_total": first["bytes_per_peer_total"] * (1 if name == central else first["peers"]),
+            "bytes_per_param_round": first["bytes_per_param_round"],
+            "byte_ratio_vs_dense": (base_bytes / first["bytes_per_peer_round"])
+            if base_bytes and first["bytes_per_peer_round"]
+            else None,
+            "loss_vs_dense": means[name] / means[baseline] - 1 if baseline in means else None,
+            "loss_vs_central": means[name] / means[central] - 1 if central in means else None,
+            "seconds": statistics.fmean(r["seconds"] for r in rs),
+            "bench_side": first["bench_side"],
+            "verified_rounds": first["verified_rounds"],
+        }
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'setup':<16}{'seeds':>5}{'val loss':>10}{'±':>7}{'ppl':>9}{'bpb':>7}{'fire':>7}"
+            f"{'B/peer/rnd':>12}{'×fewer':>8}{'vs dense':>9}{'vs cent':>9}{'s':>7}")  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        spread = f"{r['val_loss_spread']:.3f}" if r["val_loss_spread"] is not None else "-"
+        ratio = f"{r['byte_ratio_vs_dense']:.1f}" if r["byte_ratio_vs_dense"] else "-"
+        vs_d = f"{100 * r['loss_vs_dense']:+.1f}%" if r["loss_vs_dense"] is not None else "-"
+        vs_c = f"{100 * r['loss_vs_central']:+.1f}%" if r["loss_vs_central"] is not None else "-"
+        name = r["setup"] + ("*" if r["bench_side"] else "")
+        print(
+            f"{name:<16}{r['seeds']:>5}{r['val_loss']:>10.4f}{spread:>7}{r['ppl']:>9.1f}{r['bpb']:>7.3f}"
+            f"{r['firing_rate']:>7.3f}{r['bytes_per_peer_round']:>12,.0f}{ratio:>8}{vs_d:>9}{vs_c:>9}"
+            f"{r['seconds']:>7.0f}"
+        )
+    print("* bench-side merge (no library switch yet)")
+
+
+def plot(results: list[dict], rows: list[dict], prefix: str) -> list[str]:
+    """validation loss vs tokens (seed 0 curves), and final loss vs bytes per peer per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = {}
+    for r in results:
+        first.setdefault(r["setup"]["name"], r)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, r in first.items():
+        style = "--" if r["setup"]["kind"] != "nord" else "-"
+        ax.plot(r["curve"]["tokens"][1:], r["curve"]["val_loss"][1:], style, marker=".", label=name)
+    ax.set_xlabel("training tokens (all peers)")
+    ax.set_ylabel("validation loss (nats/token, subset)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths = [f"{prefix}_loss.png"]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        if r["bytes_per_peer_round"] <= 0:
+            ax.axhline(r["val_loss"], color="gray", ls=":", label=f"{r['setup']} (no communication)")
+            continue
+        ax.scatter(r["bytes_per_peer_round"], r["val_loss"], marker="x" if r["bench_side"] else "o")
+        ax.annotate(r["setup"], (r["bytes_per_peer_round"], r["val_loss"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent per peer per round")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(f"{prefix}_frontier.png")
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    corpus = prepare(DataConfig(), default_data_root(), progress=False)
+    shape = run_shape(args, str(corpus.path))
+    setups = all_setups(args.ablation_density)
+    names = args.setups or list(setups)
+    unknown = [n for n in names if n not in setups]
+    if unknown:
+        raise ConfigError(f"unknown setup {unknown[0]!r}; choose from: {', '.join(setups)}")
+    tasks = [
+        (setups[n], seed, shape)
+        for n in names
+        for seed in (args.seeds if n in args.seeded else args.seeds[:1])
+    ]
+    print(f"{len(tasks)} runs, shape: {dataclasses.asdict(shape)}", flush=True)
+    start = time.perf_counter()
+    results = []
+    for r in tqdm(_run_all(tasks, args.jobs), total=len(tasks), desc="setups"):
+        r["peers"] = shape.peers
+        results.append(r)
+        print(f"  {r['setup']['name']} seed {r['seed']}: val {r['val']['loss']:.4f} "
+              f"({r['seconds']:.0f} s)", flush=True)  # fmt: skip
+    order = {n: i for i, n in enumerate(names)}
+    results.sort(key=lambda r: (order[r["setup"]["name"]], r["seed"]))
+    rows = summarize(results)
+    print_table(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = args.plots or str(out.with_suffix(""))
+    pngs = plot(results, rows, prefix)
+    doc = {
+        "command": " ".join(["nord bench decentralized", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "jobs": args.jobs},
+        "shape": dataclasses.asdict(shape),
+        "wall_seconds": time.perf_counter() - start,
+        "rows": rows,
+        "runs": results,
+        "plots": pngs,
+    }
+    atomic_write_bytes(out, json.dumps(doc, indent=1).encode())
+    print(f"wrote {out} and {', '.join(pngs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
