@@ -9,8 +9,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-from hivemind.utils.multiaddr import Multiaddr
-
 from nord.checkpoint import load_checkpoint
 from nord.config import RunConfig
 from nord.crdt import Replica
@@ -18,14 +16,14 @@ from nord.crdt.log import Store
 from nord.errors import ConfigError, MergeError, TransportError
 from nord.gossip import RunNotFound, fetch_run_config_json, fetch_snapshot, hello
 from nord.model import NordLM
-from nord.transport import Transport, TransportConfig
+from nord.transport import Transport, TransportConfig, peer_id_of
 
 log = logging.getLogger(__name__)
 
 
 def peer_ids(initial_peers: tuple[str, ...]) -> tuple[str, ...]:
     """The peer ids inside `/.../p2p/<id>` multiaddrs."""
-    return tuple(str(Multiaddr(m)["p2p"]) for m in initial_peers)
+    return tuple(peer_id_of(m) for m in initial_peers)
 
 
 def start_transport(args, identity_path: Path | None) -> Transport:

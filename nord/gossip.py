@@ -359,8 +359,11 @@ class Gossip:
                 break
         remote = reply.get("digest")
         if isinstance(remote, dict) and not behind:
-            with self.lock:
-                theirs, _ = _within_budget(self.replica.delta_for(remote), SYNC_BUDGET_BYTES)
+            try:
+                with self.lock:
+                    theirs, _ = _within_budget(self.replica.delta_for(remote), SYNC_BUDGET_BYTES)
+            except MergeError as e:
+                raise TransportError(f"peer {peer[-8:]} sent a malformed digest: {e}") from None
             if len(theirs):
                 self._push_one(peer, _pack({"run_id": self.run_id, "delta": theirs.to_bytes()}))
         return accepted, behind

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from nord.errors import CodecError, ConfigError, TransportError
-from nord.transport import HANDLER_PREFIX, HEADER, KIND_OK, KIND_REQUEST, MAGIC, Transport, TransportConfig
+from nord.transport import HANDLER_PREFIX, Transport, TransportConfig
+from nord.transport.frames import HEADER, KIND_OK, KIND_REQUEST, MAGIC, TRAILER_BYTES
 
 pytestmark = [pytest.mark.p2p, pytest.mark.timeout(120)]
 
@@ -137,8 +138,9 @@ def _raw_exchange(transport: Transport, peer_id: str, name: str, frame: bytes) -
         )
         writer.write(frame)
         await writer.drain()
-        _, version, kind, length, _ = HEADER.unpack(await reader.readexactly(HEADER.size))
+        _, version, kind, length = HEADER.unpack(await reader.readexactly(HEADER.size))
         body = await reader.readexactly(length)
+        await reader.readexactly(TRAILER_BYTES)
         writer.close()
         return version, kind, body
 
@@ -148,7 +150,7 @@ def _raw_exchange(transport: Transport, peer_id: str, name: str, frame: bytes) -
 def test_peer_with_another_protocol_version_gets_a_clear_error(pair):
     server, client = pair
     body = b"hello"
-    frame = HEADER.pack(MAGIC, 99, KIND_REQUEST, len(body), hashlib.sha256(body).digest()) + body
+    frame = HEADER.pack(MAGIC, 99, KIND_REQUEST, len(body)) + body + hashlib.sha256(body).digest()
     _, kind, reply = _raw_exchange(client, server.peer_id, "echo", frame)
     assert kind != KIND_OK
     assert b"speaks Nord protocol v99, this node speaks v1" in reply
@@ -157,7 +159,7 @@ def test_peer_with_another_protocol_version_gets_a_clear_error(pair):
 def test_corrupted_body_is_rejected(pair):
     server, client = pair
     body = b"hello"
-    frame = HEADER.pack(MAGIC, 1, KIND_REQUEST, len(body), hashlib.sha256(b"other").digest()) + body
+    frame = HEADER.pack(MAGIC, 1, KIND_REQUEST, len(body)) + body + hashlib.sha256(b"other").digest()
     _, kind, reply = _raw_exchange(client, server.peer_id, "echo", frame)
     assert kind != KIND_OK and b"sha256 does not match" in reply
 
@@ -166,8 +168,8 @@ def test_caller_reports_a_reply_in_another_protocol_version(pair):
     server, client = pair
 
     async def future_peer(info, reader, writer):
-        await reader.readexactly(HEADER.size + 2)
-        writer.write(HEADER.pack(MAGIC, 7, KIND_OK, 0, hashlib.sha256(b"").digest()))
+        await reader.readexactly(HEADER.size + 2 + TRAILER_BYTES)
+        writer.write(HEADER.pack(MAGIC, 7, KIND_OK, 0) + hashlib.sha256(b"").digest())
         await writer.drain()
         writer.close()
 
