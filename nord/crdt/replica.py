@@ -23,6 +23,7 @@ once compacted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -199,7 +200,9 @@ class Replica(AntiEntropy, Persistence):
         if self.merge.median_norm_clip:
             self._norms[cid] = contribution_norm(delta, self.merge)
         self._persist("add", envelope.to_bytes())
-        self._sync(self._set.add(envelope), {cid: delta})
+        # Hold a copy without the decoded-delta cache (12 bytes per nonzero); it is decoded again only
+        # when a sum must be rebuilt (a roll-over, a seal listing another set, median clipping).
+        self._sync(self._set.add(dataclasses.replace(envelope)), {cid: delta})
         if any(cid in seal.contribution_ids for seals in self._seals.values() for seal in seals.values()):
             self._settle()
         return True
