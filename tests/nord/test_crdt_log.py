@@ -157,3 +157,27 @@ def test_compaction_keeping_rounds_replays_from_its_log(tmp_path):
     r.close()
     again = reopen(tmp_path / "rep")
     assert fingerprint(again) == expected and again.base_round == 1 and again.round == 2
+
+
+def test_a_peer_behind_the_compaction_point_catches_up_from_a_snapshot(tmp_path):
+    from nord.checkpoint import load_checkpoint
+
+    hub = make_replica(authorities=KEYS)
+    late_twin = envelope(0, 0, hub.base_hash)
+    run_two_rounds(hub)
+    hub.seal(AUTHORITY)
+    hub.compact()
+    behind = make_replica(authorities=KEYS)
+    assert hub.needs_snapshot(behind.digest())
+    hub.save_snapshot(tmp_path / "snap.safetensors")
+    tensors, meta = load_checkpoint(tmp_path / "snap.safetensors")
+    fresh = Replica.from_snapshot(
+        tensors, meta, spec=SPEC, merge=MergeConfig(), authorities=KEYS, log_dir=tmp_path / "r"
+    )
+    assert fresh.round == hub.round == 2 and fresh.base_hash == hub.base_hash
+    assert not fresh.add(late_twin)  # folded before the snapshot: still recognised as a duplicate
+    hub.add(envelope(4, 2, hub.base_hash))
+    fresh.join(hub)
+    assert fingerprint(fresh) == fingerprint(hub)
+    fresh.close()
+    assert fingerprint(reopen(tmp_path / "r")) == fingerprint(hub)
