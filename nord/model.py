@@ -30,7 +30,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -101,6 +101,15 @@ class LMOutput:
     memory_share: torch.Tensor  # share of the blocks' residual writes (L1) that the memory module made
 
 
+class BlockOutput(NamedTuple):
+    x: torch.Tensor  # the residual stream after the block
+    state: Any  # the mixer neuron's state after the last token
+    activity: torch.Tensor  # spikes fired by the block's neurons (a scalar)
+    memory_write: torch.Tensor  # L1 of what the memory module added to the stream
+    write: torch.Tensor  # L1 of everything the block added
+    activations: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mixer, memory gate, MLP spikes
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -144,9 +153,13 @@ class Block(nn.Module):
         """Binary per-token spikes Θ(v) (surrogate gradient), or SiLU(v) in the dense twin."""
         return spike(v, surrogate=self.cfg.surrogate) if self.cfg.spiking else F.silu(v)
 
-    def _rest(self, x: torch.Tensor, h: torch.Tensor, mixed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Everything after the mixer neuron; works for (B, T, D) and (B, D) alike."""
+    def forward(self, x: torch.Tensor, state: Any, *, one_step: bool = False) -> BlockOutput:
+        """x (B, T, D) through the parallel scan, or one token x (B, D) with `one_step`."""
         cfg = self.cfg
+        h = self.norm1(x)  # (..., D)
+        neuron = self.neuron.step if one_step else self.neuron
+        spikes, membrane, state = neuron(self.mix_in(h), state)  # (..., D) each
+        mixed = spikes if cfg.spiking else F.silu(membrane)
         mix = self.mix_out(mixed * torch.sigmoid(self.mix_gate(h)))  # (..., D)
         if cfg.n_memory_slots:
             gate = self._fire(h @ self.memory_keys.t() - self.memory_threshold)  # (..., M)
@@ -157,31 +170,15 @@ class Block(nn.Module):
         x = x + mix + memory
         hidden = self._fire(self.mlp_in(self.norm2(x)) - self.mlp_threshold)  # (..., F)
         mlp = self.mlp_out(hidden)
-        x = x + mlp
+        f32 = torch.float32  # sums in fp32: under fp16 autocast they would overflow past 65504
         with torch.no_grad():
-            write = mix.abs().sum() + memory.abs().sum() + mlp.abs().sum()
-            memory_write = memory.abs().sum()
-        return x, gate, hidden, memory_write, write
-
-    def _activity(self, mixed: torch.Tensor, gate: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Spike count (differentiable through the surrogate), or the dense twin's non-zero count."""
-        if self.cfg.spiking:
-            return mixed.sum() + gate.sum() + hidden.sum()
-        return sum((a != 0).sum().to(a.dtype) for a in (mixed, gate, hidden))
-
-    def forward(self, x: torch.Tensor, state: Any) -> tuple:
-        h = self.norm1(x)  # (B, T, D)
-        spikes, membrane, state = self.neuron(self.mix_in(h), state)  # (B, T, D) each
-        mixed = spikes if self.cfg.spiking else F.silu(membrane)
-        x, gate, hidden, memory_write, write = self._rest(x, h, mixed)
-        return x, state, self._activity(mixed, gate, hidden), memory_write, write, (mixed, gate, hidden)
-
-    def step(self, x: torch.Tensor, state: Any) -> tuple:
-        h = self.norm1(x)  # (B, D)
-        spikes, membrane, state = self.neuron.step(self.mix_in(h), state)  # (B, D) each
-        mixed = spikes if self.cfg.spiking else F.silu(membrane)
-        x, gate, hidden, memory_write, write = self._rest(x, h, mixed)
-        return x, state, self._activity(mixed, gate, hidden), memory_write, write, (mixed, gate, hidden)
+            memory_write = memory.abs().sum(dtype=f32)
+            write = mix.abs().sum(dtype=f32) + memory_write + mlp.abs().sum(dtype=f32)
+        if cfg.spiking:  # spike count, differentiable through the surrogate (the regulariser needs it)
+            activity = mixed.sum(dtype=f32) + gate.sum(dtype=f32) + hidden.sum(dtype=f32)
+        else:  # the dense twin's "rate": its share of non-zero activations
+            activity = sum((a != 0).sum().to(f32) for a in (mixed, gate, hidden))
+        return BlockOutput(x + mlp, state, activity, memory_write, write, (mixed, gate, hidden))
 
 
 class NordLM(nn.Module):
@@ -251,10 +248,11 @@ class NordLM(nn.Module):
         x = self.embed(idx)  # (B, T, D)
         new_state, activity, memory_write, write = [], [], 0.0, 0.0
         for block, st in zip(self.blocks, state, strict=True):
-            x, st, act, mw, w, _ = block(x, st)
-            new_state.append(st)
-            activity.append(act)
-            memory_write, write = memory_write + mw, write + w
+            b = block(x, st)
+            x = b.x
+            new_state.append(b.state)
+            activity.append(b.activity)
+            memory_write, write = memory_write + b.memory_write, write + b.write
         logits = self._logits(x)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -277,11 +275,12 @@ class NordLM(nn.Module):
         x = self.embed(idx)  # (B, D)
         new_state, activity = [], []
         for i, (block, st) in enumerate(zip(self.blocks, state, strict=True)):
-            x, st, act, _, _, acts = block.step(x, st)
-            new_state.append(st)
-            activity.append(act)
+            b = block(x, st, one_step=True)
+            x = b.x
+            new_state.append(b.state)
+            activity.append(b.activity)
             if spikes_out is not None:
-                spikes_out[f"layers.{i}"] = torch.cat(acts, dim=-1)
+                spikes_out[f"layers.{i}"] = torch.cat(b.activations, dim=-1)
         rates, _ = self._rates(activity, idx.shape[0])
         return self._logits(x), new_state, rates
 
