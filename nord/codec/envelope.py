@@ -145,8 +145,11 @@ def seal_envelope(
     payload: bytes,
     identity: Identity,
 ) -> Envelope:
-    """Hash and sign a payload into an Envelope."""
+    """Hash and sign a payload into an Envelope (header fields checked as a decoder would)."""
     payload_hash = hashlib.sha256(payload).digest()
+    _check_types(
+        run_id, round, base_hash, identity.public_key, names, shapes, payload, payload_hash, bytes(64)
+    )
     message = signing_message(
         FORMAT_VERSION, run_id, round, base_hash, identity.public_key, names, shapes, payload_hash
     )

@@ -165,6 +165,17 @@ def test_failed_encode_leaves_residual_unchanged(identity):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize(
+    ("header", "field"),
+    [({"run_id": "Bad Run"}, "run_id"), ({"round": -1}, "round"), ({"base_hash": "abc"}, "base_hash")],
+    ids=["run_id", "round", "base_hash"],
+)
+def test_encode_rejects_bad_header_fields(identity, header, field):
+    args = {"run_id": RUN, "round": 0, "base_hash": BASE, **header}
+    with pytest.raises(CodecError, match=f"field '{field}' must be"):
+        DeltaEncoder(CodecConfig(), SPEC).encode(random_delta(16), identity=identity, **args)
+
+
 def test_encode_refuses_an_envelope_peers_would_reject(identity):
     enc = DeltaEncoder(CodecConfig(density=1.0, max_payload_bytes=4096), SPEC)
     with pytest.raises(CodecError, match="over codec.max_payload_bytes"):
