@@ -136,29 +136,24 @@ def wait_until_ready(coordinator: Child, url: str, timeout_s: float) -> dict:
     )
 
 
-def worker_losses(cfg: DemoConfig) -> list[float]:
-    """The inner-loop loss each worker reported for its last round (from its status.json)."""
-    losses = []
-    for i in range(cfg.workers):
-        try:
-            status = json.loads((cfg.state_dir / f"worker-{i}" / "status.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(status.get("loss"), (int, float)):
-            losses.append(float(status["loss"]))
-    return losses
-
-
-def round_line(summary: dict, metrics: list[dict], train_losses: list[float], elapsed_s: float) -> str:
-    """One status line per sealed round: training and validation loss, peers, contributions, bytes."""
+def round_line(summary: dict, metrics: list[dict], elapsed_s: float) -> str:
+    """One status line per sealed round: held-out loss, firing rate, peers, contributions, bytes."""
     last = metrics[-1] if metrics else {}
-    train = f"{sum(train_losses) / len(train_losses):.3f}" if train_losses else "–"
-    val = last.get("val_loss")
-    val_text = f"{val:.3f}" if isinstance(val, (int, float)) else "–"
-    return (
-        f"round {summary['sealed_rounds'] - 1:>3} sealed | train loss {train} | val loss {val_text} | "
-        f"peers {summary.get('peers_online', 0)} | contributions {last.get('accepted', 0)} "
-        f"({(last.get('bytes') or 0) / 1024:.0f} KiB) | {elapsed_s:.0f} s"
+
+    def number(key: str, fmt: str) -> str:
+        value = last.get(key)
+        return format(value, fmt) if isinstance(value, (int, float)) else "–"
+
+    kib = (last.get("bytes") or 0) / 1024
+    return " | ".join(
+        [
+            f"round {last.get('round', summary['sealed_rounds'] - 1):>3} sealed",
+            f"val loss {number('val_loss', '.3f')}",
+            f"firing rate {number('firing_rate_mean', '.3f')}",
+            f"peers {summary.get('peers_online', 0)}",
+            f"contributions {last.get('accepted', 0)} ({kib:.0f} KiB)",
+            f"{elapsed_s:.0f} s",
+        ]
     )
 
 
@@ -188,7 +183,7 @@ def watch(cfg: DemoConfig, coordinator: Child, workers: list[Child], *, start_se
             continue
         sealed = summary["sealed_rounds"]
         metrics = get_json(f"{url}/api/metrics") or []
-        print(round_line(summary, metrics, worker_losses(cfg), time.monotonic() - round_started), flush=True)
+        print(round_line(summary, metrics, time.monotonic() - round_started), flush=True)
         round_started = time.monotonic()
 
 
@@ -307,6 +302,23 @@ def worker_argv(cfg: DemoConfig, index: int, bootstrap: list[str]) -> list[str]:
     return argv
 
 
+def shut_down(
+    cfg: DemoConfig, env: dict[str, str], coordinator: Child | None, workers: list[Child]
+) -> Path | None:
+    """Pull the merged checkpoint while the coordinator still serves it, stop every child at once, then
+    sweep for strays. Returns the checkpoint (None if no round was sealed)."""
+    checkpoint = None
+    if coordinator is not None and coordinator.proc.poll() is None:
+        checkpoint = pull_checkpoint(cfg, env)
+    started = time.monotonic()
+    stop_children([*workers, *([coordinator] if coordinator else [])])
+    log.info("stopped %d process group(s) in %.1f s", len(workers) + 1, time.monotonic() - started)
+    leftovers = leftover_processes(cfg.state_dir)
+    if leftovers:
+        log.warning("killed %d process(es) that outlived their group: %s", len(leftovers), leftovers)
+    return checkpoint
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
@@ -378,16 +390,7 @@ def run(args: argparse.Namespace) -> int:
             print("\ninterrupted: stopping the workers and the coordinator…", file=sys.stderr)
         finally:
             with signals_ignored_while_stopping():
-                stop_children(workers)
-                if coordinator is not None:
-                    if coordinator.proc.poll() is None:
-                        checkpoint = pull_checkpoint(cfg, env)
-                    stop_children([coordinator])
-                leftovers = leftover_processes(cfg.state_dir)
-                if leftovers:
-                    log.warning(
-                        "killed %d process(es) that outlived their group: %s", len(leftovers), leftovers
-                    )
+                checkpoint = shut_down(cfg, env, coordinator, workers)
     if checkpoint is None:
         print(f"no round was sealed yet, so there is no checkpoint; logs are in {cfg.state_dir}")
     else:

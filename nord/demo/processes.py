@@ -87,6 +87,7 @@ def stop_children(children: list[Child], timeout_s: float = STOP_TIMEOUT_S) -> l
     killed = []
     for child in children:
         if group_alive(child.proc.pid):
+            log.warning("%s did not stop within %.0f s of SIGTERM; killing it", child.name, timeout_s)
             killed.append(child.name)
             try:
                 os.killpg(child.proc.pid, signal.SIGKILL)
