@@ -56,6 +56,8 @@ class Persistence:
         new_round, kept, tip = self._base_round + cut, self._chain[cut:], self._tip
         base = self._weights_at(new_round)
         folded, dots, hashes = self._window(new_round)
+        if cut:
+            self._base_seal = self._chain[cut - 1]
         gone = [c for seal in self._chain[:cut] for c in seal.contribution_ids]
         self._set.discard(gone)
         self._seals = {r: s for r, s in self._seals.items() if r >= new_round}
@@ -86,7 +88,7 @@ class Persistence:
     def save_snapshot(self, path: str | Path) -> str:
         """Write the sealed tip (weights + the window a new replica needs) for a lagging peer; its hash."""
         folded, dots, hashes = self._window(self.round)
-        meta = self._snapshot_meta(self.round, folded, dots, hashes)
+        meta = self._snapshot_meta(self.round, folded, dots, hashes, self.tip_seal)
         return save_checkpoint(path, self._tip, meta)
 
     def _snapshot_meta(
@@ -95,9 +97,12 @@ class Persistence:
         folded: dict[str, int] | None = None,
         dots: set[Dot] | None = None,
         hashes: dict[int, str] | None = None,
+        seal: Seal | None = None,
     ) -> dict[str, object]:
+        seal = self._base_seal if base_round is None else seal
         return {
             "run_id": self.run_id,
+            "seal": seal.to_bytes().hex() if seal is not None else "",
             "base_round": self._base_round if base_round is None else base_round,
             "folded": self._compacted_folded if folded is None else folded,
             "folded_dots": sorted([p.hex(), r] for p, r in (self._compacted_dots if dots is None else dots)),
@@ -117,16 +122,31 @@ class Persistence:
         authorities: Sequence[bytes],
         log_dir: str | Path | None = None,
     ) -> Any:
-        """A replica starting at a snapshot (from `save_snapshot` via `load_checkpoint`, or compaction)."""
+        """A replica starting at a snapshot (from `save_snapshot` via `load_checkpoint`, or compaction).
+
+        A snapshot past round 0 must carry the authority seal that produced its weights: the weights
+        hash and round must match it, so a peer cannot hand out weights no authority sealed.
+        """
         try:
             run_id = meta["run_id"]
             base_round = int(meta["base_round"])
             folded = {str(c): int(q) for c, q in json.loads(meta["folded"]).items()}
             dots = {(bytes.fromhex(p), int(r)) for p, r in json.loads(meta["folded_dots"])}
             hashes = {int(q): str(h) for q, h in json.loads(meta["round_hashes"]).items()}
+            seal = Seal.from_bytes(bytes.fromhex(meta["seal"])) if meta.get("seal") else None
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise MergeError(f"snapshot metadata is missing or malformed ({e})") from None
         replica = cls(run_id=run_id, spec=spec, base=tensors, merge=merge, authorities=authorities)
+        if base_round > 0 and seal is None:
+            raise MergeError(f"snapshot of round {base_round} carries no seal")
+        if seal is not None and not (
+            seal.authority in replica.authorities
+            and seal.run_id == run_id
+            and seal.round == base_round - 1
+            and seal.weights_hash == replica.base_hash
+        ):
+            raise MergeError("snapshot weights are not the ones its authority seal certifies")
+        replica._base_seal = seal
         replica._reset_base(replica._base, base_round, folded=folded, folded_dots=dots, hashes=hashes)
         if log_dir is not None:
             store = Store(log_dir)

@@ -69,6 +69,7 @@ class Replica(AntiEntropy, Persistence):
         self._verified: set[str] = set()  # seal ids whose recomputation matched
         self._norms: dict[str, float] = {}  # contribution id -> clipped L2 norm (median_norm_clip only)
         self._last_verified: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._base_seal: Seal | None = None  # the seal whose weights are the base (None: the run's start)
         self._reset_base(self._checked_base(base), base_round, folded={}, folded_dots=set(), hashes={})
         self._store: Store | None = None
         if log_dir is not None:
@@ -115,6 +116,11 @@ class Replica(AntiEntropy, Persistence):
     @property
     def base_round(self) -> int:
         return self._base_round
+
+    @property
+    def tip_seal(self) -> Seal | None:
+        """The seal whose weights the open round builds on (None before the first seal of the run)."""
+        return self._chain[-1] if self._chain else self._base_seal
 
     @property
     def base_hash(self) -> str:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from crdt_support import AUTHORITY, SPEC, envelope, fingerprint, make_replica
+from crdt_support import AUTHORITY, PEERS, SPEC, envelope, fingerprint, make_replica
 
 from nord.crdt import MergeConfig, Replica
 from nord.crdt.log import frame, read_log
@@ -181,3 +181,27 @@ def test_a_peer_behind_the_compaction_point_catches_up_from_a_snapshot(tmp_path)
     assert fingerprint(fresh) == fingerprint(hub)
     fresh.close()
     assert fingerprint(reopen(tmp_path / "r")) == fingerprint(hub)
+
+
+def test_a_snapshot_must_match_its_authority_seal(tmp_path):
+    from nord.checkpoint import load_checkpoint
+
+    hub = make_replica(authorities=KEYS)
+    run_two_rounds(hub)
+    hub.save_snapshot(tmp_path / "snap.safetensors")
+    tensors, meta = load_checkpoint(tmp_path / "snap.safetensors")
+    assert Replica.from_snapshot(tensors, meta, spec=SPEC, merge=MergeConfig(), authorities=KEYS).round == 1
+    tampered = {name: t.clone() for name, t in tensors.items()}
+    tampered["block.bias"][0] += 1.0
+    with pytest.raises(MergeError, match="seal certifies"):
+        Replica.from_snapshot(tampered, meta, spec=SPEC, merge=MergeConfig(), authorities=KEYS)
+    with pytest.raises(MergeError, match="no seal"):
+        Replica.from_snapshot(tensors, {**meta, "seal": ""}, spec=SPEC, merge=MergeConfig(), authorities=KEYS)
+    with pytest.raises(MergeError, match="seal certifies"):  # a seal from a key this run does not trust
+        Replica.from_snapshot(
+            tensors, meta, spec=SPEC, merge=MergeConfig(), authorities=[PEERS[0].public_key]
+        )
+    with pytest.raises(MergeError, match="malformed"):
+        Replica.from_snapshot(
+            tensors, {**meta, "folded": "[1"}, spec=SPEC, merge=MergeConfig(), authorities=KEYS
+        )
