@@ -30,9 +30,19 @@ class MergeConfig:
     max_staleness: int = 2  # a round-q contribution may still be folded into rounds q .. q + max_staleness
 
     def __post_init__(self) -> None:
+        for name in ("outer_lr", "clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"merge.{name} must be a number, got {value!r}")
+        if not isinstance(self.median_norm_clip, bool):
+            raise ConfigError(f"merge.median_norm_clip must be true or false, got {self.median_norm_clip!r}")
         if not (math.isfinite(self.outer_lr) and self.outer_lr > 0):
             raise ConfigError(f"merge.outer_lr must be a finite number > 0, got {self.outer_lr}")
-        if not (isinstance(self.frac_bits, int) and 1 <= self.frac_bits <= 52):
+        if not (
+            isinstance(self.frac_bits, int)
+            and not isinstance(self.frac_bits, bool)
+            and 1 <= self.frac_bits <= 52
+        ):
             raise ConfigError(f"merge.frac_bits must be an integer in 1..52, got {self.frac_bits}")
         if not (math.isfinite(self.clip) and self.clip > 0):
             raise ConfigError(f"merge.clip must be a finite number > 0, got {self.clip}")

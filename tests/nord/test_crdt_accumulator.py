@@ -166,6 +166,10 @@ def test_median_scales_clip_only_above_the_lower_median():
         {"clip": 2.0**12, "frac_bits": 41},
         {"min_contributors": 0},
         {"max_staleness": -1},
+        {"outer_lr": "1"},
+        {"clip": None},
+        {"frac_bits": True},
+        {"median_norm_clip": "yes"},
     ],
 )
 def test_merge_config_rejects_unsafe_settings(kwargs):
