@@ -33,7 +33,7 @@ from node.session import start_transport
 from node.state import StateDir
 from nord.config import RunConfig
 from nord.data import prepare
-from nord.errors import ConfigError
+from nord.errors import ConfigError, TransportError
 from nord.gossip import PEER_TTL_S, Gossip
 from nord.identity import Identity
 from nord.model import NordLM
@@ -196,11 +196,39 @@ def loop(authority: Authority, gossip: Gossip) -> None:
         now = time.monotonic()
         if now - last_heartbeat > PEER_TTL_S / 3:
             gossip.heartbeat()
+            sync_presence(gossip.transport, authority.run.run_id, authority.history)
             last_heartbeat = now
         if now - last_sync > SYNC_EVERY_S:
             gossip.anti_entropy(fanout=1)
             last_sync = now
         time.sleep(TICK_S)
+
+
+def sync_presence(transport, run_id: str, history: History) -> int:
+    """Copy peers' presence records into the history: mode and device for records that name their signing
+    key (`key`: hex ed25519, `device`: free text); returns how many were recorded.
+
+    Presence records are keyed by libp2p peer id while contributions name the ed25519 key, so only a
+    record that carries its `key` can be matched to a row of the peers table.
+    """
+    try:
+        records = transport.get_records(f"nord/{run_id}/peers")
+    except TransportError as e:
+        log.debug("presence lookup failed: %s", e)
+        return 0
+    recorded = 0
+    for record in records.values():
+        key = record.get("key") if isinstance(record, dict) else None
+        if not (isinstance(key, str) and len(key) == 64 and all(c in "0123456789abcdef" for c in key)):
+            continue
+        device = record.get("device")
+        history.touch_peer(
+            key,
+            mode="client" if record.get("client_mode") else "public",
+            device=device[:64] if isinstance(device, str) and device else None,
+        )
+        recorded += 1
+    return recorded
 
 
 def model_info(run: RunConfig) -> dict:
