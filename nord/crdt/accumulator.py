@@ -100,11 +100,18 @@ class FixedPointAccumulator:
                 raise MergeError(f"contribution index out of range for {name!r}")
 
     def add(
-        self, delta: Mapping[str, SparseLike], *, scale: float = 1.0, sign: int = 1, checked: bool = False
+        self,
+        delta: Mapping[str, SparseLike],
+        *,
+        key: str = "",
+        scale: float = 1.0,
+        sign: int = 1,
+        checked: bool = False,
     ) -> None:
         """Add (sign=+1) or subtract (sign=-1) one contribution; O(its nonzeros).
 
-        `checked=True` skips `check` for a delta that already passed it.
+        `key` names the contribution (used by `SparseFixedPointAccumulator`); `checked=True` skips
+        `check` for a delta that already passed it.
         """
         if sign == 1 and self.n >= self.cfg.capacity:
             raise MergeError(f"round is full: {self.n} contributions is the int64-safe capacity")
@@ -130,18 +137,24 @@ class FixedPointAccumulator:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.sums, self.counts) for t in d.values())
 
+    def _tensor_sums(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(S, C) of one tensor, flat; None if no contribution touches it."""
+        return (self.sums[name], self.counts[name]) if name in self.sums else None
+
     def apply_update(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """W = base + η·S/C per coordinate with C >= min_contributors (float32, bit-exact; module doc)."""
         out: dict[str, torch.Tensor] = {}
         for name, shape in self.spec.items():
             b = base[name].reshape(-1)
-            if name not in self.sums:
+            sums_counts = self._tensor_sums(name)
+            if sums_counts is None:
                 out[name] = b.clone().reshape(shape)
                 continue
+            sums, counts = sums_counts
             w = torch.empty_like(b)
             for lo in range(0, b.numel(), SLICE):  # slices keep the float64 temporaries in cache
                 hi = min(lo + SLICE, b.numel())
-                w[lo:hi] = self._update_slice(b[lo:hi], self.sums[name][lo:hi], self.counts[name][lo:hi])
+                w[lo:hi] = self._update_slice(b[lo:hi], sums[lo:hi], counts[lo:hi])
             out[name] = w.reshape(shape)
         return out
 
@@ -152,3 +165,63 @@ class FixedPointAccumulator:
         )
         keep = counts < self.cfg.min_contributors  # untouched (C = 0) or too few: base bits exactly
         return torch.where(keep, base, updated)
+
+
+class SparseFixedPointAccumulator(FixedPointAccumulator):
+    """The same sums, stored as each contribution's (indices, fixed-point terms): 16 bytes per nonzero
+    held instead of 12 bytes per parameter. S and C are built one tensor at a time when materializing
+    (integer sums, so the bits equal the dense accumulator's). Pays off while the contributions held
+    cover less than about 3/4 of the coordinates (e.g. under ~48 contributions at 1.56% density)."""
+
+    def __init__(self, spec: Mapping[str, tuple[int, ...]], cfg: MergeConfig) -> None:
+        super().__init__(spec, cfg)
+        self.terms: dict[
+            str, dict[str, tuple[torch.Tensor, torch.Tensor]]
+        ] = {}  # key -> name -> (idx, terms)
+
+    def add(
+        self,
+        delta: Mapping[str, SparseLike],
+        *,
+        key: str = "",
+        scale: float = 1.0,
+        sign: int = 1,
+        checked: bool = False,
+    ) -> None:
+        """Hold (sign=+1) or drop (sign=-1) the contribution `key`; O(its nonzeros)."""
+        if sign == -1:
+            if self.terms.pop(key, None) is None:
+                raise MergeError(f"contribution {key[:16]} is not in this sum")
+            self.n -= 1
+            return
+        if key in self.terms:
+            raise MergeError(f"contribution {key[:16]} is already in this sum")
+        if self.n >= self.cfg.capacity:
+            raise MergeError(f"round is full: {self.n} contributions is the int64-safe capacity")
+        if not checked:
+            self.check(delta)
+        self.terms[key] = {
+            name: (sparse.indices, fixed_point(sparse.values, self.cfg, scale))
+            for name, sparse in delta.items()
+            if sparse.indices.numel()
+        }
+        self.n += 1
+
+    def add_all(self, deltas: Iterable[Mapping[str, SparseLike]]) -> None:
+        for i, delta in enumerate(deltas):
+            self.add(delta, key=str(i))
+
+    def nbytes(self) -> int:
+        return sum(i.numel() * 8 + t.numel() * 8 for entry in self.terms.values() for i, t in entry.values())
+
+    def _tensor_sums(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        parts = [entry[name] for entry in self.terms.values() if name in entry]
+        if not parts:
+            return None
+        numel = math.prod(self.spec[name])
+        sums = torch.zeros(numel, dtype=torch.int64)
+        counts = torch.zeros(numel, dtype=torch.int32)
+        for idx, terms in parts:
+            sums.index_add_(0, idx, terms)
+            counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
+        return sums, counts

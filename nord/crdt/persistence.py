@@ -121,6 +121,7 @@ class Persistence:
         merge: MergeConfig,
         authorities: Sequence[bytes],
         log_dir: str | Path | None = None,
+        sparse_sums: bool = False,
     ) -> Any:
         """A replica starting at a snapshot (from `save_snapshot` via `load_checkpoint`, or compaction).
 
@@ -136,7 +137,14 @@ class Persistence:
             seal = Seal.from_bytes(bytes.fromhex(meta["seal"])) if meta.get("seal") else None
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise MergeError(f"snapshot metadata is missing or malformed ({e})") from None
-        replica = cls(run_id=run_id, spec=spec, base=tensors, merge=merge, authorities=authorities)
+        replica = cls(
+            run_id=run_id,
+            spec=spec,
+            base=tensors,
+            merge=merge,
+            authorities=authorities,
+            sparse_sums=sparse_sums,
+        )
         if base_round > 0 and seal is None:
             raise MergeError(f"snapshot of round {base_round} carries no seal")
         if seal is not None and not (
@@ -162,13 +170,16 @@ class Persistence:
         spec: Mapping[str, tuple[int, ...]],
         merge: MergeConfig,
         authorities: Sequence[bytes],
+        sparse_sums: bool = False,
     ) -> Any:
         """Restore a replica from its directory: the snapshot, then every record of the log in order."""
         from nord.codec import decode_envelope
 
         store = Store(log_dir)
         tensors, meta, records = store.load()
-        replica = cls.from_snapshot(tensors, meta, spec=spec, merge=merge, authorities=authorities)
+        replica = cls.from_snapshot(
+            tensors, meta, spec=spec, merge=merge, authorities=authorities, sparse_sums=sparse_sums
+        )
         for kind, data in records:
             try:
                 if kind == "add":

@@ -32,7 +32,12 @@ from typing import Any
 import torch
 
 from nord.checkpoint import weights_hash
-from nord.crdt.accumulator import FixedPointAccumulator, contribution_norm, median_scales
+from nord.crdt.accumulator import (
+    FixedPointAccumulator,
+    SparseFixedPointAccumulator,
+    contribution_norm,
+    median_scales,
+)
 from nord.crdt.antientropy import AntiEntropy
 from nord.crdt.config import MergeConfig
 from nord.crdt.log import Store
@@ -57,8 +62,15 @@ class Replica(AntiEntropy, Persistence):
         authorities: Sequence[bytes],
         base_round: int = 0,
         log_dir: str | Path | None = None,
+        sparse_sums: bool = False,
     ) -> None:
+        """Args beyond the run's settings:
+        log_dir: a new directory to persist to (None: memory only); reopen with `Replica.open`.
+        sparse_sums: hold the open round's sums per contribution (16 B per nonzero) instead of dense
+            (12 B per parameter): less memory while few contributions are pooled; same bits.
+        """
         self.run_id = run_id
+        self.sparse_sums = sparse_sums
         self.spec = {name: tuple(int(d) for d in shape) for name, shape in spec.items()}
         self.merge = merge
         self.authorities = frozenset(bytes(a) for a in authorities)
@@ -161,8 +173,12 @@ class Replica(AntiEntropy, Persistence):
         folded, dots = self._folded_before(self.round)
         self._folded_ids, self._folded_dots = folded, dots
         self._pool: set[str] = set()
-        self._acc = FixedPointAccumulator(self.spec, self.merge)
+        self._acc = self._new_accumulator()
         self._sync(self._set.envelopes)
+
+    def _new_accumulator(self) -> FixedPointAccumulator:
+        cls = SparseFixedPointAccumulator if self.sparse_sums else FixedPointAccumulator
+        return cls(self.spec, self.merge)
 
     def _eligible(self, cid: str) -> bool:
         return self._set.live(cid) and self._foldable(cid, self.round, self._folded_ids, self._folded_dots)
@@ -177,7 +193,7 @@ class Replica(AntiEntropy, Persistence):
                 delta = (deltas or {}).get(cid)
                 if delta is None:
                     delta = self._set.envelopes[cid].delta()
-                self._acc.add(delta, sign=1 if eligible else -1, checked=True)
+                self._acc.add(delta, key=cid, sign=1 if eligible else -1, checked=True)
             (self._pool.add if eligible else self._pool.discard)(cid)
 
     # ----------------------------------------------------------------------------------- mutations
@@ -287,9 +303,9 @@ class Replica(AntiEntropy, Persistence):
         if not self.merge.median_norm_clip and set(cids) == self._pool and prev is self._tip:
             return self._acc.apply_update(prev)
         scales = median_scales({c: self._norm(c) for c in cids}) if self.merge.median_norm_clip else {}
-        acc = FixedPointAccumulator(self.spec, self.merge)
+        acc = self._new_accumulator()
         for cid in sorted(cids):
-            acc.add(self._set.envelopes[cid].delta(), scale=scales.get(cid, 1.0), checked=True)
+            acc.add(self._set.envelopes[cid].delta(), key=cid, scale=scales.get(cid, 1.0), checked=True)
         return acc.apply_update(prev)
 
     def _norm(self, cid: str) -> float:

@@ -33,10 +33,20 @@ def envelope(peer: int, round: int, base_hash: str, seed: int = 0, scale: float 
     return encoder.encode(delta, run_id=RUN, round=round, base_hash=base_hash, identity=PEERS[peer])
 
 
-def make_replica(merge: MergeConfig | None = None, *, authorities=None, log_dir=None) -> Replica:
+def make_replica(
+    merge: MergeConfig | None = None, *, authorities=None, log_dir=None, sparse_sums=False
+) -> Replica:
     keys = [AUTHORITY.public_key, AUTHORITY_2.public_key] if authorities is None else authorities
     merge = merge or MergeConfig()
-    return Replica(run_id=RUN, spec=SPEC, base=base_weights(), merge=merge, authorities=keys, log_dir=log_dir)
+    return Replica(
+        run_id=RUN,
+        spec=SPEC,
+        base=base_weights(),
+        merge=merge,
+        authorities=keys,
+        log_dir=log_dir,
+        sparse_sums=sparse_sums,
+    )
 
 
 def fingerprint(replica: Replica) -> tuple:

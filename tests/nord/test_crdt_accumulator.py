@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nord.crdt import FixedPointAccumulator, MergeConfig
-from nord.crdt.accumulator import _exact_float64, fixed_point, median_scales
+from nord.crdt.accumulator import SparseFixedPointAccumulator, _exact_float64, fixed_point, median_scales
 from nord.errors import ConfigError, MergeError
 
 SPEC = {"w": (50, 40), "b": (7,)}
@@ -54,6 +54,26 @@ def test_sums_and_weights_have_identical_bits_in_any_order(seed):
         acc.add_all(deltas)
         results.add(bits(acc.apply_update(base())))
     assert len(results) == 1
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_sparse_and_dense_sums_materialize_the_same_bits(seed):
+    rng = random.Random(seed)
+    deltas = [random_delta(rng, density=rng.choice([0.01, 0.05])) for _ in range(6)]
+    cfg = MergeConfig(outer_lr=0.3, min_contributors=rng.choice([1, 2]))
+    dense, sparse = FixedPointAccumulator(SPEC, cfg), SparseFixedPointAccumulator(SPEC, cfg)
+    for i, d in enumerate(deltas):
+        dense.add(d, key=str(i))
+        sparse.add(d, key=str(i))
+    dense.add(deltas[2], sign=-1)
+    sparse.add(deltas[2], key="2", sign=-1)
+    assert bits(dense.apply_update(base())) == bits(sparse.apply_update(base()))
+    assert sparse.n == dense.n == 5 and sparse.nbytes() < dense.nbytes()
+    with pytest.raises(MergeError, match="already"):
+        sparse.add(deltas[0], key="0")
+    with pytest.raises(MergeError, match="not in this sum"):
+        sparse.add(deltas[2], key="2", sign=-1)
 
 
 def test_float32_sums_are_not_order_independent_but_fixed_point_is():
