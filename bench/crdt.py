@@ -10,6 +10,7 @@ then decoded (as a receiving replica would). Timed per repeat on a fresh Replica
     weights    materialize base + η·S/C (O(model))
     seal       materialize + weights hash + sign + apply
 
+The "~" rows repeat add and materialize with `sparse_sums=True` (per-contribution terms).
 To show that add cost follows the nonzeros and not the model size, the largest model also gets a
 contribution with about as many nonzeros as the smallest model's ("fixed nnz" row).
 
@@ -106,6 +107,19 @@ def bench_model(name, spec, density, repeats, fixed_nnz=None):
         "accumulator_bytes_per_param": stats["accumulator_bytes"] / params,
         "add_ns_per_nonzero": best[1] / info2["nnz"] * 1e9,
     }
+    sparse = Replica(
+        run_id=RUN, spec=spec, base=base, merge=merge, authorities=[authority.public_key], sparse_sums=True
+    )
+    sparse_add1, _ = timed(lambda: sparse.add(first))
+    sparse_add2, _ = timed(lambda: sparse.add(second))
+    sparse_weights, _ = timed(lambda: sparse.weights())
+    held = sparse.stats()["accumulator_bytes"]
+    result["sparse"] = {
+        "add_first_s": sparse_add1,
+        "add_s": sparse_add2,
+        "weights_s": sparse_weights,
+        "accumulator_bytes_per_param_two_held": held / params,
+    }
     if fixed_nnz:
         r = Replica(run_id=RUN, spec=spec, base=base, merge=merge, authorities=[authority.public_key])
         r.add(first)  # allocate the sums first: measure the steady-state add only
@@ -159,6 +173,12 @@ def print_table(results) -> None:
             f"{r['add_s'] * 1e3:>8.1f} {r['add_ns_per_nonzero']:>7.0f} {r['remove_s'] * 1e3:>9.1f} "
             f"{r['weights_s'] * 1e3:>10.1f} {r['seal_s'] * 1e3:>8.1f} "
             f"{r['accumulator_bytes_per_param']:>11.2f}"
+        )
+        sp = r["sparse"]
+        print(
+            f"{r['model'] + '~':<7} {r['params']:>11,} {r['nnz']:>9,} {sp['add_first_s'] * 1e3:>9.1f} "
+            f"{sp['add_s'] * 1e3:>8.1f} {'':>7} {'':>9} {sp['weights_s'] * 1e3:>10.1f} {'':>8} "
+            f"{sp['accumulator_bytes_per_param_two_held']:>11.2f}   (~ sparse sums, 2 contributions held)"
         )
         if "fixed_nnz" in r:
             f = r["fixed_nnz"]
