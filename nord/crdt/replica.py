@@ -191,7 +191,7 @@ class Replica(AntiEntropy, Persistence):
                 continue
             if not self.merge.median_norm_clip:  # with median clipping the pool is summed at read time
                 delta = (deltas or {}).get(cid)
-                if delta is None:
+                if delta is None and (eligible or not self.sparse_sums):  # sparse sums drop by key
                     delta = self._set.envelopes[cid].delta()
                 self._acc.add(delta, key=cid, sign=1 if eligible else -1, checked=True)
             (self._pool.add if eligible else self._pool.discard)(cid)
