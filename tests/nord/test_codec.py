@@ -15,7 +15,7 @@ from nord.codec.envelope import seal_envelope
 from nord.codec.indices import BITMAP, FULL, GAPS, OFFSETS, decode_indices, encode_indices
 from nord.codec.payload import chunk_counts
 from nord.errors import CodecError, ConfigError
-from nord.identity import Identity, verify_signature
+from nord.identity import Identity, _create_key_file, verify_signature
 
 SPEC = {"embed.weight": (64, 300), "blocks.0.bias": (17,), "blocks.0.weight": (5000,)}
 BASE = "ab" * 32
@@ -211,6 +211,12 @@ def test_decoded_envelope_equals_the_encoded_one(identity):
     for name, sparse in env.delta().items():
         assert torch.equal(sparse.indices, decoded.delta()[name].indices)
         assert torch.equal(sparse.values, decoded.delta()[name].values)
+
+
+def test_contribution_id_is_sha256_of_length_prefixed_fields(good):
+    fields = (good.peer_key, good.run_id.encode(), good.round.to_bytes(8, "big"), good.payload_hash)
+    framed = b"".join(len(f).to_bytes(8, "big") + f for f in fields)
+    assert good.contribution_id == hashlib.sha256(framed).hexdigest()
 
 
 def test_contribution_id_depends_on_peer_round_and_payload(identity):
@@ -476,6 +482,13 @@ def test_identity_persists_across_load_or_create(tmp_path):
     assert list(tmp_path.joinpath("keys").iterdir()) == [path]  # no temp file left behind
 
 
+def test_identity_creation_never_replaces_an_existing_key(tmp_path):
+    path = tmp_path / "node.key"
+    first = Identity.load_or_create(path)
+    _create_key_file(path, Identity.generate()._key)  # a racing creator loses
+    assert Identity.load_or_create(path).public_key == first.public_key
+
+
 def test_identity_reads_raw_32_byte_keys(tmp_path):
     path = tmp_path / "raw.key"
     path.write_bytes(bytes(range(32)))
@@ -498,3 +511,15 @@ def test_verify_signature_accepts_only_the_signers_exact_message(identity):
     assert not verify_signature(Identity.generate().public_key, b"message", signature)
     assert not verify_signature(identity.public_key[:31], b"message", signature)
     assert not verify_signature(identity.public_key, b"message", signature[:63])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_encode_on_cuda_decodes_on_cpu(identity):
+    delta = {name: t.cuda() for name, t in random_delta(17).items()}
+    enc = DeltaEncoder(CodecConfig(), SPEC)
+    env = enc.encode(delta, run_id=RUN, round=0, base_hash=BASE, identity=identity)
+    decoded = decode_envelope(env.to_bytes(), SPEC)
+    for name, sparse in decoded.delta().items():
+        sent = densify(sparse, delta[name].numel())
+        residual = enc.state_dict()[name].reshape(-1)
+        torch.testing.assert_close(sent + residual, delta[name].reshape(-1).cpu(), atol=1e-6, rtol=0)
