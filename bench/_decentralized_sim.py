@@ -24,6 +24,7 @@ Dense baselines (DiLoCo) average fp32 Δ_i exactly:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from nord.identity import Identity
 from nord.model import NordLM
 from nord.recipes import get_config
 from nord.train import cosine_lr, evaluate, make_optimizer, train_steps
+
+log = logging.getLogger("bench.decentralized")
 
 RUN_ID = "bench-decentralized"
 KINDS = ("central", "dense", "nord")
@@ -240,6 +243,7 @@ def run_setup(setup: Setup, seed: int, shape: RunShape) -> dict:
             curve["round"].append(rnd + 1)
             curve["tokens"].append((rnd + 1) * tokens_per_round)
             curve["val_loss"].append(_validate(models[0], corpus, shape, shape.eval_windows)["loss"])
+            log.info("%s seed %d round %d: val %.4f", setup.name, seed, rnd + 1, curve["val_loss"][-1])
     train_seconds = time.perf_counter() - start
     final = _validate(models[0], corpus, shape, shape.final_windows)
     params = sum(p.numel() for p in models[0].parameters())

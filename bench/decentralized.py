@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import multiprocessing as mp
 import platform
@@ -75,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Setups: see the module doc.")
     p.add_argument("--model", default=None, help="recipe (default tiny; small with --scale)")
     p.add_argument("--peers", type=int, default=None, help="K peers (default 4; 2 with --quick)")
-    p.add_argument("--rounds", type=int, default=None, help="outer rounds (default 30)")
-    p.add_argument("--inner-steps", type=int, default=None, help="H inner steps per round (default 6)")
+    p.add_argument("--rounds", type=int, default=None, help="outer rounds (default 24)")
+    p.add_argument("--inner-steps", type=int, default=None, help="H inner steps per round (default 5)")
     p.add_argument("--batch-size", type=int, default=None, help="per-peer batch (default 4)")
     p.add_argument("--seq-len", type=int, default=None, help="default 64")
     p.add_argument("--lr", type=float, default=3e-3, help="inner AdamW peak lr (cosine schedule)")
@@ -89,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--seeded", nargs="*", default=["central", "dense", "nord-6.25"],
         help="setups run with every --seeds value (the others with the first seed only)",
     )  # fmt: skip
-    p.add_argument("--jobs", type=int, default=3, help="setups trained in parallel processes")
+    p.add_argument("--jobs", type=int, default=4, help="setups trained in parallel processes")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, 2 peers, 2 rounds")
     p.add_argument("--scale", action="store_true", help="GPU run: small model, B 16, T 256, 60 rounds, H 20")
     p.add_argument("--device", default=None, help="default cuda with --scale, else cpu")
@@ -114,8 +115,8 @@ def run_shape(args: argparse.Namespace, corpus_dir: str) -> RunShape:
         preset = {"model": "small", "peers": 4, "rounds": 60, "inner_steps": 20, "batch_size": 16,
                   "seq_len": 256, "eval_every": 5, "eval_windows": 20, "warmup": 50}  # fmt: skip
     else:
-        preset = {"model": "tiny", "peers": 4, "rounds": 30, "inner_steps": 6, "batch_size": 4,
-                  "seq_len": 64, "eval_every": 2, "eval_windows": 12, "warmup": 20}  # fmt: skip
+        preset = {"model": "tiny", "peers": 4, "rounds": 24, "inner_steps": 5, "batch_size": 4,
+                  "seq_len": 64, "eval_every": 3, "eval_windows": 12, "warmup": 20}  # fmt: skip
     for key in (
         "model",
         "peers",
@@ -134,6 +135,7 @@ def run_shape(args: argparse.Namespace, corpus_dir: str) -> RunShape:
 
 def _task(item: tuple[Setup, int, RunShape]) -> dict:
     torch.set_num_threads(1)  # one thread per process: on a busy machine more threads only spin
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     setup, seed, shape = item
     return run_setup(setup, seed, shape)
 
@@ -153,7 +155,7 @@ def summarize(results: list[dict], baseline: str = "dense", central: str = "cent
     for r in results:
         by_name.setdefault(r["setup"]["name"], []).append(r)
     means = {n: statistics.fmean(r["val"]["loss"] for r in rs) for n, rs in by_name.items()}
-    base_bytes = by_name[baseline][0]["bytes_per_peer_round"] if baseline in by_name else None
+    base_bytes = 4.0 * results[0]["params"]  # (b) sends every parameter as fp32 each round
     rows = []
     for name, rs in by_name.items():
         losses = [r["val"]["loss"] for r in rs]
@@ -171,7 +173,7 @@ def summarize(results: list[dict], baseline: str = "dense", central: str = "cent
             "bytes_total": first["bytes_per_peer_total"] * (1 if name == central else first["peers"]),
             "bytes_per_param_round": first["bytes_per_param_round"],
             "byte_ratio_vs_dense": (base_bytes / first["bytes_per_peer_round"])
-            if base_bytes and first["bytes_per_peer_round"]
+            if first["bytes_per_peer_round"]
             else None,
             "loss_vs_dense": means[name] / means[baseline] - 1 if baseline in means else None,
             "loss_vs_central": means[name] / means[central] - 1 if central in means else None,
@@ -245,13 +247,13 @@ def plot(results: list[dict], rows: list[dict], prefix: str) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    corpus = prepare(DataConfig(), default_data_root(), progress=False)
-    shape = run_shape(args, str(corpus.path))
     setups = all_setups(args.ablation_density)
     names = args.setups or list(setups)
     unknown = [n for n in names if n not in setups]
     if unknown:
         raise ConfigError(f"unknown setup {unknown[0]!r}; choose from: {', '.join(setups)}")
+    corpus = prepare(DataConfig(), default_data_root(), progress=False)
+    shape = run_shape(args, str(corpus.path))
     tasks = [
         (setups[n], seed, shape)
         for n in names

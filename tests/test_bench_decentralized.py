@@ -1,0 +1,54 @@
+"""Smoke test of `nord bench decentralized --quick`: every merge path runs, bytes and replicas are checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from nord.errors import ConfigError
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "decentralized.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_decentralized", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unknown_setup_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown setup 'nope'"):
+        _bench().main(["--quick", "--jobs", "1", "--setups", "nope", "--out", str(tmp_path / "r.json")])
+
+
+@pytest.mark.slow
+def test_quick_run_trains_every_merge_path_and_counts_bytes(tmp_path):
+    setups = ["central", "dense-nesterov", "nord-1.56", "1.56-damped"]
+    out = tmp_path / "r.json"
+    assert _bench().main(["--quick", "--jobs", "1", "--setups", *setups, "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = {r["setup"]: r for r in doc["rows"]}
+    assert list(rows) == setups
+    rounds = doc["shape"]["rounds"]
+    for run in doc["runs"]:
+        curve = run["curve"]
+        assert len(curve["val_loss"]) == rounds + 1 and all(math.isfinite(v) for v in curve["val_loss"])
+        assert curve["val_loss"][-1] < curve["val_loss"][0], f"{run['setup']['name']} did not learn"
+        assert 0 < run["firing_rate"] < 1
+    assert rows["central"]["bytes_per_peer_round"] == 0
+    params = doc["runs"][0]["params"]
+    assert rows["dense-nesterov"]["bytes_per_peer_round"] == 4 * params
+    for name in setups[2:]:
+        # 64 of every 4096 values at ~9 bits of index + 4 bits of value: far under fp32
+        assert rows[name]["byte_ratio_vs_dense"] > 25
+    # replica-merged setups: a second replica fed the bytes in reverse order accepted every seal
+    assert rows["nord-1.56"]["verified_rounds"] == rounds
+    assert rows["1.56-damped"]["bench_side"]
+    assert not rows["nord-1.56"]["bench_side"]
+    for png in doc["plots"]:
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
