@@ -35,6 +35,7 @@ function fmtAgo(ts, now) {
 function short(h, n = 10) { return h ? h.slice(0, n) + "…" : "–"; }
 function fmtNum(v) {
   if (v == null || !isFinite(v)) return "–";
+  if (v === 0) return "0";
   const a = Math.abs(v);
   if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(1);
   return a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 1 ? v.toFixed(2) : v.toFixed(3);
@@ -54,11 +55,11 @@ function svg(tag, attrs = {}, text) {
 }
 
 // ---------- charts ----------
-function niceTicks(lo, hi, count = 4) {
+function niceTicks(lo, hi, count = 4, minStep = 0) {
   if (!(hi > lo)) { const pad = Math.abs(lo) * 0.1 || 1; lo -= pad; hi += pad; }
   const raw = (hi - lo) / count;
   const mag = Math.pow(10, Math.floor(Math.log10(raw)));
-  const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw) || 10 * mag;
+  const step = Math.max(minStep, [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw) || 10 * mag);
   const start = Math.floor(lo / step) * step, end = Math.ceil(hi / step) * step;
   const ticks = [];
   for (let t = start; t <= end + step * 1e-9; t += step) ticks.push(+t.toPrecision(12));
@@ -124,10 +125,10 @@ function lineChart(container, series, { fmtY = fmtNum, area = false } = {}) {
   container.replaceChildren(f.root);
 }
 
-function barChart(container, rows, stacks, { fmtY = fmtCompact } = {}) {
+function barChart(container, rows, stacks, { fmtY = fmtCompact, integer = false } = {}) {
   if (!rows.length) return emptyChart(container, "waiting for the first sealed round");
   const totals = rows.map((r) => stacks.reduce((acc, s) => acc + (r[s.key] || 0), 0));
-  const yTicks = niceTicks(0, Math.max(1, ...totals));
+  const yTicks = niceTicks(0, Math.max(1, ...totals), 4, integer ? 1 : 0);
   const xs = rows.map((r) => r.round);
   const xt = xTickValues(xs);
   const f = chartFrame(container, { min: xt.min - 0.5, max: xt.max + 0.5, values: xt.values }, yTicks, fmtY, (x) => "r" + x);
@@ -181,7 +182,9 @@ function renderPeers(peers, now) {
     const id = el("td", { class: "mono", title: p.peer });
     id.append(el("span", { class: "dot-online" + (p.online ? " on" : "") }), document.createTextNode(short(p.peer, 12)));
     const mode = el("td");
-    mode.append(p.ban_reason ? el("span", { class: "tag banned", title: p.ban_reason }, "banned") : el("span", { class: "tag " + (p.mode || "") }, p.mode || "unknown"));
+    if (p.ban_reason) mode.append(el("span", { class: "tag banned", title: p.ban_reason }, "banned"));
+    else if (p.mode) mode.append(el("span", { class: "tag " + p.mode }, p.mode));
+    else mode.textContent = "–";
     tr.append(id, mode, el("td", {}, p.device || "–"), el("td", { title: new Date(p.last_seen * 1000).toLocaleString() }, fmtAgo(p.last_seen, now)),
       el("td", { class: "num ok" }, fmtInt(p.accepted)), el("td", { class: "num" + (p.rejected ? " bad" : "") }, fmtInt(p.rejected)),
       el("td", { class: "num" }, fmtBytes(p.bytes)));
@@ -243,7 +246,7 @@ function renderCharts(metrics) {
   barChart($("chart-contrib"), metrics, [
     { key: "accepted", name: "accepted", color: css("--ok") },
     { key: "rejected", name: "rejected", color: css("--bad") },
-  ], { fmtY: (v) => fmtInt(v) });
+  ], { fmtY: (v) => fmtInt(v), integer: true });
 }
 
 async function getJSON(path) {
