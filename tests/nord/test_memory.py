@@ -111,7 +111,7 @@ def test_estimate_is_within_margin_of_measured_peak_rss(name, batch, seq):
     )
     estimated = est.total - est.overhead  # no CUDA context on CPU
     # The estimate adds every term; the real peak overlaps some (activations die as grads appear) and
-    # adds allocator slack (~5-10 MiB, which matters for tiny). Measured here: tiny 1.10-1.20x, small 0.91-1.06x.
+    # adds allocator slack (~5-10 MiB, which matters for tiny). Measured: tiny 1.10-1.20x, small 0.91-1.06x.
     assert 0.6 * estimated <= measured <= 1.5 * estimated, (measured, estimated)
 
 
