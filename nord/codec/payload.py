@@ -108,8 +108,7 @@ def _parse_entry(entry: Any, numel: int, blocksize: int) -> TensorEntry:
     last_len = numel % chunk
     if not 1 <= k <= chunk or not (k_last == 0 if last_len == 0 else 1 <= k_last <= last_len):
         raise CodecError(f"kept counts k={k}, k_last={k_last} invalid for chunks of {chunk}")
-    counts = chunk_counts(numel, chunk, k, k_last)
-    count = int(counts.sum())
+    count = (numel // chunk) * k + k_last  # sizes are checked before anything is allocated
     n_scales = -(-count // blocksize)
     if len(codes) != -(-count // 2):
         raise CodecError(f"{len(codes)} code bytes do not match {count} values")
@@ -122,7 +121,7 @@ def _parse_entry(entry: Any, numel: int, blocksize: int) -> TensorEntry:
         raise CodecError("scale is NaN or infinite")
     if np.any(scales.view("<u2") & 0x8000):
         raise CodecError("scale is negative")
-    indices = decode_indices(kind, index_bytes, counts, numel, chunk)
+    indices = decode_indices(kind, index_bytes, chunk_counts(numel, chunk, k, k_last), numel, chunk)
     return TensorEntry(indices=indices, codes=codes, scales=scales)
 
 

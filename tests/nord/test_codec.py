@@ -326,6 +326,14 @@ def test_rejects_entry_count_mismatch(good, identity):
     reject(resign(good, identity, payload=pack([blocksize, entries[:2]])), "2 tensor entries for 3 tensors")
 
 
+def test_rejects_oversized_claims_before_allocating(good, identity):
+    spec = {"huge": (2**30,)}  # chunk 1 would mean 2^30 chunks, 2^30 values
+    payload = pack([64, [[1, 1, 0, GAPS, b"", b"", b""]]])
+    data = resign(good, identity, payload=payload, names=("huge",), shapes=((2**30,),))
+    with pytest.raises(CodecError, match="0 code bytes do not match 1073741824 values"):
+        decode_envelope(data, spec)
+
+
 def test_rejects_indices_out_of_range(identity):
     spec = {"w": (64,)}
     env = encode({"w": torch.ones(64)}, identity, CodecConfig(density=1 / 64, chunk_size=64), spec)
