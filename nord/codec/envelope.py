@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 
 from nord.codec.config import CodecConfig
-from nord.codec.payload import SparseTensor, TensorEntry, dequantize_entry, parse_payload, unpack_strict
+from nord.codec.payload import SparseTensor, dequantize_entry, parse_payload, unpack_strict
 from nord.config import RUN_ID_PATTERN
 from nord.errors import CodecError
 from nord.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, verify_signature
@@ -101,12 +101,8 @@ class Envelope:
         return msgpack.packb(fields, use_bin_type=True)
 
     @cached_property
-    def _parsed(self) -> tuple[int, dict[str, TensorEntry]]:
-        return parse_payload(self.payload, self.names, self.shapes)
-
-    @cached_property
     def _delta(self) -> dict[str, SparseTensor]:
-        blocksize, entries = self._parsed
+        blocksize, entries = parse_payload(self.payload, self.names, self.shapes)  # not kept: memory
         return {name: dequantize_entry(entry, blocksize) for name, entry in entries.items()}
 
 
