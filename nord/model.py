@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nord.checkpoint import load_checkpoint, save_checkpoint
 from nord.errors import CheckpointError, ConfigError
@@ -190,9 +191,12 @@ class NordLM(nn.Module):
     >>> logits, state, rates = model.step(idx[:, 0], model.init_state(B, idx.device))
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, *, activation_checkpointing: bool = False):
         super().__init__()
         self.cfg = cfg
+        # Keep only each block's input in training and recompute the block in backward (memory for time;
+        # a run-time choice, not part of the config: the weights are the same).
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
@@ -248,7 +252,10 @@ class NordLM(nn.Module):
         x = self.embed(idx)  # (B, T, D)
         new_state, activity, memory_write, write = [], [], 0.0, 0.0
         for block, st in zip(self.blocks, state, strict=True):
-            b = block(x, st)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                b = torch.utils.checkpoint.checkpoint(block, x, st, use_reentrant=False)
+            else:
+                b = block(x, st)
             x = b.x
             new_state.append(b.state)
             activity.append(b.activity)

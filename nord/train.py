@@ -43,6 +43,7 @@ class StepStats:
     loss: float  # mean cross-entropy over the steps (nats/token)
     reg_loss: float  # mean firing-rate penalty
     firing_rate: float  # mean overall firing rate
+    memory_share: float  # mean share of the residual writes made by the persistent memory
     tokens: int
     seconds: float
 
@@ -102,7 +103,7 @@ def train_steps(
     if cuda and scaler is None:
         scaler = torch.amp.GradScaler("cuda")
     model.train()
-    losses, regs, rates, tokens = [], [], [], 0
+    losses, regs, rates, shares, tokens = [], [], [], [], 0
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, leave=False)
     for i in bar:
@@ -132,6 +133,7 @@ def train_steps(
         losses.append(out.loss.item())
         regs.append(out.reg_loss.item())
         rates.append(out.rates["overall"].item())
+        shares.append(out.memory_share.item())
         tokens += x.numel()
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:.0f}", rate=f"{rates[-1]:.3f}")
@@ -140,6 +142,7 @@ def train_steps(
         loss=sum(losses) / n,
         reg_loss=sum(regs) / n,
         firing_rate=sum(rates) / n,
+        memory_share=sum(shares) / n,
         tokens=tokens,
         seconds=time.perf_counter() - start,
     )
@@ -191,6 +194,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-batches", type=int, default=20, help="validation windows per evaluation")
     p.add_argument("--dense", action="store_true", help="train the dense twin (no spikes) instead")
     p.add_argument("--eight-bit", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=run)
@@ -274,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = NordLM(cfg).to(device)
         optimizer = make_optimizer(model, train_cfg, device, eight_bit=args.eight_bit)
+    model.activation_checkpointing = args.activation_checkpointing
     log.info("model %s: %.2fM parameters, vocab %d", args.model, model.num_params() / 1e6, cfg.vocab_size)
     lr_fn = cosine_lr(args.lr, warmup_steps=args.warmup, total_steps=args.steps)
     batches = iter(corpus.batches("train", args.batch_size, args.seq_len, seed=args.seed + step))
@@ -293,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"step {step:6d}  train {stats.loss:.4f}  val {val.loss:.4f}  ppl {val.ppl:8.2f}  "
             f"bpb {val.bits_per_byte:.3f}  firing {stats.firing_rate:.3f}  "
-            f"{stats.tokens / stats.seconds:,.0f} tok/s"
+            f"memory share {stats.memory_share:.2f}  {stats.tokens / stats.seconds:,.0f} tok/s"
         )
         _save(out, model, optimizer, scaler, step, history, corpus, args.model)
     weights_hash = read_metadata(out / "model.safetensors")["weights_hash"]

@@ -180,3 +180,16 @@ def test_load_model_round_trips_and_rejects_another_config(tmp_path, tokens):
     save_checkpoint(other, build(d_model=64).state_dict(), {"model_config": dataclasses.asdict(tiny())})
     with pytest.raises(CheckpointError, match="shape"):
         load_model(other)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tokens):
+    plain = build().train()
+    saver = build().train()
+    saver.activation_checkpointing = True
+    grads = []
+    for model in (plain, saver):
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        (out.loss + out.reg_loss).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)

@@ -56,7 +56,7 @@ def test_train_steps_lower_the_loss_and_report_honest_stats():
     )  # fmt: skip
     assert second.loss < first.loss - 0.3
     assert first.tokens == 10 * 4 * 32 and first.seconds > 0
-    assert 0.0 < first.firing_rate < 1.0 and first.reg_loss >= 0.0
+    assert 0.0 < first.firing_rate < 1.0 and first.reg_loss >= 0.0 and 0.0 < first.memory_share < 1.0
     assert opt.param_groups[0]["lr"] == 1e-3
 
 
