@@ -24,7 +24,7 @@ from nord.codec.indices import encode_indices
 from nord.codec.payload import FP16_MAX, pack_payload
 from nord.errors import CodecError
 from nord.identity import Identity
-from nord.nf4 import dequantize_nf4, quantize
+from nord.nf4 import ZERO_CODE, dequantize_nf4, quantize
 
 
 def top_k_indices(values: torch.Tensor, cfg: CodecConfig) -> tuple[torch.Tensor, int, int, int]:
@@ -76,6 +76,8 @@ class DeltaEncoder:
             indices, chunk, k, k_last = top_k_indices(acc, self.cfg)
             packed, absmax = quantize(acc[indices], self.cfg.blocksize)
             packed = packed.cpu().numpy()
+            if len(indices) % 2:  # the pad nibble is 0.0's code (CUDA kernels may leave another there)
+                packed[-1] = (packed[-1] & 0xF0) | ZERO_CODE
             scales = absmax.clamp(max=FP16_MAX).half().cpu().numpy().astype("<f2")
             sent = dequantize_nf4(packed, scales.astype(np.float32), len(indices), self.cfg.blocksize)
             acc[indices] -= torch.from_numpy(sent).to(acc.device)
