@@ -102,18 +102,18 @@ def _init(args: argparse.Namespace) -> int:
         raise ConfigError(f"{out} exists; pass --force to overwrite it")
     model = get_config(args.model, vocab_size=args.vocab_size)
     seq_len = args.seq_len or min(TrainConfig().seq_len, model.max_seq_len)
-    data = DataConfig(source=args.source, vocab_size=model.vocab_size)
-    corpus = prepare(data, Path(args.data_dir).expanduser() if args.data_dir else None, progress=True)
-    run = RunConfig(
+    run = RunConfig(  # validated before the (slow) corpus preparation
         run_id=args.run,
         model=model,
-        data=dataclasses.replace(data, tokenizer_sha256=corpus.tokenizer_hash),
+        data=DataConfig(source=args.source, vocab_size=model.vocab_size),
         train=TrainConfig(inner_steps=args.inner_steps, batch_size=args.batch_size, seq_len=seq_len),
         rounds=RoundConfig(
             quorum=args.quorum, deadline_s=args.deadline, keep_checkpoints=args.keep_checkpoints
         ),
         authorities=tuple(k.lower() for k in args.authority),
     )
+    corpus = prepare(run.data, Path(args.data_dir).expanduser() if args.data_dir else None, progress=True)
+    run = dataclasses.replace(run, data=dataclasses.replace(run.data, tokenizer_sha256=corpus.tokenizer_hash))
     atomic_write_bytes(out, (run.to_json() + "\n").encode("utf-8"))
     print(
         f"wrote {out}: run {run.run_id}, model {args.model} (vocab {model.vocab_size}), "

@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from coordinator.history import History
-from nord.errors import NordError
+from nord.errors import MergeError, NordError
 
 STATIC_DIR = Path(__file__).parent / "static"
 ONLINE_WINDOW_S = 120.0  # a peer seen within this window counts as online
@@ -79,7 +79,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.exception_handler(NordError)
     async def _nord_error(_: Request, exc: NordError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        # MergeError: the request is well-formed but the run's state refuses it (e.g. already sealed)
+        return JSONResponse({"error": str(exc)}, status_code=409 if isinstance(exc, MergeError) else 400)
 
     def summary() -> dict[str, Any]:
         live = ctx.live()

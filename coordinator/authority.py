@@ -75,11 +75,26 @@ class Authority:
             self.history.open_round(rnd, base_hash=base_hash, at=self.clock())
 
     def step(self) -> Seal | None:
-        """Observe, validate, and seal if the round is due; return the new seal, if any."""
+        """Observe, validate, and seal if the round is due; return the new seal, if any.
+
+        Scoring runs outside the lock, so peers' gossip requests are not held up by forward passes.
+        """
         with self.lock:
             self._catch_up()
             self._observe()
-            self._validate_pool()
+            base_hash = self.replica.base_hash
+            held = dict(self.replica.contributions())
+            todo = [
+                (cid, held[cid])
+                for cid in self.replica.pool()
+                if (self.history.contribution(cid) or {}).get("status") == "pending"
+            ]
+            base = self.replica.weights(include_open_round=False) if todo else None
+        verdicts = [(cid, env, self.validator.score(env, base_hash, base)) for cid, env in todo]
+        with self.lock:
+            if self.replica.base_hash == base_hash:  # else the round moved on: score again next step
+                for cid, envelope, verdict in verdicts:
+                    self._apply_verdict(cid, envelope, verdict)
             return self._maybe_seal()
 
     def _catch_up(self) -> None:
@@ -111,39 +126,30 @@ class Authority:
             elif self.allowlist is not None and peer not in self.allowlist:
                 self._reject(cid, "peer is not on this run's allowlist", by="validator")
 
-    def _validate_pool(self) -> None:
-        base = None
-        for cid in self.replica.pool():
-            row = self.history.contribution(cid)
-            if row is None or row["status"] != "pending":
-                continue
-            if base is None:
-                base = self.replica.weights(include_open_round=False)
-            envelope = dict(self.replica.contributions())[cid]
-            verdict = self.validator.score(envelope, self.replica.base_hash, base)
-            if verdict.accepted:
-                self.history.set_verdict(
-                    cid,
-                    "accepted",
-                    loss_before=verdict.loss_before,
-                    loss_after=verdict.loss_after,
-                    norm=verdict.norm,
-                )
-                continue
+    def _apply_verdict(self, cid: str, envelope, verdict) -> None:
+        if (self.history.contribution(cid) or {}).get("status") != "pending":
+            return  # revoked or banned meanwhile
+        if verdict.accepted:
             self.history.set_verdict(
                 cid,
-                "rejected",
-                reason=verdict.reason,
+                "accepted",
                 loss_before=verdict.loss_before,
                 loss_after=verdict.loss_after,
                 norm=verdict.norm,
             )
-            self._reject(cid, verdict.reason or "rejected", by="validator")
-            peer = envelope.peer_key.hex()
-            if self.history.rejections(peer) >= self.validation.ban_after and not self.history.is_banned(
-                peer
-            ):
-                self.ban(peer, reason=f"{self.validation.ban_after} contributions rejected", by="validator")
+            return
+        self.history.set_verdict(
+            cid,
+            "rejected",
+            reason=verdict.reason,
+            loss_before=verdict.loss_before,
+            loss_after=verdict.loss_after,
+            norm=verdict.norm,
+        )
+        self._reject(cid, verdict.reason or "rejected", by="validator")
+        peer = envelope.peer_key.hex()
+        if self.history.rejections(peer) >= self.validation.ban_after and not self.history.is_banned(peer):
+            self.ban(peer, reason=f"{self.validation.ban_after} contributions rejected", by="validator")
 
     def _maybe_seal(self) -> Seal | None:
         rnd = self.replica.round

@@ -106,19 +106,20 @@ class UvicornThread:
 
 
 def serve(args) -> int:
-    state = StateDir(args.state_dir)
-    identity = Identity.load_or_create(state.identity_key)
-    run = load_run(args.run_config, identity)
-    run_json = run.to_json()
-    state.check_run(run_json)
-    host, port = parse_http(args.http)
+    host, port = parse_http(args.http)  # every flag is checked before anything is written
     allowlist = load_allowlist(args.allowlist)
+    RunConfig.load(args.run_config)
     validation = ValidationConfig(
         batches=args.val_batches,
         max_loss_increase=args.max_loss_increase,
         max_relative_norm=args.max_relative_norm,
         ban_after=args.ban_after,
     )
+    state = StateDir(args.state_dir)
+    identity = Identity.load_or_create(state.identity_key)
+    run = load_run(args.run_config, identity)
+    run_json = run.to_json()
+    state.check_run(run_json)
     corpus = prepare(run.data, Path(args.data_dir).expanduser() if args.data_dir else None, progress=False)
     history = History.open(state.path / "history.sqlite")
     history.set_meta("run_id", run.run_id)
