@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nord.errors import CheckpointError, DataError
-from nord.model import NordLM, load_model
+from nord.model import NordLM, load_model, resolve_device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +147,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     texts = [read_text(f) for f in args.text]
+    args.device = resolve_device(args.device)
     model, meta = load_model(args.checkpoint, device=args.device)
     tokenizer = load_tokenizer(meta, args.tokenizer)
     seq_len = args.seq_len or model.cfg.max_seq_len

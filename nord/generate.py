@@ -17,7 +17,7 @@ import torch
 from nord.errors import ConfigError, DataError
 from nord.evaluate import load_tokenizer
 from nord.fsutil import atomic_path
-from nord.model import NordLM, load_model
+from nord.model import NordLM, load_model, resolve_device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +130,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.tokens < 1:
         raise ConfigError("--tokens must be >= 1")
+    args.device = resolve_device(args.device)
     model, meta = load_model(args.checkpoint, device=args.device)
     tokenizer = load_tokenizer(meta, args.tokenizer)
     result = generate(

@@ -299,6 +299,17 @@ class NordLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A torch device from a CLI string; ConfigError (not a traceback) if it is unknown or absent."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
 def save_model(path: str | os.PathLike, model: NordLM, metadata: dict[str, object] | None = None) -> str:
     """Save the weights atomically with the model config (JSON) in the metadata; return the weights hash."""
     meta = {"model_config": dataclasses.asdict(model.cfg), **(metadata or {})}

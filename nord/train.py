@@ -30,7 +30,7 @@ from nord.config import TrainConfig
 from nord.errors import CheckpointError, ConfigError, DataError
 from nord.evaluate import EvalResult, evaluate_tokens
 from nord.fsutil import atomic_path
-from nord.model import NordLM, load_model, save_model
+from nord.model import NordLM, load_model, resolve_device, save_model
 from nord.recipes import RECIPES, get_config
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         get_config(args.model, vocab_size=corpus.vocab_size), max_seq_len=args.seq_len, spiking=not args.dense
     )
     train_cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     step, history = 0, {"step": [], "train_loss": [], "val_step": [], "val_loss": [], "firing_rate": []}
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None

@@ -88,8 +88,9 @@ def test_generate_cli_prints_text_rate_and_writes_a_raster(checkpoint, tmp_path,
         (["--prompt", ""], "no tokens"),
         (["--prompt", "x", "--raster", "r.png", "--raster-layer", "9"], "layer"),
         (["--prompt", "x", "--top-k", "0"], "top-k"),
+        (["--prompt", "x", "--device", "abacus"], "device"),
     ],
-    ids=["empty-prompt", "bad-layer", "bad-top-k"],
+    ids=["empty-prompt", "bad-layer", "bad-top-k", "bad-device"],
 )
 def test_generate_cli_rejects_bad_input_with_one_line(checkpoint, capsys, extra, needle):
     assert main(["generate", str(checkpoint), *extra]) == 2
