@@ -67,7 +67,6 @@ class Validator:
 
     def __init__(self, run: RunConfig, corpus, cfg: ValidationConfig) -> None:
         self.run, self.cfg = run, cfg
-        torch.manual_seed(0)
         self.model = NordLM(run.model).eval()
         batches = corpus.batches("val", cfg.batch_size, run.train.seq_len)
         self.batches = [b for _, b in zip(range(cfg.batches), batches, strict=False)]
