@@ -59,7 +59,8 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         else:
             raw = json.loads(text)
     except (ValueError, ImportError) as e:
-        raise ConfigError(f"config file {p} is not valid {p.suffix.lstrip('.') or 'JSON'}: {e}") from None
+        kind = "TOML" if p.suffix.lower() == ".toml" else "JSON"
+        raise ConfigError(f"config file {p} is not valid {kind}: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a table/object of flag names")
     return {str(k).replace("-", "_"): v for k, v in raw.items()}

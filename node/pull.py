@@ -12,6 +12,7 @@ file is renamed into place; nothing is written on a mismatch.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -22,8 +23,8 @@ from pathlib import Path
 from node.session import fetch_run, find_run, peer_ids, start_transport
 from nord.checkpoint import load_checkpoint, save_checkpoint, weights_hash
 from nord.errors import CheckpointError, ConfigError, TransportError
-from nord.fsutil import atomic_path
-from nord.gossip import fetch_snapshot, hello
+from nord.fsutil import atomic_path, atomic_write_bytes
+from nord.gossip import fetch_snapshot, fetch_tokenizer, hello
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def pull_http(source: str, out: Path, *, timeout_s: float) -> tuple[str, str]:
 
 
 def pull_p2p(args, out: Path) -> tuple[str, str]:
+    args.initial_peers = [args.source, *(args.initial_peers or ())]
     transport = start_transport(args, None)
     try:
         peer = find_run(transport, peer_ids((args.source,)), args.run)
@@ -91,16 +93,27 @@ def pull_p2p(args, out: Path) -> tuple[str, str]:
         after = hello(transport, peer, args.run)["base_hash"]  # a seal may have landed in between
         if digest not in (before, after):
             raise CheckpointError(f"peer {peer[-8:]} sent weights that do not match its sealed hash")
-        save_checkpoint(
-            out,
-            tensors,
-            {
-                "model_config": dataclasses.asdict(run.model),
-                "run_id": run.run_id,
-                "round": meta.get("base_round", "?"),
-                "tokenizer_sha256": run.data.tokenizer_sha256,
-            },
-        )
+        extra = {
+            "model_config": dataclasses.asdict(run.model),
+            "run_id": run.run_id,
+            "round": meta.get("base_round"),
+        }
+        save_checkpoint(out, tensors, {**extra, **_pull_tokenizer(transport, peer, run, out.parent)})
         return digest, meta.get("base_round", "?")
     finally:
         transport.shutdown()
+
+
+def _pull_tokenizer(transport, peer: str, run, directory: Path) -> dict[str, str]:
+    """Save the run's tokenizer.json beside the checkpoint (hash-checked) so `nord generate` finds it."""
+    try:
+        data = bytes(fetch_tokenizer(transport, peer, run.run_id))
+    except TransportError as e:
+        log.warning("no tokenizer from peer %s (%s); pass --tokenizer to nord generate", peer[-8:], e)
+        return {}
+    digest = hashlib.sha256(data).hexdigest()
+    if run.data.tokenizer_sha256 and digest != run.data.tokenizer_sha256:
+        raise TransportError(f"peer {peer[-8:]} sent a tokenizer that is not the run's (sha256 differs)")
+    path = directory / "tokenizer.json"
+    atomic_write_bytes(path, data)
+    return {"tokenizer_path": str(path.resolve()), "tokenizer_sha256": digest}

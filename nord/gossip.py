@@ -25,6 +25,21 @@ Only small records go to the DHT; payloads travel on streams.
 
 Thread safety: handlers run in transport threads. Everything here takes `Gossip.lock` around the replica;
 owners (worker, coordinator) must hold it too whenever they touch the replica.
+
+Public API (stable):
+    Gossip(transport, replica, run_config_json, role=, bootstrap_peers=, tokenizer_path=, on_update=)
+        .serve()                       register the handlers, announce presence
+        .heartbeat()                   refresh presence (every ~PEER_TTL_S / 3)
+        .lock                          RLock guarding .replica
+        .publish(envelope) -> int      announce + push our contribution (already added) to reachable peers
+        .publish_seal(seal) / .publish_removal(removal) -> int
+        .sync_with(peer) -> (accepted, behind)      .pull_announced(rounds) -> accepted
+        .anti_entropy(fanout=2) -> (accepted, behind)
+        .peers() / .reachable_peers()  .close()
+    hello(transport, peer, run_id) -> dict          (RunNotFound)
+    fetch_run_config_json(transport, peer, run_id) -> str
+    fetch_snapshot(transport, peer, run_id, out_path) -> Path
+    fetch_tokenizer(transport, peer, run_id) -> bytes
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 import nord
+from nord.checkpoint import weights_hash
+from nord.model import load_model
 
 pytestmark = [pytest.mark.p2p, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -159,6 +161,15 @@ def test_three_workers_converge_and_a_killed_worker_catches_up(tmp_path):
             status = read_status(tmp_path / name)
             assert status["open_round"] == ROUNDS, (name, status)
             assert status["sealed_weights_hash"] == boot_status["sealed_weights_hash"], name
+
+        # anyone can pull the sealed weights over P2P as a model file `nord generate` reads
+        out = tmp_path / "pulled" / "model.safetensors"
+        pull = peers.start("pull", "pull", "--from", maddr, "--run", RUN, "--out", str(out), "--local-only")
+        assert pull.wait(timeout=120) == 0, (tmp_path / "pull.log").read_text()[-2000:]
+        model, meta = load_model(out)
+        assert meta["weights_hash"] == boot_status["sealed_weights_hash"]
+        assert weights_hash(model.state_dict()) == boot_status["sealed_weights_hash"]
+        assert (out.parent / "tokenizer.json").is_file() and meta["tokenizer_path"].endswith("tokenizer.json")
     finally:
         peers.stop_all()
     assert boot.returncode == 0, (tmp_path / "boot.log").read_text()[-3000:]
