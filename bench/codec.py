@@ -120,7 +120,7 @@ def codec_row(
 ) -> dict:
     spec = {k: tuple(v.shape) for k, v in delta.items()}
     n = sum(t.numel() for t in delta.values())
-    cfg = CodecConfig(density=density)
+    cfg = CodecConfig(density=density, max_payload_bytes=2**31)  # 100% of `base` is over the 64 MiB default
 
     def encode(d):
         return DeltaEncoder(cfg, spec).encode(
