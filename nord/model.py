@@ -18,9 +18,10 @@ learned slots (keys K, values V) shared by every sequence; a token adds the valu
 gate neurons fire.
 
 Firing rate = spikes / (spiking neurons × tokens) over the mixer, memory-gate and MLP neurons, per layer
-and overall. The regulariser is λ · mean_l (rate_l − target)². `spiking=False` builds the dense twin: the
-same network with SiLU activations (the mixer's membrane, the gate and MLP pre-activations) in place of
-spikes, for quality comparisons; its "rate" is the share of non-zero activations.
+and overall (an integer mixer spike counts as many spikes as it carries, so that rate may pass 1). The
+regulariser is λ · mean_l (rate_l − target)². `spiking=False` builds the dense twin: the same network
+with SiLU activations (the mixer's membrane, the gate and MLP pre-activations) in place of spikes, for
+quality comparisons; its "rate" is the share of non-zero activations.
 """
 
 from __future__ import annotations
