@@ -223,6 +223,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="contributions per N, and payload repeats")
     parser.add_argument("--mbytes", type=int, default=100, help="payload size for the throughput test (MiB)")
+    parser.add_argument("--only", choices=("spread", "throughput"), help="run one part only")
     parser.add_argument("--out", default="bench/results/gossip.json")
     args = parser.parse_args()
     if args.role == "peer":
@@ -238,9 +239,10 @@ def main() -> None:
 
     load_before = os.getloadavg()
     spread = []
-    for n in tqdm(args.peers, desc="spread"):
-        spread.append(bench_spread(n, args.repeats, cfg))
-    throughput = bench_throughput(args.mbytes, args.repeats, cfg)
+    if args.only != "throughput":
+        for n in tqdm(args.peers, desc="spread"):
+            spread.append(bench_spread(n, args.repeats, cfg))
+    throughput = bench_throughput(args.mbytes, args.repeats, cfg) if args.only != "spread" else None
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "loadavg_before": load_before,
@@ -248,21 +250,26 @@ def main() -> None:
         "spread": spread,
         "throughput": throughput,
     }
-    print(f"\nSpread of one contribution to all peers (loopback, all public), load {load_before[0]:.1f}")
-    print(f"{'peers':>5} | {'envelope':>9} | {'median s':>8} | all runs (s)")
+    print(f"\nload average before {load_before[0]:.1f}, after {result['loadavg_after'][0]:.1f}")
+    if spread:
+        print("\nSpread of one contribution to all peers (loopback, all public)")
+        print(f"{'peers':>5} | {'envelope':>9} | {'median s':>8} | all runs (s)")
     for row in spread:
         runs = ", ".join(f"{t:.3f}" for t in row["all_hold_s"])
         print(f"{row['peers']:>5} | {row['envelope_bytes']:>7} B | {row['all_hold_s_median']:>8.3f} | {runs}")
-    t = throughput
-    print(f"\nThroughput of a {t['payload_mb']:.0f} MB payload, one stream (median of {args.repeats})")
-    print(f"framed (len + sha256, verified) {t['framed_mb_s']:7.0f} MB/s")
-    print(
-        f"raw hivemind binary stream      {t['raw_mb_s']:7.0f} MB/s   (framed/raw = {t['framed_mb_s'] / t['raw_mb_s']:.2f})"
-    )
+    if throughput is not None:
+        _print_throughput(throughput, args.repeats)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")
+
+
+def _print_throughput(t: dict, repeats: int) -> None:
+    print(f"\nThroughput of a {t['payload_mb']:.0f} MB payload, one stream (median of {repeats})")
+    print(f"framed (len + sha256, verified) {t['framed_mb_s']:7.0f} MB/s")
+    ratio = t["framed_mb_s"] / t["raw_mb_s"]
+    print(f"raw hivemind binary stream      {t['raw_mb_s']:7.0f} MB/s   (framed/raw = {ratio:.2f})")
 
 
 if __name__ == "__main__":
