@@ -1,23 +1,24 @@
 """Chunked parallel scan of h_t = exp(log_a_t)·h_{t−1} + x_t (same contract as `naive.py`).
 
-The sequence is cut into N = ⌈T/C⌉ chunks of C steps. With L_t = Σ log_a over the chunk up to t,
-    h_t = local_t + exp(L_t) · h_start,     local_t = the recurrence run from 0 inside the chunk
-1. `local` for all chunks at once: C vectorised steps over (B, N, D) slices (the same arithmetic as
-   the naive loop, so no cancellation and no overflow).
+Inside, the scan works on the decays a_t = exp(log_a_t) ∈ [0, 1]. The sequence is cut into N = ⌈T/C⌉
+chunks of C steps; with P_t = Π a_s over the chunk up to t,
+    h_t = local_t + P_t · h_start,      local_t = the recurrence run from 0 inside the chunk
+1. `local` and P for all chunks at once: C vectorised steps over strided (B, N, D) slices (the same
+   arithmetic as the naive loop).
 2. The chunk-start states are themselves a linear recurrence over the N chunk ends, with the chunk's
-   total log-decay L_C as gate: solved by this same function recursively (O(log_C T) levels).
-3. exp(L_t) ≤ 1 always (L_t is a cumsum of log-decays ≤ 0, never a difference of cumsums), so the
-   carry-in term can only underflow to 0, never overflow, however strong the decay or long the sequence.
-Python-level steps: ~C per level instead of T; work O(B·T·D).
+   product P_C as decay: solved by this same function recursively (O(log_C T) levels).
+3. Only products of decays in [0, 1] are ever formed (never exp of a difference of cumulative sums), so
+   values can underflow to 0 but never overflow, however strong the decay or long the sequence.
+Python-level steps: ~C per level instead of T; work O(B·T·D); 3 full-size temporaries forward, 4 backward.
 
 Why not the C×C decay matrix exp(L_t − L_s) of chunked linear attention: the decay here is per channel,
 so that matrix is (B, T, C, D) — C times the work and memory of the scan, with no matmul to share it.
-Measured on 2 CPU threads (B=8, T=1024, D=512, fwd+bwd): 3.4–8.5 s for C=16–64 against tens of ms for
-this scheme (docs/benchmarks/neurons.md).
+Measured on 2 CPU threads (B=8, T=1024, D=512, fwd+bwd): 1.2–5.5 s for C=8–64, against 66–110 ms for a
+chunked scheme like this one (docs/benchmarks/neurons.md).
 
 Backward is the same scan run backwards in time (adjoint of a diagonal linear recurrence):
     g_t = dh_t + a_{t+1} · g_{t+1},   dx_t = g_t,   dlog_a_t = g_t · a_t · h_{t−1},   dh0 = a_0 · g_0
-so only h and log_a are kept for backward.
+so only h and a are kept for backward.
 """
 
 from __future__ import annotations
@@ -29,56 +30,62 @@ from torch import Tensor
 from nord.neurons.naive import check_scan_inputs
 
 
-def _sequential(x: Tensor, decay: Tensor, h: Tensor) -> Tensor:
-    """h_t = decay_t·h_{t−1} + x_t over dim 0 (time-first); returns the stacked states (no autograd)."""
-    out = torch.empty_like(x)
-    for t in range(x.shape[0]):
-        h = torch.addcmul(x[t], decay[t], h, out=out[t])
-    return out
+def _scan(x: Tensor, a: Tensor, h0: Tensor | None, chunk_size: int, reverse: bool = False) -> Tensor:
+    """h_t = a_t·h_{t∓1} + x_t for float32 (B, T, D) inputs, no autograd; returns h (B, T, D).
 
-
-def _scan(x: Tensor, log_a: Tensor, h0: Tensor | None, chunk_size: int) -> Tensor:
-    """The forward recurrence for float32 (B, T, D) inputs, no autograd; returns h (B, T, D)."""
+    Forward in time by default; `reverse` runs from t = T−1 down to 0 with h0 as the state after the end.
+    """
     B, T, D = x.shape
-    first = h0 if h0 is not None else x.new_zeros(B, D)
-    if T <= chunk_size:
-        return _sequential(x.transpose(0, 1), log_a.exp().transpose(0, 1), first).transpose(0, 1)
-    C = chunk_size
+    C = min(chunk_size, T)
     N = -(-T // C)
     pad = N * C - T
-    if pad:  # x = 0, log_a = 0 after the end: h stays at h_{T−1}
-        x, log_a = F.pad(x, (0, 0, 0, pad)), F.pad(log_a, (0, 0, 0, pad))
-    cum = log_a.reshape(B, N, C, D).cumsum(2)  # L_t, ≤ 0
-    # time-first within the chunk so that each of the C steps reads contiguous (B, N, D) slices
-    x_cf = x.reshape(B, N, C, D).permute(2, 0, 1, 3)
-    a_cf = log_a.reshape(B, N, C, D).permute(2, 0, 1, 3).exp()
-    local = _sequential(x_cf, a_cf, x.new_zeros(B, N, D)).permute(1, 2, 0, 3)  # (B, N, C, D)
-    ends = _scan(local[:, :, -1].contiguous(), cum[:, :, -1].contiguous(), h0, chunk_size)  # (B, N, D)
-    starts = torch.cat([first.unsqueeze(1), ends[:, :-1]], 1)
-    h = local + cum.exp() * starts.unsqueeze(2)
-    return h.reshape(B, N * C, D)[:, :T]
+    if pad:  # x = 0, a = 1 after the end: forward it is never read, reversed it carries h0 unchanged
+        x, a = F.pad(x, (0, 0, 0, pad)), F.pad(a, (0, 0, 0, pad), value=1.0)
+    x, a = x.view(B, N, C, D), a.view(B, N, C, D)
+    local, decay = torch.empty_like(x), torch.empty_like(a)  # decay: P, the product of a over the chunk
+    order = range(C - 1, -1, -1) if reverse else range(C)
+    first = order[0]
+    local[:, :, first] = x[:, :, first]
+    decay[:, :, first] = a[:, :, first]
+    for prev, t in zip(order[:-1], order[1:], strict=True):
+        torch.addcmul(x[:, :, t], a[:, :, t], local[:, :, prev], out=local[:, :, t])
+        torch.mul(a[:, :, t], decay[:, :, prev], out=decay[:, :, t])
+    if N > 1 or h0 is not None:
+        last = order[-1]
+        if N == 1:
+            incoming = h0.unsqueeze(1)  # (B, 1, D)
+        else:
+            ends = local[:, :, last].contiguous(), decay[:, :, last].contiguous()  # (B, N, D) each
+            carried = _scan(*ends, h0, chunk_size, reverse)  # state after each chunk, scan direction
+            zero = x.new_zeros(B, 1, D) if h0 is None else h0.unsqueeze(1)
+            pieces = [carried[:, 1:], zero] if reverse else [zero, carried[:, :-1]]
+            incoming = torch.cat(pieces, 1)  # (B, N, D): the state each chunk starts from
+        local = decay.mul_(incoming.unsqueeze(2)).add_(local)
+    return local.view(B, N * C, D)[:, :T]
 
 
 class _ChunkScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, log_a: Tensor, h0: Tensor | None, chunk_size: int):
-        log_a32 = log_a.float()
+        a = log_a.float().exp()
         h0_32 = None if h0 is None else h0.float()
-        h = _scan(x.float(), log_a32, h0_32, chunk_size)
-        ctx.save_for_backward(h, log_a32, h0_32)
+        h = _scan(x.float(), a, h0_32, chunk_size)
+        ctx.save_for_backward(h, a, h0_32)
         ctx.chunk_size, ctx.dtypes = chunk_size, (x.dtype, log_a.dtype, None if h0 is None else h0.dtype)
         return h, h[:, -1].clone()
 
     @staticmethod
     def backward(ctx, dh: Tensor, dh_final: Tensor):
-        h, log_a, h0 = ctx.saved_tensors
-        next_log_a = torch.cat([log_a[:, 1:], torch.zeros_like(log_a[:, :1])], 1)
-        g = _scan(dh.float().flip(1), next_log_a.flip(1), dh_final.float(), ctx.chunk_size).flip(1)
-        a = log_a.exp()
-        h_prev = torch.cat([torch.zeros_like(h[:, :1]) if h0 is None else h0.unsqueeze(1), h[:, :-1]], 1)
+        h, a, h0 = ctx.saved_tensors
+        next_a = torch.cat([a[:, 1:], torch.ones_like(a[:, :1])], 1)  # a_{t+1}; 1 carries dh_final in
+        g = _scan(dh.float(), next_a, dh_final.float(), ctx.chunk_size, reverse=True)
+        dlog_a = torch.empty_like(g)  # g_t · a_t · h_{t−1}
+        torch.mul(g[:, 1:], h[:, :-1], out=dlog_a[:, 1:])
+        dlog_a[:, 0] = 0 if h0 is None else g[:, 0] * h0
+        dlog_a.mul_(a)
         x_dtype, log_a_dtype, h0_dtype = ctx.dtypes
         dh0 = None if h0 is None else (g[:, 0] * a[:, 0]).to(h0_dtype)
-        return g.to(x_dtype), (g * a * h_prev).to(log_a_dtype), dh0, None
+        return g.to(x_dtype), dlog_a.to(log_a_dtype), dh0, None
 
 
 def dynamic_decay_chunk(
