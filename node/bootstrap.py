@@ -95,7 +95,7 @@ def bootstrap(args) -> int:
         seal_loop(run, replica, gossip, identity, state)
         return 0
     except KeyboardInterrupt:
-        if transport.stopped_by_signal == signal.SIGTERM:
+        if transport.stopped_by_signal in (signal.SIGTERM, signal.SIGINT):
             return 0  # asked to stop, and stopped cleanly
         raise
     finally:

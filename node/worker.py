@@ -83,6 +83,7 @@ class Worker:
             role="worker",
             bootstrap_peers=bootstrap,
             tokenizer_path=Path(corpus.path) / "tokenizer.json",
+            presence={"key": identity.public_hex, "device": describe_device(device)},
         )
         self.spec = model_spec(run)
         self.model = NordLM(run.model).to(device)
@@ -310,6 +311,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
 def shard_for(peer_id: str, override: str | None) -> tuple[int, int]:
     """`--shard i/n`, else shard hash(peer id) mod DEFAULT_SHARDS of DEFAULT_SHARDS."""
     if override:
@@ -365,7 +372,8 @@ def join(args) -> int:
         replica = worker.replica
         return 0
     except KeyboardInterrupt:
-        if transport.stopped_by_signal == signal.SIGTERM:
+        if transport.stopped_by_signal in (signal.SIGTERM, signal.SIGINT):
+            tqdm.write("stopped; run the same command again to resume")
             return 0  # asked to stop, and stopped cleanly
         raise
     finally:

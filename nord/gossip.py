@@ -17,7 +17,7 @@ One exchange with peer P, started by either side (so client-mode peers, which no
 part): `sync` brings what P has and we lack, then `push` sends what P lacks by P's digest. New
 contributions are also pushed at once to every reachable peer and announced in the DHT:
 
-    nord/<run>/peers              subkey <peer id>         {role, client_mode}          (presence)
+    nord/<run>/peers              subkey <peer id>         {role, client_mode, key?, device?}  (presence)
     nord/<run>/contrib/<round>    subkey <cid>/<holder>    {cid, round, size, holder}
 
 so a peer that sees a record for a contribution it lacks pulls it from any holder, not only its author.
@@ -27,7 +27,8 @@ Thread safety: handlers run in transport threads. Everything here takes `Gossip.
 owners (worker, coordinator) must hold it too whenever they touch the replica.
 
 Public API (stable):
-    Gossip(transport, replica, run_config_json, role=, bootstrap_peers=, tokenizer_path=, on_update=)
+    Gossip(transport, replica, run_config_json, role=, bootstrap_peers=, tokenizer_path=, on_update=,
+           presence=)
         .serve()                       register the handlers, announce presence
         .heartbeat()                   refresh presence (every ~PEER_TTL_S / 3)
         .lock                          RLock guarding .replica
@@ -146,6 +147,7 @@ class Gossip:
         bootstrap_peers: peer ids always tried (the run's bootstrap peers), besides those found in the DHT.
         tokenizer_path: tokenizer.json to serve, if this peer has one.
         on_update: called (without the lock) after anything new was accepted from a peer.
+        presence: extra fields of this peer's presence record, e.g. {"key": signing key hex, "device": ...}.
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class Gossip:
         bootstrap_peers: tuple[str, ...] = (),
         tokenizer_path: str | Path | None = None,
         on_update: Callable[[], None] | None = None,
+        presence: dict[str, Any] | None = None,
     ) -> None:
         self.transport = transport
         self.replica = replica
@@ -167,6 +170,7 @@ class Gossip:
         self.bootstrap_peers = tuple(p for p in bootstrap_peers if p != transport.peer_id)
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
         self.on_update = on_update
+        self.presence = dict(presence or {})
         self.lock = threading.RLock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="nord-gossip")
         self._snapshot_cache: tuple[str, bytes] | None = None
@@ -270,7 +274,7 @@ class Gossip:
 
     def heartbeat(self) -> None:
         """Refresh this peer's presence record (call every ~PEER_TTL_S / 3)."""
-        record = {"role": self.role, "client_mode": self.transport.config.client_mode}
+        record = {**self.presence, "role": self.role, "client_mode": self.transport.config.client_mode}
         try:
             self.transport.store_record(
                 f"nord/{self.run_id}/peers", self.transport.peer_id, record, PEER_TTL_S
