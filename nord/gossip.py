@@ -103,7 +103,7 @@ def hello(transport: Transport, peer_id: str, run_id: str) -> dict[str, Any]:
             peer_id, "hello", _pack({"run_id": run_id}), max_reply_bytes=SMALL_REQUEST_BYTES
         )
     except TransportError as e:
-        if "not found" in str(e):
+        if "not found on this peer" in str(e):
             raise RunNotFound(str(e)) from None
         raise
     return _unpack(reply, "hello reply")
