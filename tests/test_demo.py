@@ -4,6 +4,8 @@ stops it cleanly, and no process (worker, coordinator, DHT child, p2pd, p2pd wat
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from nord.demo import DemoConfig
-from nord.demo.processes import leftover_processes, spawn, stop_children
+from nord.cli import main
+from nord.demo import DemoConfig, free_port
+from nord.demo.processes import leftover_processes, spawn, stop_children, stop_signals_raise
 from nord.errors import ConfigError
 
 
@@ -59,8 +62,7 @@ PEER_SCRIPT = textwrap.dedent(
     """
     import signal, sys, time
     from nord.transport import Transport, TransportConfig
-    if sys.argv[2] == "ignore-term":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a stuck child: only SIGKILL ends it
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a stuck child: only SIGKILL ends it
     Transport.start(TransportConfig(identity_path=sys.argv[1], local_only=True))
     print("peer" + "-up", flush=True)  # spelled apart: the log also echoes this script
     time.sleep(600)
@@ -69,13 +71,13 @@ PEER_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.p2p
-@pytest.mark.parametrize("behaviour", ["ignore-term", "default"])
-def test_stopping_children_leaves_no_dht_or_p2pd_behind(tmp_path, behaviour):
+def test_a_child_that_ignores_sigterm_is_killed_with_its_dht_and_p2pd(tmp_path):
+    # (the clean-SIGTERM path is covered by the whole-demo tests below)
     key = tmp_path / "peer" / "p2p.key"
     key.parent.mkdir()
     child = spawn(
         "peer",
-        [sys.executable, "-c", PEER_SCRIPT, str(key), behaviour],
+        [sys.executable, "-c", PEER_SCRIPT, str(key)],
         tmp_path / "peer.log",
         dict(os.environ),
     )
@@ -86,11 +88,10 @@ def test_stopping_children_leaves_no_dht_or_p2pd_behind(tmp_path, behaviour):
     started = hivemind_processes(tmp_path)
     assert any("p2pd" in argv[0] for argv in started.values()), "the peer did not start a p2pd"
 
-    stuck = behaviour == "ignore-term"
-    killed = stop_children([child], timeout_s=3.0 if stuck else 20.0)
+    killed = stop_children([child], timeout_s=3.0)
 
-    assert child.proc.returncode is not None
-    assert killed == (["peer"] if stuck else [])
+    assert child.proc.returncode == -signal.SIGKILL
+    assert killed == ["peer"]
     assert not wait_until_gone(str(tmp_path)), "a process naming the state dir survived"
     deadline = time.monotonic() + 10  # the watchdog notices its parent's death and exits by itself
     while (alive := [pid for pid in started if is_alive(pid)]) and time.monotonic() < deadline:
@@ -128,17 +129,18 @@ def test_bad_demo_flags_fail_before_anything_starts(kwargs, message):
         DemoConfig(**kwargs)
 
 
-def test_fresh_refuses_to_delete_a_directory_the_demo_did_not_make(tmp_path):
+def test_fresh_refuses_to_delete_a_directory_the_demo_did_not_make(tmp_path, capsys):
     (tmp_path / "precious.txt").write_text("keep me")
-    out = subprocess.run(
-        [sys.executable, "-m", "nord.cli", "demo", "--state-dir", str(tmp_path), "--fresh"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 2
-    assert "refuses to delete" in out.stderr
+    assert main(["demo", "--state-dir", str(tmp_path), "--fresh"]) == 2
+    assert "refuses to delete" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_sigterm_is_handled_like_ctrl_c():
+    with pytest.raises(KeyboardInterrupt), stop_signals_raise():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_leftover_sweep_kills_only_processes_naming_paths_inside_the_state_dir(tmp_path):
@@ -154,3 +156,93 @@ def test_leftover_sweep_kills_only_processes_naming_paths_inside_the_state_dir(t
         naming_root.kill()
         naming_child.kill()
         naming_root.wait()
+
+
+# ------------------------------------------------------------------------------------- the whole demo
+
+
+@pytest.fixture(scope="module")
+def prepared_corpus(tmp_path_factory):
+    """The tiny demo's corpus, prepared once and copied into each demo's state dir (it is a cache)."""
+    from nord.data import DataConfig, prepare
+    from nord.recipes import get_config
+
+    root = tmp_path_factory.mktemp("corpus")
+    prepare(DataConfig(vocab_size=get_config("tiny").vocab_size), root, progress=False)
+    return root
+
+
+def start_demo(state_dir: Path, corpus: Path, *flags: str) -> tuple[subprocess.Popen, Path]:
+    shutil.copytree(corpus, state_dir / "data")
+    (state_dir / ".nord-demo").touch()
+    out = state_dir.parent / f"{state_dir.name}.out"
+    argv = [
+        sys.executable,
+        "-m",
+        "nord.cli",
+        "demo",
+        "--model",
+        "tiny",
+        "--workers",
+        "2",
+        "--inner-steps",
+        "5",
+    ]
+    argv += ["--state-dir", str(state_dir), "--http", f"127.0.0.1:{free_port('127.0.0.1')}", *flags]
+    with open(out, "w") as f:
+        return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, text=True), out
+
+
+def assert_nothing_left(state_dir: Path) -> None:
+    left = wait_until_gone(str(state_dir) + "/", timeout_s=10.0)
+    assert not left, f"processes outlived the demo: {left}"
+
+
+@pytest.mark.slow
+@pytest.mark.p2p
+def test_demo_runs_a_round_and_leaves_a_checkpoint_nord_generate_loads(tmp_path, prepared_corpus):
+    state = tmp_path / "demo"
+    state.mkdir()
+    demo, out = start_demo(state, prepared_corpus, "--rounds", "1")
+    try:
+        assert demo.wait(timeout=240) == 0, out.read_text()
+    finally:
+        demo.kill()
+    text = out.read_text()
+    assert "round   0 sealed | val loss" in text
+    assert_nothing_left(state)
+
+    (command,) = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("nord generate ")]
+    argv = shlex.split(command)
+    assert Path(argv[2]).is_file()
+    generated = subprocess.run(
+        [sys.executable, "-m", "nord.cli", *argv[1:], "--tokens", "8", "--seed", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.startswith("ROMEO:")
+
+
+@pytest.mark.slow
+@pytest.mark.p2p
+def test_ctrl_c_mid_round_exits_cleanly_with_nothing_left(tmp_path, prepared_corpus):
+    signum, when = signal.SIGINT, "worker(s) training"
+    state = tmp_path / "demo"
+    state.mkdir()
+    demo, out = start_demo(state, prepared_corpus)
+    try:
+        deadline = time.monotonic() + 120
+        while when not in out.read_text() and time.monotonic() < deadline:
+            assert demo.poll() is None, out.read_text()
+            time.sleep(0.2)
+        assert when in out.read_text()
+        time.sleep(3)  # mid-round: the workers are training
+        demo.send_signal(signum)
+        code = demo.wait(timeout=90)
+    finally:
+        demo.kill()
+    assert code == 130, out.read_text()
+    assert "interrupted" in out.read_text()
+    assert_nothing_left(state)

@@ -360,6 +360,11 @@ def run(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         fresh=args.fresh,
     )
+    with stop_signals_raise():  # SIGTERM cleans up exactly like Ctrl-C, in every phase
+        return run_demo(cfg)
+
+
+def run_demo(cfg: DemoConfig) -> int:
     prepare_state_dir(cfg)
     env = child_env(cfg)
     run_json = ensure_run_config(cfg, env)
@@ -368,29 +373,26 @@ def run(args: argparse.Namespace) -> int:
     workers: list[Child] = []
     checkpoint: Path | None = None
     interrupted = False
-    with stop_signals_raise():
-        try:
-            coordinator = spawn(
-                "coordinator", serve_argv(cfg, run_json), cfg.state_dir / "coordinator.log", env
-            )
-            summary = wait_until_ready(coordinator, cfg.dashboard_url, cfg.ready_timeout_s)
-            print_banner(cfg, summary)
-            for i in range(cfg.workers):
-                workers.append(
-                    spawn(
-                        f"worker-{i}",
-                        worker_argv(cfg, i, summary["multiaddrs"]),
-                        cfg.state_dir / f"worker-{i}.log",
-                        env,
-                    )
+    try:
+        coordinator = spawn("coordinator", serve_argv(cfg, run_json), cfg.state_dir / "coordinator.log", env)
+        summary = wait_until_ready(coordinator, cfg.dashboard_url, cfg.ready_timeout_s)
+        print_banner(cfg, summary)
+        for i in range(cfg.workers):
+            workers.append(
+                spawn(
+                    f"worker-{i}",
+                    worker_argv(cfg, i, summary["multiaddrs"]),
+                    cfg.state_dir / f"worker-{i}.log",
+                    env,
                 )
-            watch(cfg, coordinator, workers, start_sealed=summary["sealed_rounds"])
-        except KeyboardInterrupt:
-            interrupted = True
-            print("\ninterrupted: stopping the workers and the coordinator…", file=sys.stderr)
-        finally:
-            with signals_ignored_while_stopping():
-                checkpoint = shut_down(cfg, env, coordinator, workers)
+            )
+        watch(cfg, coordinator, workers, start_sealed=summary["sealed_rounds"])
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping the workers and the coordinator…", file=sys.stderr)
+    finally:
+        with signals_ignored_while_stopping():
+            checkpoint = shut_down(cfg, env, coordinator, workers)
     if checkpoint is None:
         print(f"no round was sealed yet, so there is no checkpoint; logs are in {cfg.state_dir}")
     else:
