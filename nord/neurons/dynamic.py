@@ -53,14 +53,48 @@ class SpikeConfig(NamedTuple):
     alpha: float = 2.0
 
 
+class _DecayGates(torch.autograd.Function):
+    """(log a, (1 − a)·X) from [window; X] with a hand-written backward: 2 full-size temporaries forward
+    and ~3 + k backward, where autograd through the k taps would allocate ~4k (CPU time is allocation-bound).
+
+    With a = σ(z):  d log a / dz = 1 − a,   d(1 − a)X / dz = −a(1 − a)X,   d(1 − a)X / dX = 1 − a.
+    """
+
+    @staticmethod
+    def forward(ctx, x_padded: Tensor, weight: Tensor, bias: Tensor):
+        k = weight.shape[1]
+        T = x_padded.shape[1] - k + 1
+        z = x_padded[:, :T] * weight[:, 0]  # (B, T, D)
+        for j in range(1, k):  # k taps (a conv), not a loop over time
+            z.addcmul_(x_padded[:, j : j + T], weight[:, j])
+        z.add_(bias)
+        log_a = F.logsigmoid(z)
+        scaled = z.neg_().sigmoid_().mul_(x_padded[:, k - 1 :])  # (1 − a)·X, in z's memory
+        ctx.save_for_backward(x_padded, weight, log_a)
+        return log_a, scaled
+
+    @staticmethod
+    def backward(ctx, dlog_a: Tensor, dscaled: Tensor):
+        x_padded, weight, log_a = ctx.saved_tensors
+        k = weight.shape[1]
+        T = log_a.shape[1]
+        x = x_padded[:, k - 1 :]
+        a = log_a.exp()
+        dz = (dscaled * x).mul_(a).neg_().add_(dlog_a)  # dlog_a − dscaled·a·X, times (1 − a) below
+        one_minus_a = a.neg_().add_(1)
+        dz.mul_(one_minus_a)
+        dx = torch.zeros_like(x_padded)
+        dx[:, k - 1 :].addcmul_(dscaled, one_minus_a)
+        dweight = torch.empty_like(weight)
+        for j in range(k):
+            dx[:, j : j + T].addcmul_(dz, weight[:, j])
+            dweight[:, j] = (dz * x_padded[:, j : j + T]).sum((0, 1))
+        return dx, dweight, dz.sum((0, 1))
+
+
 def decay_gates(x_padded: Tensor, p: DynamicDecayParams) -> tuple[Tensor, Tensor]:
-    """(log a_t, 1 − a_t) for x_padded = [window; X] of shape (B, k−1+T, D); both (B, T, D)."""
-    k = p.conv_weight.shape[1]
-    T = x_padded.shape[1] - k + 1
-    z = p.conv_bias
-    for j in range(k):  # k taps (a conv), not a loop over time
-        z = z + x_padded[:, j : j + T] * p.conv_weight[:, j]
-    return F.logsigmoid(z), torch.sigmoid(-z)
+    """(log a_t, (1 − a_t)·X_t) for x_padded = [window; X] of shape (B, k−1+T, D); both (B, T, D)."""
+    return _DecayGates.apply(x_padded, p.conv_weight, p.conv_bias)
 
 
 def fire(h: Tensor, threshold: Tensor, cfg: SpikeConfig) -> Tensor:
@@ -77,8 +111,8 @@ def dynamic_decay_neuron_scan(
     """Whole sequence: x (B, T, D) -> (spikes (B, T, D), H (B, T, D), state after the last step)."""
     T = x.shape[1]
     x_padded = torch.cat([state.window, x.float()], 1)
-    log_a, gain = decay_gates(x_padded, p)
-    h, h_final = dynamic_decay_chunk(gain * x_padded[:, -T:], log_a, state.h, True, chunk_size)
+    log_a, scaled = decay_gates(x_padded, p)
+    h, h_final = dynamic_decay_chunk(scaled, log_a, state.h, True, chunk_size)
     return fire(h, p.threshold, cfg), h, DynamicDecayState(h_final, x_padded[:, T:])
 
 
@@ -87,8 +121,8 @@ def dynamic_decay_neuron_step(
 ) -> tuple[Tensor, Tensor, DynamicDecayState]:
     """One token: x_t (B, D) -> (spikes (B, D), H_t (B, D), new state); O(1) in the position."""
     x_padded = torch.cat([state.window, x_t.float().unsqueeze(1)], 1)
-    log_a, gain = decay_gates(x_padded, p)
-    h = log_a[:, 0].exp() * state.h + gain[:, 0] * x_padded[:, -1]
+    log_a, scaled = decay_gates(x_padded, p)
+    h = log_a[:, 0].exp() * state.h + scaled[:, 0]
     return fire(h, p.threshold, cfg), h, DynamicDecayState(h, x_padded[:, 1:])
 
 

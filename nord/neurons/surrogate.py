@@ -22,17 +22,18 @@ from torch import Tensor
 from nord.errors import ConfigError
 
 
+# In-place chains on one fresh tensor: CPU backward time is dominated by full-size allocations.
 def _atan(v: Tensor, alpha: float) -> Tensor:
-    return (alpha / 2) / (1 + (math.pi / 2 * alpha * v) ** 2)
+    return (v * (math.pi / 2 * alpha)).square_().add_(1).reciprocal_().mul_(alpha / 2)
 
 
 def _sigmoid(v: Tensor, alpha: float) -> Tensor:
-    s = torch.sigmoid(alpha * v)
-    return alpha * s * (1 - s)
+    s = (v * alpha).sigmoid_()
+    return (1 - s).mul_(s).mul_(alpha)
 
 
 def _triangle(v: Tensor, alpha: float) -> Tensor:
-    return alpha * (1 - alpha * v.abs()).clamp_min(0)
+    return v.abs().mul_(-alpha).add_(1).clamp_min_(0).mul_(alpha)
 
 
 SURROGATES: dict[str, Callable[[Tensor, float], Tensor]] = {
@@ -60,7 +61,7 @@ class _Spike(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (v,) = ctx.saved_tensors
-        return grad * SURROGATES[ctx.surrogate](v, ctx.alpha), None, None
+        return SURROGATES[ctx.surrogate](v, ctx.alpha).mul_(grad), None, None
 
 
 class _IntegerSpike(torch.autograd.Function):
@@ -74,8 +75,10 @@ class _IntegerSpike(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (u,) = ctx.saved_tensors
         derivative = SURROGATES[ctx.surrogate]
-        slope = sum(derivative(u - k, ctx.alpha) for k in range(1, ctx.max_spikes + 1))
-        return grad * slope, None, None, None
+        slope = derivative(u - 1, ctx.alpha)
+        for k in range(2, ctx.max_spikes + 1):
+            slope.add_(derivative(u - k, ctx.alpha))
+        return slope.mul_(grad), None, None, None
 
 
 def spike(v: Tensor, surrogate: str = "atan", alpha: float = 2.0) -> Tensor:

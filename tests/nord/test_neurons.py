@@ -248,3 +248,13 @@ def test_dynamic_neuron_recurrence_stays_float32_under_autocast():
         _, membrane, state = neuron(x)
     assert membrane.dtype == torch.float32 and state.h.dtype == torch.float32
     assert_close("membrane", reference, membrane, ratio=1e-6)
+
+
+def test_decay_gates_backward_matches_finite_differences():
+    from nord.neurons.dynamic import _DecayGates
+
+    gen = torch.Generator().manual_seed(7)
+    x_padded = torch.randn(2, 9, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    weight = (torch.randn(5, 4, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
+    bias = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(_DecayGates.apply, (x_padded, weight, bias))
