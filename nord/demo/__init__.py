@@ -262,12 +262,12 @@ def serve_argv(cfg: DemoConfig, run_json: Path) -> list[str]:
 
 
 def print_banner(cfg: DemoConfig, summary: dict) -> None:
-    rounds = f"{cfg.rounds} round(s)" if cfg.rounds else "until Ctrl-C"
+    rounds = f"for {cfg.rounds} round(s)" if cfg.rounds else "until Ctrl-C"
     print(f"dashboard:  {cfg.dashboard_url}")
     loopback_note = " (start the demo with --host 0.0.0.0 first)" if cfg.host == "127.0.0.1" else ""
     print(f"join from another machine{loopback_note}:")
     print(f"  {summary['join_command']}")
-    print(f"{cfg.workers} worker(s) training {cfg.model} for {rounds}; logs in {cfg.state_dir}", flush=True)
+    print(f"{cfg.workers} worker(s) training {cfg.model} {rounds}; logs in {cfg.state_dir}", flush=True)
 
 
 def pull_checkpoint(cfg: DemoConfig, env: dict[str, str]) -> Path | None:
