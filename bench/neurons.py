@@ -5,8 +5,11 @@
     psn      PSN-style (Fang et al. 2023): H = W·X over time with a learned lower-triangular T×T matrix W,
              spikes Θ(H − θ); O(T²) time and memory, skipped where W and its gradient exceed --psn-max-gib
 
-Every size keeps the number of tokens per batch fixed (B = --tokens // T) and N neurons, so the columns
-compare cost per token as T grows. Loss = Σ spikes·g (random g), so backward runs through the surrogates.
+Every size keeps B·T·N fixed (--elements, default 2^22: one 16 MiB float32 activation), with N = --dim and
+B = elements / (T·N); where that would make B < 1, B = 1 and N = elements / T. So the columns compare cost
+per neuron-step as T grows. Loss = Σ spikes·g (random g), so backward runs through the surrogates.
+Keep one activation ≤ 32 MiB on Linux: glibc serves larger blocks with fresh mmaps, and the page faults
+then cost the full-sequence layers (not LIF's small per-step tensors) ~4× CPU time.
 
     python bench/neurons.py [--quick] [--device cuda] [--out bench/results/neurons.json]
 """
@@ -74,54 +77,56 @@ def time_interleaved(steps: dict, repeats: int, device: torch.device) -> dict[st
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384])
-    parser.add_argument("--tokens", type=int, default=16384, help="B·T per batch, kept fixed (B = tokens/T)")
-    parser.add_argument("--dim", type=int, default=512, help="N neurons")
+    parser.add_argument("--elements", type=int, default=2**22, help="B·T·N, kept fixed across lengths")
+    parser.add_argument("--dim", type=int, default=512, help="N neurons (smaller where B would be < 1)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--psn-max-gib", type=float, default=1.0, help="skip PSN when 3·T²·4 bytes exceed it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--quick", action="store_true", help="T in {256, 1024}, 4096 tokens, N=128, 1 repeat")
+    parser.add_argument("--quick", action="store_true", help="T in {256, 1024}, B·T·N = 2^19, 1 repeat")
     parser.add_argument("--out", type=Path, default=Path("bench/results/neurons.json"))
     args = parser.parse_args()
     if args.quick:
-        args.lengths, args.tokens, args.dim, args.repeats = [256, 1024], 4096, 128, 1
+        args.lengths, args.elements, args.repeats = [256, 1024], 2**19, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
 
     rows = []
     for T in tqdm(args.lengths, desc="lengths"):
-        B = max(1, args.tokens // T)
-        x = torch.randn(B, T, args.dim, device=device, requires_grad=True)
+        B = max(1, args.elements // (T * args.dim))
+        N = args.elements // (B * T)
+        x = torch.randn(B, T, N, device=device, requires_grad=True)
         steps = {
-            "dynamic": make_step(DynamicDecayNeuron(args.dim, chunk_size=args.chunk_size).to(device), x),
-            "lif": make_step(LIFNeuron(args.dim).to(device), x),
+            "dynamic": make_step(DynamicDecayNeuron(N, chunk_size=args.chunk_size).to(device), x),
+            "lif": make_step(LIFNeuron(N).to(device), x),
         }
         # PSN's T×T weight, its gradient and the masked copy must fit --psn-max-gib
         if 3 * T * T * 4 <= args.psn_max_gib * 2**30:
-            steps["psn"] = make_step(PSNLayer(args.dim, T).to(device), x)
+            steps["psn"] = make_step(PSNLayer(N, T).to(device), x)
         times = time_interleaved(steps, args.repeats, device)
         rows.append(
             {"T": T, "B": B, "N": args.dim, **{name: times.get(name) for name in ("dynamic", "lif", "psn")}}
         )
 
-    header = f"{'T':>6} {'B':>4} {'N':>4} | {'dynamic ms':>10} {'LIF ms':>9} {'PSN ms':>9} | "
-    header += f"{'LIF/dyn':>7} {'PSN/dyn':>7} | {'LIF/dyn':>7} {'PSN/dyn':>7}"
-    print(f"{'wall-clock medians':>52} | {'wall ratios':>15} | {'CPU-time ratios':>15}")
+    names = ("dynamic", "lif", "psn")
+    header = f"{'T':>6} {'B':>3} {'N':>4} |"
+    for key in ("CPU", "wall"):
+        header += f" {'dyn ' + key:>9} {'LIF':>8} {'PSN':>8} {'LIF/dyn':>7} {'PSN/dyn':>7} |"
+    print("times in ms (median); CPU = user + sys time of this process, robust to other load")
     print(header)
     print("-" * len(header))
     for r in rows:
-        dyn, lif, psn = r["dynamic"], r["lif"], r["psn"]
-        psn_ms = f"{psn['wall_s'] * 1e3:9.1f}" if psn else f"{'skipped':>9}"
-
-        def ratio(other, key, dyn=dyn):
-            return f"{other[key] / dyn[key]:7.2f}" if other else f"{'-':>7}"
-
-        print(
-            f"{r['T']:>6} {r['B']:>4} {r['N']:>4} | {dyn['wall_s'] * 1e3:10.1f} {lif['wall_s'] * 1e3:9.1f} "
-            f"{psn_ms} | {ratio(lif, 'wall_s')} {ratio(psn, 'wall_s')} | {ratio(lif, 'cpu_s')} {ratio(psn, 'cpu_s')}"
-        )
+        line = f"{r['T']:>6} {r['B']:>3} {r['N']:>4} |"
+        for key in ("cpu_s", "wall_s"):
+            ms = [
+                f"{r[n][key] * 1e3:{9 if n == 'dynamic' else 8}.1f}" if r[n] else f"{'skipped':>8}"
+                for n in names
+            ]
+            ratios = [f"{r[n][key] / r['dynamic'][key]:7.2f}" if r[n] else f"{'-':>7}" for n in names[1:]]
+            line += f" {' '.join(ms)} {' '.join(ratios)} |"
+        print(line)
     print(f"PSN skipped where 3·T²·4 bytes > {args.psn_max_gib} GiB (T×T weight, gradient, masked copy).")
     meta = {
         "device": str(device),
@@ -130,7 +135,7 @@ def main() -> int:
         "machine": platform.processor() or platform.machine(),
         "chunk_size": args.chunk_size,
         "repeats": args.repeats,
-        "tokens_per_batch": args.tokens,
+        "elements": args.elements,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
