@@ -13,16 +13,19 @@ from nord.memory import activation_bytes, count_params, estimate_training_memory
 from nord.model import NordLM
 from nord.recipes import get_config
 
-# Runs in a fresh process: peak RSS over the RSS before building and training `recipe` for one AdamW step
-# (fp32, Linux: /proc/self/statm and ru_maxrss).
+# Runs in a fresh process: the peak growth of anonymous resident memory (Linux /proc/self/status
+# RssAnon, polled by a thread every 0.2 ms; file-backed pages such as libtorch's code are left out, since
+# the kernel may evict and re-fault them) while building and training `recipe` for one AdamW step in fp32.
 # A micro model first warms every code path, so lazy library initialisation is not counted.
 PEAK_RSS_SCRIPT = """
-import json, resource, sys, torch
+import dataclasses, json, sys, threading, time, torch
 from nord.model import NordLM
 from nord.recipes import get_config
-import dataclasses
 torch.set_num_threads(1)
 name, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 def one_step(model, b, t):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, model.cfg.vocab_size, (b, t))
@@ -31,11 +34,17 @@ def one_step(model, b, t):
     opt.step()
 micro = dataclasses.replace(get_config("tiny"), vocab_size=64, d_model=16, d_mlp=32, n_memory_slots=4)
 one_step(NordLM(micro), 1, 8)
-page = resource.getpagesize()
-with open("/proc/self/statm") as f:
-    before = int(f.read().split()[1]) * page  # resident now (the high-water mark may be higher)
+before, peak, done = anon(), [0], threading.Event()
+def poll():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.0002)
+watcher = threading.Thread(target=poll)
+watcher.start()
 one_step(NordLM(get_config(name)), batch, seq)
-print(json.dumps({"peak_growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}))
+done.set()
+watcher.join()
+print(json.dumps({"peak_growth": max(peak[0], anon()) - before}))
 """
 
 
@@ -111,8 +120,8 @@ def test_estimate_is_within_margin_of_measured_peak_rss(name, batch, seq):
     )
     estimated = est.total - est.overhead  # no CUDA context on CPU
     # The estimate adds every term; the real peak overlaps some (activations die as grads appear) and
-    # adds allocator slack (~5-10 MiB, which matters for tiny). Measured: tiny 1.10-1.20x, small 0.91-1.06x.
-    assert 0.6 * estimated <= measured <= 1.5 * estimated, (measured, estimated)
+    # adds allocator slack. Measured under load: tiny 1.03-1.08x, small 0.91-0.93x of the estimate.
+    assert 0.6 * estimated <= measured <= 1.3 * estimated, (measured, estimated)
 
 
 def test_nord_1b_fits_a_t4_only_with_the_memory_savers():
