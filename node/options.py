@@ -50,20 +50,27 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {p}")
     text = p.read_text(encoding="utf-8")
     try:
-        if p.suffix.lower() == ".toml":
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:  # pragma: no cover - Python 3.10
-                import tomli as tomllib
-            raw = tomllib.loads(text)
-        else:
-            raw = json.loads(text)
-    except (ValueError, ImportError) as e:
+        raw = _toml_module(p).loads(text) if p.suffix.lower() == ".toml" else json.loads(text)
+    except ValueError as e:
         kind = "TOML" if p.suffix.lower() == ".toml" else "JSON"
         raise ConfigError(f"config file {p} is not valid {kind}: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a table/object of flag names")
     return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+def _toml_module(p: Path):
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
+    try:  # Python 3.10
+        import tomli
+    except ImportError:
+        raise ConfigError(
+            f"{p}: TOML config files need Python 3.11+ or `pip install tomli`; or use JSON"
+        ) from None
+    return tomli
 
 
 def _config_path(argv: list[str]) -> str | None:

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 PEER_TTL_S = 60.0  # presence records expire unless refreshed by `heartbeat`
 BACKOFF_S = 15.0  # a peer that failed a request is skipped this long
+PUSH_TIMEOUT_S = 30.0  # a push that takes longer is left to anti-entropy
 RECORD_TTL_S = 900.0  # contribution records
 SYNC_BUDGET_BYTES = 32 << 20  # envelope bytes per sync reply; the caller asks again while `more`
 SMALL_REQUEST_BYTES = 1 << 20
@@ -335,7 +336,10 @@ class Gossip:
     def _push_one(self, peer: str, body: bytes) -> int:
         try:
             reply = _unpack(
-                self.transport.request(peer, "push", body, max_reply_bytes=SMALL_REQUEST_BYTES), "push"
+                self.transport.request(
+                    peer, "push", body, max_reply_bytes=SMALL_REQUEST_BYTES, timeout_s=PUSH_TIMEOUT_S
+                ),
+                "push",
             )
             self._backoff.pop(peer, None)
             return int(bool(reply.get("accepted")))

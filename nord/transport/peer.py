@@ -225,8 +225,11 @@ class Transport:
                 f"peer {short(peer_id)} unreachable for {name!r}: {daemon.first_line(e)}"
             ) from None
         try:
-            await write_frame(writer, KIND_REQUEST, body)
-            self.bytes_sent += OVERHEAD_BYTES + len(body)
+            try:
+                await write_frame(writer, KIND_REQUEST, body)
+                self.bytes_sent += OVERHEAD_BYTES + len(body)
+            except ConnectionError:
+                pass  # the peer refused early (e.g. too big); its reason may already wait in `reader`
             kind, reply = await read_frame(reader, max_reply_bytes, who=f"peer {short(peer_id)}")
             self.bytes_received += OVERHEAD_BYTES + len(reply)
         except (ConnectionError, asyncio.IncompleteReadError) as e:
@@ -253,6 +256,7 @@ class Transport:
                 except TransportError as e:
                     logger.info("rejected a request from %s: %s", short(peer), e)
                     await write_error(writer, str(e))
+                    await _discard_until_closed(reader)
                     return
                 try:
                     reply = await self._loop.run_in_executor(self._executor, fn, peer, body)
@@ -297,3 +301,18 @@ class Transport:
             coro.close()
             raise TransportError("the transport is shut down")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+
+async def _discard_until_closed(reader: asyncio.StreamReader, timeout_s: float = 2.0) -> None:
+    """After refusing a request unread, let the caller read why before the stream goes away.
+
+    Closing with unread incoming bytes can reset the stream and lose the error frame already sent; so
+    read and drop what still arrives until the caller hangs up, for at most `timeout_s`.
+    """
+
+    async def drain() -> None:
+        while await reader.read(1 << 20):
+            pass
+
+    with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+        await asyncio.wait_for(drain(), timeout_s)

@@ -112,8 +112,10 @@ def test_handler_errors_reach_the_caller_as_one_line(pair):
 
 def test_request_over_the_handlers_cap_is_refused_without_reading_it(pair):
     server, client = pair
-    with pytest.raises(TransportError, match="limit here is 1024 bytes"):
-        client.request(server.peer_id, "refuse", b"x" * 2000)
+    for size in (2000, 3 << 20):  # small, and large enough to be still in flight when refused
+        with pytest.raises(TransportError, match="limit here is 1024 bytes"):
+            client.request(server.peer_id, "refuse", b"x" * size)
+    assert client.request(server.peer_id, "echo", b"ok") == b"ko"
 
 
 def test_reply_over_the_callers_cap_is_refused(pair):
