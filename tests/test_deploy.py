@@ -240,3 +240,36 @@ def test_backup_script_refuses_a_directory_without_run_json(tmp_path):
         ["bash", str(script), str(tmp_path), str(tmp_path / "b")], capture_output=True, text=True
     )
     assert out.returncode == 2 and "run.json" in out.stderr
+
+
+def compose_commands() -> dict[str, str]:
+    """Each service's shell command with the compose/shell variables filled in as the container would."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    values = {
+        "NORD_RUN": "demo",
+        "NORD_MODEL": "tiny",
+        "PEER": "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
+    }
+    out = {}
+    for name, service in services.items():
+        script = service["command"][-1].replace("$${NORD_ANNOUNCE:+--announce-maddrs $$NORD_ANNOUNCE}", "")
+        for key, value in values.items():
+            script = script.replace(f'"$${key}"', value).replace(f"$${key}", value)
+        out[name] = script
+    return out
+
+
+def test_compose_commands_parse_with_the_real_clis():
+    from coordinator.__main__ import build_parser as coordinator_parser
+    from node.__main__ import build_parser as node_parser
+
+    commands = compose_commands()
+    init, serve = (
+        shlex.split(part.strip().removeprefix("||").removeprefix("exec").strip())
+        for part in commands["coordinator"].split("test -f /state/run.json", 1)[1].split(";")
+    )
+    coordinator_parser().parse_args(init[1:])
+    assert coordinator_parser().parse_args(serve[1:]).http == "0.0.0.0:8080"
+    join = shlex.split(commands["worker"].split("exec ", 1)[1])
+    args = node_parser().parse_args(join[1:])
+    assert args.client_mode and args.initial_peers[0].startswith("/dns4/coordinator/tcp/31337/p2p/")
