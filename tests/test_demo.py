@@ -83,7 +83,7 @@ def test_a_child_that_ignores_sigterm_is_killed_with_its_dht_and_p2pd(tmp_path):
     )
     deadline = time.monotonic() + 60
     while "peer-up" not in child.log_path.read_text() and time.monotonic() < deadline:
-        assert child.proc.poll() is None, child.log_tail()
+        assert child.proc.poll() is None, child.last_words()
         time.sleep(0.2)
     started = hivemind_processes(tmp_path)
     assert any("p2pd" in argv[0] for argv in started.values()), "the peer did not start a p2pd"

@@ -101,10 +101,6 @@ def free_port(host: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Child processes
-# ----------------------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------------------
 # Talking to the coordinator
 # ----------------------------------------------------------------------------------------------------
 
@@ -124,8 +120,8 @@ def wait_until_ready(coordinator: Child, url: str, timeout_s: float) -> dict:
     while time.monotonic() < deadline:
         if coordinator.proc.poll() is not None:
             raise NordError(
-                f"the coordinator exited with code {coordinator.proc.returncode} while starting; "
-                f"last lines of {coordinator.log_path}:\n{coordinator.log_tail()}"
+                f"the coordinator exited with code {coordinator.proc.returncode} while starting: "
+                f"{coordinator.last_words()}"
             )
         summary = get_json(f"{url}/api/summary")
         if summary and summary.get("multiaddrs"):
@@ -167,17 +163,14 @@ def watch(cfg: DemoConfig, coordinator: Child, workers: list[Child], *, start_se
         time.sleep(1.0)
         if coordinator.proc.poll() is not None:
             raise NordError(
-                f"the coordinator exited with code {coordinator.proc.returncode}; "
-                f"last lines of {coordinator.log_path}:\n{coordinator.log_tail()}"
+                f"the coordinator exited with code {coordinator.proc.returncode}: {coordinator.last_words()}"
             )
         for w in workers:
             if w.proc.poll() is not None and w.name not in reported_dead:
                 reported_dead.add(w.name)
                 print(f"{w.name} exited with code {w.proc.returncode}; see {w.log_path}", file=sys.stderr)
         if len(reported_dead) == len(workers):
-            raise NordError(
-                f"every worker exited; last lines of {workers[0].log_path}:\n{workers[0].log_tail()}"
-            )
+            raise NordError(f"every worker exited: {workers[0].last_words()}")
         summary = get_json(f"{url}/api/summary")
         if not summary or summary["sealed_rounds"] <= sealed:
             continue

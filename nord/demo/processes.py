@@ -30,11 +30,15 @@ class Child:
     proc: subprocess.Popen
     log_path: Path
 
-    def log_tail(self, lines: int = 15) -> str:
+    def last_words(self) -> str:
+        """The last non-empty line of the child's log (its error, when it failed) and where the log is."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            lines = [
+                ln.strip() for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()
+            ]
         except OSError:
-            return ""
+            lines = []
+        return f"{lines[-1] if lines else 'no output'} (log: {self.log_path})"
 
 
 def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> Child:
