@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--poll-s", type=float, default=1.0, help="seconds between anti-entropy passes while waiting"
     )
     join.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    join.add_argument(
+        "--compact-every",
+        type=int,
+        default=8,
+        metavar="N",
+        help="fold sealed rounds into the local snapshot every N",
+    )
     join.set_defaults(func=_join)
 
     pull = sub.add_parser(

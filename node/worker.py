@@ -72,10 +72,11 @@ class Worker:
         bootstrap: tuple[str, ...],
         poll_s: float = 1.0,
         progress: bool = True,
+        compact_every: int = 8,
     ) -> None:
         self.run, self.transport, self.replica, self.state = run, transport, replica, state
         self.identity, self.corpus, self.shard, self.device = identity, corpus, shard, device
-        self.poll_s, self.progress = poll_s, progress
+        self.poll_s, self.progress, self.compact_every = poll_s, progress, compact_every
         self.gossip = Gossip(
             transport,
             replica,
@@ -144,12 +145,20 @@ class Worker:
                 self._catch_up()
                 report = self.contribute()
                 self.wait_for_seal(report.round)
+                self._compact_if_due()
                 done += 1
                 bar.update(1)
                 self._report(report)
         finally:
             bar.close()
             self.gossip.close()
+
+    def _compact_if_due(self) -> None:
+        """Fold old sealed rounds into the replica's base snapshot so memory and disk stay bounded."""
+        with self.gossip.lock:
+            if len(self.replica.seals()) > self.compact_every:
+                self.replica.compact(keep_rounds=1)
+                log.info("compacted the replica: base round %d", self.replica.base_round)
 
     def contribute(self) -> RoundReport:
         """Train H steps on the open round's sealed weights and send the delta (once per round)."""
@@ -363,6 +372,7 @@ def join(args) -> int:
             bootstrap=peer_ids(tuple(args.initial_peers)),
             poll_s=args.poll_s,
             progress=not args.no_progress,
+            compact_every=args.compact_every,
         )
         tqdm.write(
             f"joined run {run.run_id} as {transport.peer_id} "

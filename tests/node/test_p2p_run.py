@@ -128,7 +128,7 @@ def test_three_workers_converge_and_a_killed_worker_catches_up(tmp_path):
             proc = peers.start(
                 name, "join", "--run", RUN, "--initial-peers", maddr, "--state-dir", str(tmp_path / name),
                 "--data-dir", data, "--max-rounds", str(rounds), "--poll-s", "0.3", "--no-progress",
-                "--local-only", *extra,
+                "--compact-every", "2", "--local-only", *extra,
             )  # fmt: skip
             return proc
 
