@@ -29,7 +29,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 # Measured with `torch.autograd.graph.saved_tensors_hooks` (tests/nord/test_memory.py): per D the norms,
 # the mixer projections and gate, and the neuron's float32 scan (inputs, decays, membranes, spikes); per F
 # and M a spike's float32 input and its output. Autocast halves the matmul inputs; the neuron stays fp32.
-BLOCK_BYTES = {False: (64, 8, 8), True: (58, 6, 6)}
+BLOCK_BYTES = {False: (56, 8, 8), True: (50, 6, 6)}
 # Per token and vocabulary entry: the saved fp32 log-softmax, the live logits and their gradient.
 HEAD_BYTES = {False: 12, True: 12}
 
