@@ -259,7 +259,8 @@ def print_banner(cfg: DemoConfig, summary: dict) -> None:
     print(f"dashboard:  {cfg.dashboard_url}")
     loopback_note = " (start the demo with --host 0.0.0.0 first)" if cfg.host == "127.0.0.1" else ""
     print(f"join from another machine{loopback_note}:")
-    print(f"  {summary['join_command']}")
+    remote = [m for m in summary["multiaddrs"] if not m.startswith("/ip4/127.")] or summary["multiaddrs"]
+    print(f"  nord-node join --initial-peers {remote[0]} --run {RUN_ID}")
     print(f"{cfg.workers} worker(s) training {cfg.model} {rounds}; logs in {cfg.state_dir}", flush=True)
 
 
