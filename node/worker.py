@@ -92,7 +92,6 @@ class Worker:
         self.scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
         self.encoder = DeltaEncoder(run.codec, self.spec)
         self.inner_steps_done = 0
-        self.pending: bytes | None = None  # our last envelope, saved before it was added or sent
         self._last_heartbeat = 0.0
         self._restore()
         seed_material = hashlib.sha256(f"{run.train.seed}:{transport.peer_id}".encode()).digest()
@@ -114,13 +113,12 @@ class Worker:
         except (CodecError, ValueError, KeyError) as e:
             raise ConfigError(f"{self.state.worker_file} does not fit this run ({e}); delete it") from None
         self.inner_steps_done = int(saved.get("inner_steps_done", 0))
-        self.pending = saved.get("envelope")
-        if self.pending:
+        pending = saved.get("envelope")  # our last envelope, saved before it was added or sent
+        if pending:
             try:
-                envelope = decode_envelope(self.pending, self.spec, run_id=self.run.run_id)
+                envelope = decode_envelope(pending, self.spec, run_id=self.run.run_id)
             except CodecError as e:
                 log.warning("dropping the saved contribution: %s", e)
-                self.pending = None
                 return
             self._add_and_publish(envelope, resend=True)
 

@@ -1,46 +1,6 @@
-"""Gossip: the anti-entropy protocol that makes the replicas of one run converge, over `nord.transport`.
+"""`Gossip`: serves the protocol's handlers over one replica and runs push, pull and anti-entropy.
 
-Every peer (worker or coordinator) serves these request handlers; requests and replies are msgpack maps
-and every request names its run, so a peer of another run answers "run ... not found" in one line:
-
-    hello      {run_id} -> {run_id, role, client_mode, round, base_hash}
-    config     {run_id} -> the RunConfig JSON
-    sync       {run_id, digest} -> {delta: what the caller lacks (Delta bytes, at most SYNC_BUDGET_BYTES of
-               envelopes; `more` says to ask again), digest: the server's digest, behind: caller is older
-               than the server's compaction point (fetch a snapshot)}
-    push       {run_id, delta} -> {accepted}
-    fetch      {run_id, ids} -> {delta: those contributions}
-    snapshot   {run_id} -> safetensors bytes of the sealed tip (`Replica.save_snapshot`)
-    tokenizer  {run_id} -> tokenizer.json bytes
-
-One exchange with peer P, started by either side (so client-mode peers, which nobody can dial, take
-part): `sync` brings what P has and we lack, then `push` sends what P lacks by P's digest. New
-contributions are also pushed at once to every reachable peer and announced in the DHT:
-
-    nord/<run>/peers              subkey <peer id>         {role, client_mode, key?, device?}  (presence)
-    nord/<run>/contrib/<round>    subkey <cid>/<holder>    {cid, round, size, holder}
-
-so a peer that sees a record for a contribution it lacks pulls it from any holder, not only its author.
-Only small records go to the DHT; payloads travel on streams.
-
-Thread safety: handlers run in transport threads. Everything here takes `Gossip.lock` around the replica;
-owners (worker, coordinator) must hold it too whenever they touch the replica.
-
-Public API (stable):
-    Gossip(transport, replica, run_config_json, role=, bootstrap_peers=, tokenizer_path=, on_update=,
-           presence=)
-        .serve()                       register the handlers, announce presence
-        .heartbeat()                   refresh presence (every ~PEER_TTL_S / 3)
-        .lock                          RLock guarding .replica
-        .publish(envelope) -> int      announce + push our contribution (already added) to reachable peers
-        .publish_seal(seal) / .publish_removal(removal) -> int
-        .sync_with(peer) -> (accepted, behind)      .pull_announced(rounds) -> accepted
-        .anti_entropy(fanout=2) -> (accepted, behind)
-        .peers() / .reachable_peers()  .close()
-    hello(transport, peer, run_id) -> dict          (RunNotFound)
-    fetch_run_config_json(transport, peer, run_id) -> str
-    fetch_snapshot(transport, peer, run_id, out_path) -> Path
-    fetch_tokenizer(transport, peer, run_id) -> bytes
+See the package docstring for the handlers, the DHT records and the locking rule.
 """
 
 from __future__ import annotations
@@ -56,85 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
-from nord.codec import CodecConfig
 from nord.crdt import Delta, Removal, Replica, Seal
 from nord.errors import MergeError, NordError, TransportError
+from nord.gossip.wire import (
+    BACKOFF_S,
+    MAX_DELTA_BYTES,
+    PEER_TTL_S,
+    PUSH_TIMEOUT_S,
+    RECORD_TTL_S,
+    SMALL_REQUEST_BYTES,
+    SYNC_BUDGET_BYTES,
+    RunNotFound,
+    delta_from,
+    pack,
+    unpack,
+    within_budget,
+)
 from nord.transport import Transport
 
-log = logging.getLogger(__name__)
-
-PEER_TTL_S = 60.0  # presence records expire unless refreshed by `heartbeat`
-BACKOFF_S = 15.0  # a peer that failed a request is skipped this long
-PUSH_TIMEOUT_S = 30.0  # a push that takes longer is left to anti-entropy
-RECORD_TTL_S = 900.0  # contribution records
-SYNC_BUDGET_BYTES = 32 << 20  # envelope bytes per sync reply; the caller asks again while `more`
-SMALL_REQUEST_BYTES = 1 << 20
-MAX_DELTA_BYTES = SYNC_BUDGET_BYTES + CodecConfig().max_payload_bytes + SMALL_REQUEST_BYTES
-MAX_SNAPSHOT_BYTES = 16 << 30
-MAX_TOKENIZER_BYTES = 64 << 20
-
-
-class RunNotFound(TransportError):
-    """The peer serves another run (or none)."""
-
-
-def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def _unpack(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise TransportError(f"{what}: not valid msgpack ({type(e).__name__})") from None
-    if not isinstance(obj, dict):
-        raise TransportError(f"{what}: expected a map")
-    return obj
-
-
-# ---- calls that work before a replica exists (a joining worker) -------------------------------------------
-
-
-def hello(transport: Transport, peer_id: str, run_id: str) -> dict[str, Any]:
-    """Ask `peer_id` whether it serves `run_id`; RunNotFound (one line) if not."""
-    try:
-        reply = transport.request(
-            peer_id, "hello", _pack({"run_id": run_id}), max_reply_bytes=SMALL_REQUEST_BYTES
-        )
-    except TransportError as e:
-        if "not found on this peer" in str(e):
-            raise RunNotFound(str(e)) from None
-        raise
-    return _unpack(reply, "hello reply")
-
-
-def fetch_run_config_json(transport: Transport, peer_id: str, run_id: str) -> str:
-    reply = transport.request(
-        peer_id, "config", _pack({"run_id": run_id}), max_reply_bytes=SMALL_REQUEST_BYTES
-    )
-    return reply.decode("utf-8")
-
-
-def fetch_snapshot(transport: Transport, peer_id: str, run_id: str, out_path: str | Path) -> Path:
-    """Download the peer's sealed snapshot to `out_path` (checked by the caller with load_checkpoint)."""
-    from nord.fsutil import atomic_write_bytes
-
-    data = transport.request(
-        peer_id, "snapshot", _pack({"run_id": run_id}), max_reply_bytes=MAX_SNAPSHOT_BYTES, timeout_s=600
-    )
-    atomic_write_bytes(out_path, data)
-    return Path(out_path)
-
-
-def fetch_tokenizer(transport: Transport, peer_id: str, run_id: str) -> bytes:
-    return transport.request(
-        peer_id, "tokenizer", _pack({"run_id": run_id}), max_reply_bytes=MAX_TOKENIZER_BYTES
-    )
-
-
-# ---- the protocol over a replica ---------------------------------------------------------------------------
+log = logging.getLogger("nord.gossip")
 
 
 class Gossip:
@@ -196,7 +96,7 @@ class Gossip:
         self.heartbeat()
 
     def _request_of(self, body: bytes, name: str) -> dict[str, Any]:
-        req = _unpack(body, f"{name} request")
+        req = unpack(body, f"{name} request")
         if req.get("run_id") != self.run_id:
             raise RunNotFound(
                 f"run {req.get('run_id')!r} not found on this peer (it serves run {self.run_id!r})"
@@ -207,7 +107,7 @@ class Gossip:
         self._request_of(body, "hello")
         with self.lock:
             state = {"round": self.replica.round, "base_hash": self.replica.base_hash}
-        return _pack(
+        return pack(
             {
                 "run_id": self.run_id,
                 "role": self.role,
@@ -228,20 +128,20 @@ class Gossip:
             behind = self.replica.needs_snapshot(digest)
             delta = self.replica.delta_for(digest)
             mine = self.replica.digest()
-        delta, more = _within_budget(delta, SYNC_BUDGET_BYTES)
-        return _pack({"delta": delta.to_bytes(), "digest": mine, "behind": behind, "more": more})
+        delta, more = within_budget(delta, SYNC_BUDGET_BYTES)
+        return pack({"delta": delta.to_bytes(), "digest": mine, "behind": behind, "more": more})
 
     def _on_push(self, peer: str, body: bytes) -> bytes:
         req = self._request_of(body, "push")
-        accepted = self._join(_delta_from(req.get("delta")))
-        return _pack({"accepted": accepted})
+        accepted = self._join(delta_from(req.get("delta")))
+        return pack({"accepted": accepted})
 
     def _on_fetch(self, peer: str, body: bytes) -> bytes:
         ids = set(self._request_of(body, "fetch").get("ids") or ())
         with self.lock:
             held = [e.to_bytes() for cid, e in self.replica.contributions() if cid in ids]
-        delta, _ = _within_budget(Delta(envelopes=tuple(held)), SYNC_BUDGET_BYTES)
-        return _pack({"delta": delta.to_bytes()})
+        delta, _ = within_budget(Delta(envelopes=tuple(held)), SYNC_BUDGET_BYTES)
+        return pack({"delta": delta.to_bytes()})
 
     def _on_snapshot(self, peer: str, body: bytes) -> bytes:
         self._request_of(body, "snapshot")
@@ -329,13 +229,13 @@ class Gossip:
         return self._push_all(Delta(removals=(removal,)))
 
     def _push_all(self, delta: Delta) -> int:
-        body = _pack({"run_id": self.run_id, "delta": delta.to_bytes()})
+        body = pack({"run_id": self.run_id, "delta": delta.to_bytes()})
         futures = [self._pool.submit(self._push_one, peer, body) for peer in self.reachable_peers()]
         return sum(f.result() for f in futures)
 
     def _push_one(self, peer: str, body: bytes) -> int:
         try:
-            reply = _unpack(
+            reply = unpack(
                 self.transport.request(
                     peer, "push", body, max_reply_bytes=SMALL_REQUEST_BYTES, timeout_s=PUSH_TIMEOUT_S
                 ),
@@ -366,17 +266,17 @@ class Gossip:
         for _ in range(64):  # bounded: each reply carries at most SYNC_BUDGET_BYTES of envelopes
             with self.lock:
                 digest = self.replica.digest()
-            reply = _unpack(
+            reply = unpack(
                 self.transport.request(
                     peer,
                     "sync",
-                    _pack({"run_id": self.run_id, "digest": digest}),
+                    pack({"run_id": self.run_id, "digest": digest}),
                     max_reply_bytes=MAX_DELTA_BYTES,
                 ),
                 "sync reply",
             )
             behind = bool(reply.get("behind"))
-            got = self._join(_delta_from(reply.get("delta")))
+            got = self._join(delta_from(reply.get("delta")))
             accepted += got
             if not reply.get("more") or got == 0:
                 break
@@ -384,11 +284,11 @@ class Gossip:
         if isinstance(remote, dict) and not behind:
             try:
                 with self.lock:
-                    theirs, _ = _within_budget(self.replica.delta_for(remote), SYNC_BUDGET_BYTES)
+                    theirs, _ = within_budget(self.replica.delta_for(remote), SYNC_BUDGET_BYTES)
             except MergeError as e:
                 raise TransportError(f"peer {peer[-8:]} sent a malformed digest: {e}") from None
             if len(theirs):
-                self._push_one(peer, _pack({"run_id": self.run_id, "delta": theirs.to_bytes()}))
+                self._push_one(peer, pack({"run_id": self.run_id, "delta": theirs.to_bytes()}))
         return accepted, behind
 
     def pull_announced(self, rounds: range) -> int:
@@ -417,16 +317,16 @@ class Gossip:
             tried.add(holder)
             ids = sorted(cid for cid, holders in remaining.items() if holder in holders)
             try:
-                reply = _unpack(
+                reply = unpack(
                     self.transport.request(
                         holder,
                         "fetch",
-                        _pack({"run_id": self.run_id, "ids": ids}),
+                        pack({"run_id": self.run_id, "ids": ids}),
                         max_reply_bytes=MAX_DELTA_BYTES,
                     ),
                     "fetch reply",
                 )
-                accepted += self._join(_delta_from(reply.get("delta")))
+                accepted += self._join(delta_from(reply.get("delta")))
             except TransportError as e:
                 self._failed(holder, "fetch", e)
                 continue
@@ -457,23 +357,3 @@ class Gossip:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _delta_from(data: Any) -> Delta:
-    if not isinstance(data, (bytes, bytearray)):
-        raise TransportError("message carries no delta")
-    try:
-        return Delta.from_bytes(bytes(data))
-    except MergeError as e:
-        raise TransportError(f"malformed delta: {e}") from None
-
-
-def _within_budget(delta: Delta, budget: int) -> tuple[Delta, bool]:
-    """Keep envelopes (in order) up to `budget` bytes (at least one); removals and seals always travel."""
-    kept, used = [], 0
-    for data in delta.envelopes:
-        if kept and used + len(data) > budget:
-            return Delta(envelopes=tuple(kept), removals=delta.removals, seals=delta.seals), True
-        kept.append(data)
-        used += len(data)
-    return delta, False
