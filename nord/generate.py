@@ -18,6 +18,7 @@ from nord.errors import ConfigError, DataError
 from nord.evaluate import load_tokenizer
 from nord.fsutil import atomic_path
 from nord.model import NordLM, load_model, resolve_device
+from nord.ttfs import collect_stats, configure
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--raster", metavar="FILE.png", help="write a spike raster of --raster-layer")
     p.add_argument("--raster-layer", type=int, default=0)
     p.add_argument("--tokenizer", default=None, metavar="FILE", help="tokenizer.json if it moved")
+    p.add_argument(
+        "--ttfs",
+        action="store_true",
+        help="run the MLPs as event-driven TTFS networks (a model trained with mlp=ttfs); "
+        "print their spikes per neuron and synaptic events per token",
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
 
@@ -133,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     args.device = resolve_device(args.device)
     model, meta = load_model(args.checkpoint, device=args.device)
     tokenizer = load_tokenizer(meta, args.tokenizer)
+    if args.ttfs:
+        configure(model, engine="events")  # ConfigError if the model has no TTFS MLPs
     result = generate(
         model,
         tokenizer,
@@ -146,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(args.prompt + result.text)
     print(f"\n[{len(result.token_ids)} tokens, firing rate {result.firing_rate:.3f}]")
+    if args.ttfs:
+        print(f"[prompt and generated tokens, {collect_stats(model).summary()}]")
     if args.raster and result.raster is not None:
         save_raster(result.raster, args.raster, cfg=model.cfg, layer=args.raster_layer)
         print(f"[spike raster of layer {args.raster_layer}: {args.raster}]")

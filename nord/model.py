@@ -21,7 +21,9 @@ Firing rate = spikes / (spiking neurons × tokens) over the mixer, memory-gate a
 and overall (an integer mixer spike counts as many spikes as it carries, so that rate may pass 1). The
 regulariser is λ · mean_l (rate_l − target)². `spiking=False` builds the dense twin: the same network
 with SiLU activations (the mixer's membrane, the gate and MLP pre-activations) in place of spikes, for
-quality comparisons; its "rate" is the share of non-zero activations.
+quality comparisons; its "rate" is the share of non-zero activations. `mlp="ttfs"` makes the MLP a ReLU,
+ReLU(W_1 RMSNorm(x) − θ), trained as the twin of a time-to-first-spike network and run as one (at most
+one spike per neuron per token) by `nord.ttfs`; its rate counts the hidden neurons that fire.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ import torch.utils.checkpoint
 from nord.checkpoint import load_checkpoint, save_checkpoint
 from nord.errors import CheckpointError, ConfigError
 from nord.neurons import DynamicDecayNeuron, spike
+from nord.ttfs import TTFSMLP
 
 SPIKE_MODES = ("binary", "integer")
+MLP_KINDS = ("spiking", "ttfs")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +69,7 @@ class ModelConfig:
     target_rate: float = 0.07
     rate_weight: float = 5.0  # λ of the per-layer (rate_l − target)² penalty; 0 disables it
     spiking: bool = True  # False: the dense twin (SiLU in place of spikes)
+    mlp: str = "spiking"  # "ttfs": a ReLU MLP run as a time-to-first-spike network (nord.ttfs)
     tie_embeddings: bool = True
     max_seq_len: int = 256  # training window length; no positional table depends on it
 
@@ -77,6 +82,8 @@ class ModelConfig:
             raise ConfigError(f"model.n_memory_slots must be an integer >= 0, got {self.n_memory_slots!r}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 1:
             raise ConfigError(f"model.max_seq_len must be a positive integer, got {self.max_seq_len!r}")
+        if self.mlp not in MLP_KINDS:
+            raise ConfigError(f"model.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         if self.spike_mode not in SPIKE_MODES:
             raise ConfigError(f"model.spike_mode must be one of {SPIKE_MODES}, got {self.spike_mode!r}")
         if not 0.0 < self.target_rate < 1.0:
@@ -150,6 +157,7 @@ class Block(nn.Module):
         self.mlp_in = nn.Linear(d, f, bias=False)
         self.mlp_threshold = nn.Parameter(torch.full((f,), cfg.mlp_threshold))
         self.mlp_out = nn.Linear(f, d, bias=False)
+        self.ttfs = TTFSMLP(surrogate=cfg.surrogate) if cfg.mlp == "ttfs" else None  # holds no weights
 
     def _fire(self, v: torch.Tensor) -> torch.Tensor:
         """Binary per-token spikes Θ(v) (surrogate gradient), or SiLU(v) in the dense twin."""
@@ -170,8 +178,13 @@ class Block(nn.Module):
             gate = h.new_zeros(*h.shape[:-1], 0)
             memory = torch.zeros_like(mix)
         x = x + mix + memory
-        hidden = self._fire(self.mlp_in(self.norm2(x)) - self.mlp_threshold)  # (..., F)
-        mlp = self.mlp_out(hidden)
+        if self.ttfs is not None:  # hidden: which TTFS neurons fire
+            mlp, hidden = self.ttfs(
+                self.norm2(x), self.mlp_in.weight, self.mlp_threshold, self.mlp_out.weight
+            )
+        else:
+            hidden = self._fire(self.mlp_in(self.norm2(x)) - self.mlp_threshold)  # (..., F)
+            mlp = self.mlp_out(hidden)
         f32 = torch.float32  # sums in fp32: under fp16 autocast they would overflow past 65504
         with torch.no_grad():
             memory_write = memory.abs().sum(dtype=f32)
