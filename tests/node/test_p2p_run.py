@@ -45,6 +45,19 @@ def p2pd_children(pid: int) -> set[int]:
     return found
 
 
+def p2pd_using(directory: Path) -> set[int]:
+    """Live p2pd processes whose command line names a file under `directory` (their identity)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "p2pd":
+                if str(directory).encode() in (entry / "cmdline").read_bytes() and alive(int(entry.name)):
+                    found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -179,3 +192,4 @@ def test_three_workers_converge_and_a_killed_worker_catches_up(tmp_path):
         time.sleep(0.2)
         survivors = {pid for pid in survivors if alive(pid)}
     assert survivors == set(), "p2pd processes outlived the test"
+    assert p2pd_using(tmp_path) == set(), "a p2pd still holds an identity of this test"
