@@ -309,6 +309,7 @@ class Gossip:
             remaining = {cid: set(h) - {me} for cid, h in wanted.items() if not self.replica.has(cid)}
         now = time.monotonic()
         accepted, tried = 0, {p for p, until in self._backoff.items() if until > now}
+        tried |= {p for p, info in self._peers.items() if info["client_mode"]}  # nobody can dial them
         while remaining:
             counts = Counter(h for holders in remaining.values() for h in holders if h not in tried)
             if not counts:
