@@ -14,10 +14,11 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on clean exit fsync it and rename it onto `path`.
 
-    On an exception the temporary file is removed and `path` is untouched.
+    On an exception the temporary file is removed and `path` is untouched. The file gets `mode`
+    (mkstemp alone would leave it private to its owner, so a served checkpoint would be unreadable).
 
     Example:
         with atomic_path("model.safetensors") as tmp:
@@ -32,6 +33,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
         fsync_dir(target.parent)
     except BaseException:
@@ -39,9 +41,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o644) -> None:
     """Write `data` to `path` atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=mode) as tmp:
         tmp.write_bytes(data)
 
 
