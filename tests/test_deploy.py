@@ -137,7 +137,7 @@ def test_notebook_keeps_the_runtime_torch_and_protobuf():
     for line in installs:
         assert not re.search(r"\btorch\b", line.split("-c", 1)[0]), "never reinstall the notebook's torch"
     constraints = "\n".join(lines)
-    assert "torch=={torch.__version__}" in constraints and "protobuf<6" in constraints
+    assert "'torch==' + torch.__version__" in constraints and "protobuf<6" in constraints
 
 
 def notebook_join_argv() -> list[str]:
