@@ -6,6 +6,8 @@
 2. Validation loss by position: rows of --eval-len consecutive validation tokens are read in windows of
    the training length with the neuron state carried across windows (exactly one long forward pass),
    and the per-token cross-entropy is averaged in position buckets 0–512, 512–1k, 1k–2k, 2k–4k, ...
+   Control: the same tokens with the state reset at every window (context ≤ the training length). Buckets
+   hold different text, so "carried − reset" per bucket is what isolates the effect of running past 512.
 
 The model is a checkpoint written by `nord train` (--checkpoint) or trained here briefly (--model).
 
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from nord.config import TrainConfig
 from nord.data import DataConfig, prepare
-from nord.model import NordLM, load_model
+from nord.model import NordLM, load_model, save_model
 from nord.recipes import RECIPES, get_config
 from nord.train import cosine_lr, make_optimizer, train_steps
 
@@ -86,18 +88,23 @@ def loss_by_position(model: NordLM, corpus, eval_len: int, rows: int, window: in
     tokens = torch.from_numpy(corpus.val[: rows * eval_len + 1].astype("int64"))
     x = tokens[:-1].view(rows, eval_len)
     y = tokens[1:].view(rows, eval_len)
-    losses, state = [], None
+    carried, reset, state = [], [], None
     for start in tqdm(range(0, eval_len, window), desc="eval by position", unit="window"):
-        out = model(x[:, start : start + window], state=state)
+        xs, ys = x[:, start : start + window], y[:, start : start + window]
+        out = model(xs, state=state)
         state = out.state
-        losses.append(F.cross_entropy(out.logits.float().transpose(1, 2), y[:, start : start + window],
-                                      reduction="none"))  # fmt: skip
-    per_token = torch.cat(losses, 1).mean(0)  # (eval_len,) averaged over rows
+        carried.append(F.cross_entropy(out.logits.float().transpose(1, 2), ys, reduction="none"))
+        fresh = model(xs).logits.float().transpose(1, 2)
+        reset.append(F.cross_entropy(fresh, ys, reduction="none"))
+    per_token = {
+        "carried": torch.cat(carried, 1).mean(0),
+        "reset": torch.cat(reset, 1).mean(0),
+    }  # (eval_len,)
     edges = [0, window]
     while edges[-1] < eval_len:
         edges.append(min(2 * edges[-1], eval_len))
-    spans = zip(edges[:-1], edges[1:], strict=True)
-    buckets = [{"start": a, "end": b, "loss": per_token[a:b].mean().item()} for a, b in spans]
+    buckets = [{"start": a, "end": b, **{k: v[a:b].mean().item() for k, v in per_token.items()}}
+               for a, b in zip(edges[:-1], edges[1:], strict=True)]  # fmt: skip
     return {"rows": rows, "eval_len": eval_len, "buckets": buckets}
 
 
@@ -118,7 +125,11 @@ def plot(gen: dict, by_pos: dict, path: Path) -> None:
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
     labels = [f"{b['start']}–{b['end']}" for b in by_pos["buckets"]]
-    right.bar(labels, [b["loss"] for b in by_pos["buckets"]])
+    xs = torch.arange(len(labels))
+    right.bar(xs - 0.2, [b["carried"] for b in by_pos["buckets"]], 0.4, label="state carried")
+    right.bar(xs + 0.2, [b["reset"] for b in by_pos["buckets"]], 0.4, label="reset every window")
+    right.set_xticks(xs.tolist(), labels)
+    right.legend(fontsize=8)
     right.set_xlabel("token position")
     right.set_ylabel("validation cross-entropy (nats)")
     right.tick_params(axis="x", rotation=30)
@@ -139,6 +150,7 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--eval-len", type=int, default=8192, help="length of each validation row")
     parser.add_argument("--eval-rows", type=int, default=8)
+    parser.add_argument("--save", type=Path, default=None, help="save the model trained here (safetensors)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 2,000 tokens, 2k rows")
@@ -155,6 +167,8 @@ def main() -> int:
     else:
         model, model_info = train_briefly(args.model, corpus, args)
         window = args.seq_len
+        if args.save is not None:
+            save_model(args.save, model, {"tokenizer_sha256": corpus.tokenizer_hash})
     model_info["params"] = model.num_params()
 
     gen = generate_and_watch(model, args.gen_tokens, args.temperature, args.seed, bucket=1000)
@@ -168,10 +182,10 @@ def main() -> int:
     for layer in range(max_h.shape[1]):
         col = max_h[:, layer]
         print(f"{layer:>5} | {col[0]:13.3f} {col[-1]:14.3f} {col.max():14.3f}")
-    print(f"{'positions':>12} | {'val loss':>8} {'vs 0–' + str(window):>9}")
-    first = by_pos["buckets"][0]["loss"]
+    print(f"{'positions':>12} | {'carried':>8} {'reset':>8} {'carried−reset':>13}   (val loss, nats/token)")
     for b in by_pos["buckets"]:
-        print(f"{b['start']:>5}–{b['end']:<6} | {b['loss']:8.4f} {b['loss'] - first:+9.4f}")
+        gap = b["carried"] - b["reset"]
+        print(f"{b['start']:>5}–{b['end']:<6} | {b['carried']:8.4f} {b['reset']:8.4f} {gap:+13.4f}")
     sample = corpus.decode(gen.pop("ids")[:300])
     print(f"sample: {sample[:400]!r}")
     meta = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
