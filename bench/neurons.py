@@ -107,7 +107,7 @@ def main() -> int:
             steps["psn"] = make_step(PSNLayer(N, T).to(device), x)
         times = time_interleaved(steps, args.repeats, device)
         rows.append(
-            {"T": T, "B": B, "N": args.dim, **{name: times.get(name) for name in ("dynamic", "lif", "psn")}}
+            {"T": T, "B": B, "N": N, **{name: times.get(name) for name in ("dynamic", "lif", "psn")}}
         )
 
     names = ("dynamic", "lif", "psn")
