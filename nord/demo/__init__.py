@@ -199,7 +199,7 @@ def prepare_state_dir(cfg: DemoConfig) -> None:
 
 
 def child_env(cfg: DemoConfig) -> dict[str, str]:
-    """Children share the corpus under the state dir and split the cores instead of oversubscribing them."""
+    """Children split the cores instead of each starting one torch thread per core."""
     threads = max(1, (os.cpu_count() or 2) // cfg.workers)
     env = dict(os.environ)
     env.update(
