@@ -5,7 +5,9 @@
     run.json       the run's RunConfig as fetched from the run's peers
     replica/       the CRDT replica: snapshot + append-only log (nord.crdt)
     worker.pt      error-feedback residual, optimizer state, inner steps done, and the last contribution
-    status.json    the last round's status (what the status line shows), for scripts and tests
+    status.json    the last round's status (what the status line shows), for scripts and tests; `loss`
+                   and `firing_rate` stay those of the last round this worker trained (`loss_round`)
+                   while the next round trains and waits
 
 Every file is written atomically (temporary file, fsync, rename), so a kill at any instant leaves either
 the previous or the new version. The last contribution is saved *before* it is added to the replica or
@@ -23,10 +25,12 @@ from typing import Any
 
 import torch
 
+from nord.config import RunConfig
 from nord.errors import ConfigError
 from nord.fsutil import atomic_write_bytes
 
 FORMAT_VERSION = 1
+TRAINING_KEYS = ("loss", "firing_rate")  # a round's training numbers, kept until the next trained round
 
 
 class StateDir:
@@ -43,15 +47,27 @@ class StateDir:
         self.status_file = self.path / "status.json"
 
     def check_run(self, run_json: str) -> None:
-        """Remember the run's config; refuse a state directory that belongs to another run config."""
+        """Remember the run's config; refuse a state directory that belongs to another run config.
+
+        Configs are compared after parsing (defaults filled in), so state written before a config field
+        with a default existed still resumes; the file is then rewritten in the current form.
+        """
         if self.run_json.is_file():
-            old = json.loads(self.run_json.read_text(encoding="utf-8"))
-            if old != json.loads(run_json):
+            stored = self.run_json.read_text(encoding="utf-8")
+            try:
+                old = RunConfig.from_json(stored)
+            except ConfigError as e:
                 raise ConfigError(
-                    f"{self.path} holds state of another run config (run {old.get('run_id')!r}); "
+                    f"{self.run_json} is not a run config this version reads ({e}); "
+                    "use another --state-dir, or delete that one to start over"
+                ) from None
+            if old != RunConfig.from_json(run_json):
+                raise ConfigError(
+                    f"{self.path} holds state of another run config (run {old.run_id!r}); "
                     "use another --state-dir, or delete that one to start over"
                 )
-            return
+            if stored == run_json:
+                return
         atomic_write_bytes(self.run_json, run_json.encode("utf-8"))
 
     def reset_replica(self) -> None:
@@ -77,9 +93,23 @@ class StateDir:
         return state
 
     def write_status(self, status: dict[str, Any]) -> None:
+        """Write `status`; training numbers it lacks (or gives as None) carry over from the last trained
+        round, with `loss_round` naming that round."""
+        status = dict(status)
+        if any(status.get(k) is not None for k in TRAINING_KEYS):
+            status["loss_round"] = status.get("round")
+        else:
+            previous = self.read_status() or {}
+            for key in (*TRAINING_KEYS, "loss_round"):
+                if previous.get(key) is not None:
+                    status[key] = previous[key]
         atomic_write_bytes(self.status_file, json.dumps(status, sort_keys=True).encode("utf-8"))
 
     def read_status(self) -> dict[str, Any] | None:
         if not self.status_file.is_file():
             return None
-        return json.loads(self.status_file.read_text(encoding="utf-8"))
+        try:
+            status = json.loads(self.status_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None  # only ever written atomically; a hand-edited file is just not carried over
+        return status if isinstance(status, dict) else None
