@@ -1,13 +1,17 @@
 """The coordinator's HTTP API and dashboard (FastAPI), served in the same process as the P2P peer.
 
 Reads are open: run summary, peers, rounds, metrics, checkpoints (with their weights hash in an
-`X-Nord-Weights-Hash` header), revocations, the run config, and Prometheus text at `/metrics`.
+`X-Nord-Weights-Hash` header), the authority seal that produced a checkpoint (`/checkpoints/<round>.seal`,
+the seal's bytes, so a client can check the weights against the run's authority keys), the run's
+`/tokenizer.json` (sha256 in `X-Nord-Tokenizer-Sha256`), revocations, the run config, and Prometheus text
+at `/metrics`.
 Admin actions (revoke a contribution, ban a peer) need `Authorization: Bearer $NORD_ADMIN_TOKEN`;
 without that variable on the coordinator they are disabled. Every error is JSON `{"error": "..."}`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import time
@@ -18,7 +22,7 @@ from typing import Any, Protocol
 
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
@@ -28,6 +32,9 @@ from nord.errors import MergeError, NordError
 STATIC_DIR = Path(__file__).parent / "static"
 ONLINE_WINDOW_S = 120.0  # a peer seen within this window counts as online
 MAX_REASON_CHARS = 500
+WEIGHTS_HASH_HEADER = "X-Nord-Weights-Hash"
+ROUND_HEADER = "X-Nord-Round"
+TOKENIZER_HASH_HEADER = "X-Nord-Tokenizer-Sha256"
 
 
 class AdminActions(Protocol):
@@ -40,7 +47,11 @@ class AdminActions(Protocol):
 
 @dataclass(kw_only=True)
 class ApiContext:
-    """Everything the API serves; `live` returns what changes while running (multiaddrs, round state)."""
+    """Everything the API serves; `live` returns what changes while running (multiaddrs, round state).
+
+    `seal_bytes(round)` returns the bytes of the seal whose weights are checkpoint `round` (the seal of
+    round - 1), or None where the replica no longer holds it; `tokenizer_path` is the run's tokenizer.json.
+    """
 
     history: History
     run_config: dict[str, Any]  # RunConfig.to_dict()
@@ -49,6 +60,8 @@ class ApiContext:
     admin: AdminActions | None = None
     admin_token: str | None = None
     live: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    seal_bytes: Callable[[int], bytes | None] = field(default=lambda rnd: None)
+    tokenizer_path: Path | None = None
     started_at: float = field(default_factory=time.time)
 
 
@@ -154,22 +167,36 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def get_run_config() -> dict[str, Any]:
         return ctx.run_config
 
-    @app.get("/checkpoints/{name}")
-    def get_checkpoint(name: str) -> FileResponse:
-        stem, dot, ext = name.partition(".")
-        if ext != "safetensors" or not dot:
-            raise HTTPException(404, f"no such file {name!r}: use /checkpoints/<round>.safetensors or latest")
+    def checkpoint_row(stem: str, name: str) -> dict[str, Any]:
         if stem == "latest":
             row = history.latest_checkpoint()
             if row is None:
                 raise HTTPException(404, "no checkpoint saved yet")
-        elif stem.isdigit():
+            return row
+        if stem.isdigit():
             row = history.checkpoint(int(stem))
             if row is None:
                 kept = ", ".join(str(c["round"]) for c in history.checkpoints()) or "none"
                 raise HTTPException(404, f"no checkpoint for round {stem} (kept: {kept})")
-        else:
-            raise HTTPException(404, f"bad checkpoint name {name!r}: expected <round>.safetensors or latest")
+            return row
+        raise HTTPException(404, f"bad checkpoint name {name!r}: expected <round>.safetensors or latest")
+
+    @app.get("/checkpoints/{name}")
+    def get_checkpoint(name: str) -> Response:
+        stem, dot, ext = name.partition(".")
+        if ext not in ("safetensors", "seal") or not dot:
+            raise HTTPException(
+                404, f"no such file {name!r}: use /checkpoints/<round>.safetensors (or .seal) or latest"
+            )
+        row = checkpoint_row(stem, name)
+        headers = {WEIGHTS_HASH_HEADER: row["weights_hash"], ROUND_HEADER: str(row["round"])}
+        if ext == "seal":
+            if row["round"] == 0:
+                raise HTTPException(404, "checkpoint 0 holds the run's initial weights: no seal produced it")
+            seal = ctx.seal_bytes(row["round"])
+            if seal is None:
+                raise HTTPException(404, f"the seal of checkpoint {row['round']} is no longer held here")
+            return Response(seal, media_type="application/octet-stream", headers=headers)
         path = ctx.checkpoint_dir / row["file"]
         if not path.is_file():
             raise HTTPException(404, f"checkpoint for round {row['round']} was removed")
@@ -177,7 +204,19 @@ def create_app(ctx: ApiContext) -> FastAPI:
             path,
             media_type="application/octet-stream",
             filename=f"{run_id}-round{row['round']}.safetensors",
-            headers={"X-Nord-Weights-Hash": row["weights_hash"], "X-Nord-Round": str(row["round"])},
+            headers=headers,
+        )
+
+    @app.get("/tokenizer.json")
+    def get_tokenizer() -> Response:
+        path = ctx.tokenizer_path
+        if path is None or not path.is_file():
+            raise HTTPException(404, "this coordinator has no tokenizer.json for the run")
+        data = path.read_bytes()
+        return Response(
+            data,
+            media_type="application/json",
+            headers={TOKENIZER_HASH_HEADER: hashlib.sha256(data).hexdigest()},
         )
 
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -160,6 +160,8 @@ def serve(args) -> int:
                 admin=authority,
                 admin_token=os.environ.get("NORD_ADMIN_TOKEN") or None,
                 live=lambda: {"multiaddrs": multiaddrs, "authority": identity.public_hex},
+                seal_bytes=lambda rnd: seal_bytes(replica, gossip.lock, rnd),
+                tokenizer_path=Path(corpus.path) / "tokenizer.json",
             )
         )
         http = UvicornThread(app, host, port)
@@ -187,6 +189,13 @@ def serve(args) -> int:
         if replica is not None:
             replica.close()
         history.close()
+
+
+def seal_bytes(replica, lock, rnd: int) -> bytes | None:
+    """The seal whose weights are checkpoint `rnd` (round rnd - 1's), if the replica still holds it."""
+    with lock:
+        seals = [*replica.seals(), replica.tip_seal]
+    return next((s.to_bytes() for s in seals if s is not None and s.round == rnd - 1), None)
 
 
 def loop(authority: Authority, gossip: Gossip) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from conftest import PEERS
 from fastapi.testclient import TestClient
@@ -27,10 +29,15 @@ class RecordingAdmin:
         self.calls.append(("ban", peer, reason, by))
 
 
+TOKENIZER = b'{"model": {"type": "BPE"}}'
+SEAL_OF_ROUND = {8: b"seal of round 7"}  # stands in for the replica's lookup; the bytes are served as is
+
+
 @pytest.fixture
-def client(seeded):
+def client(seeded, tmp_path):
     history, ckpt = seeded
     admin = RecordingAdmin()
+    (tmp_path / "tokenizer.json").write_bytes(TOKENIZER)
     app = create_app(
         ApiContext(
             history=history,
@@ -40,6 +47,8 @@ def client(seeded):
             admin=admin,
             admin_token="s3cret",
             live=lambda: {"multiaddrs": [MADDR]},
+            seal_bytes=SEAL_OF_ROUND.get,
+            tokenizer_path=tmp_path / "tokenizer.json",
         )
     )
     with TestClient(app) as c:
@@ -83,14 +92,33 @@ def test_checkpoint_download_carries_its_weights_hash(client, tmp_path):
     )
 
 
+def test_the_seal_of_a_checkpoint_is_served_with_its_hash_and_round(client):
+    r = client.get("/checkpoints/latest.seal")
+    assert r.status_code == 200 and r.content == SEAL_OF_ROUND[8]
+    assert r.headers["x-nord-round"] == "8"
+    assert r.headers["x-nord-weights-hash"] == client.get("/api/checkpoints").json()[-1]["weights_hash"]
+    assert client.get("/checkpoints/8.seal").content == SEAL_OF_ROUND[8]
+
+
+def test_the_runs_tokenizer_is_served_with_its_sha256(client, tmp_path):
+    r = client.get("/tokenizer.json")
+    assert r.status_code == 200 and r.content == TOKENIZER
+    assert r.headers["x-nord-tokenizer-sha256"] == hashlib.sha256(TOKENIZER).hexdigest()
+    (tmp_path / "tokenizer.json").unlink()
+    r = client.get("/tokenizer.json")
+    assert r.status_code == 404 and "no tokenizer.json" in r.json()["error"]
+
+
 @pytest.mark.parametrize(
     "path, status, words",
     [
+        ("/checkpoints/3.seal", 404, "seal of checkpoint 3 is no longer held"),
+        ("/checkpoints/0.seal", 404, "initial weights: no seal"),
         ("/checkpoints/99.safetensors", 404, "no checkpoint for round 99"),
         ("/checkpoints/abc.safetensors", 404, "bad checkpoint name"),
         ("/checkpoints/3.bin", 404, "no such file"),
     ],
-    ids=["unknown-round", "bad-name", "bad-extension"],
+    ids=["seal-not-held", "no-seal-for-round-0", "unknown-round", "bad-name", "bad-extension"],
 )
 def test_bad_checkpoint_requests_get_a_json_error(client, path, status, words):
     r = client.get(path)
