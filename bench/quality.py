@@ -214,8 +214,9 @@ def main() -> int:
         row = {"params": model.num_params(), "train_tokens": steps * tokens_per_step, "train_s": train_s,
                "final_train_loss": curve[-1][1], "val_windows": windows}  # fmt: skip
         if isinstance(model, NordLM):
-            val = torch.from_numpy(corpus.val[: args.carried_rows * args.eval_batches * args.seq_len + 1]
-                                   .astype("int64"))  # fmt: skip
+            # the same tokens as window_eval, read as --carried-rows long rows
+            n_val = args.eval_batches * args.batch_size * args.seq_len + 1
+            val = torch.from_numpy(corpus.val[:n_val].astype("int64"))
             carried = evaluate_tokens(model, val, corpus.decode, seq_len=args.seq_len,
                                       batch_size=args.carried_rows)  # fmt: skip
             row["val_carried"] = {"loss": carried.loss, "ppl": carried.ppl, "tokens": carried.tokens}
