@@ -1,18 +1,27 @@
 """`nord-node pull`: fetch a run's latest sealed weights as a model checkpoint `nord generate` can read.
 
-    --from http(s)://coordinator[:port]   GET /checkpoints/latest.safetensors; the coordinator states the
-                                          sealed weights hash in the X-Nord-Weights-Hash header
-    --from /ip4/.../p2p/<peer id> --run RUN   the peer's sealed snapshot over P2P; the hash the peer states
-                                          for its sealed tip (hello) must match
+    --from http(s)://coordinator[:port]   GET /checkpoints/latest.safetensors (its weights hash in the
+                                          X-Nord-Weights-Hash header, its round in X-Nord-Round), the seal
+                                          that produced it (/checkpoints/<round>.seal), the run config
+                                          (/api/run-config) and the tokenizer (/tokenizer.json)
+    --from /ip4/.../p2p/<peer id> --run RUN   the peer's sealed snapshot over P2P (its seal travels in the
+                                          snapshot's metadata), the run config and the tokenizer
 
-Either way the tensors are hashed again here (`weights_hash`) and must equal the stated hash before the
-file is renamed into place; nothing is written on a mismatch.
+Either way the tensors are hashed again here (`weights_hash`) and must equal the stated hash and the
+weights hash of an authority seal: signed by one of the run config's authority keys, for this run, for
+round N - 1 of checkpoint N. Nothing is written on a mismatch. The tokenizer is saved beside the
+checkpoint (sha256 checked against the run config) and recorded in it, so `nord generate OUT` needs no
+--tokenizer.
+
+Rounds: checkpoint N holds the weights round N trains on, i.e. those sealed at the end of round N - 1
+(checkpoint 0: the run's initial weights). Both ways report it in those words.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -22,14 +31,18 @@ from pathlib import Path
 
 from node.session import fetch_run, find_run, peer_ids, start_transport
 from nord.checkpoint import load_checkpoint, save_checkpoint, weights_hash
-from nord.errors import CheckpointError, ConfigError, TransportError
-from nord.fsutil import atomic_path, atomic_write_bytes
+from nord.config import RunConfig
+from nord.crdt import Seal
+from nord.errors import CheckpointError, ConfigError, MergeError, TransportError
+from nord.fsutil import atomic_write_bytes
 from nord.gossip import fetch_snapshot, fetch_tokenizer, hello
 
 log = logging.getLogger(__name__)
 
 HASH_HEADER = "X-Nord-Weights-Hash"
 ROUND_HEADER = "X-Nord-Round"
+TOKENIZER_HASH_HEADER = "X-Nord-Tokenizer-Sha256"
+MAX_SMALL_BYTES = 64 << 20  # run config, seal, tokenizer
 
 
 def pull(args) -> int:
@@ -44,8 +57,37 @@ def pull(args) -> int:
         raise ConfigError(
             f"--from {source!r}: give the coordinator's http(s):// URL or a peer's /ip4/.../p2p/<id>"
         )
-    print(f"wrote {args.out}: round {rnd}, weights {digest}")
+    print(f"wrote {args.out}: {describe_round(rnd)}, weights {digest}")
     return 0
+
+
+def describe_round(checkpoint_round: int) -> str:
+    """What checkpoint N holds, in words (the same for both pull paths)."""
+    if checkpoint_round == 0:
+        return "the run's initial weights (no round sealed yet)"
+    return f"weights sealed in round {checkpoint_round - 1} (the base of round {checkpoint_round})"
+
+
+def check_seal(seal_data: bytes, run: RunConfig, checkpoint_round: int, digest: str, where: str) -> None:
+    """`seal_data` must be an authority's valid seal of round checkpoint_round - 1 yielding `digest`."""
+    try:
+        seal = Seal.from_bytes(seal_data)  # checks the signature against the key it names
+    except MergeError as e:
+        raise CheckpointError(f"{where}: the seal is not valid ({e})") from None
+    if seal.authority.hex() not in run.authorities:
+        raise CheckpointError(
+            f"{where}: the seal is signed by {seal.authority.hex()[:16]}…, not a run authority"
+        )
+    if seal.run_id != run.run_id or seal.round != checkpoint_round - 1:
+        raise CheckpointError(
+            f"{where}: the seal is for run {seal.run_id!r} round {seal.round}, "
+            f"not run {run.run_id!r} round {checkpoint_round - 1}"
+        )
+    if seal.weights_hash != digest:
+        raise CheckpointError(f"{where}: the weights are not the ones the authority sealed")
+
+
+# ---- HTTP -------------------------------------------------------------------------------------------
 
 
 def checkpoint_url(source: str) -> str:
@@ -54,32 +96,105 @@ def checkpoint_url(source: str) -> str:
     )
 
 
-def pull_http(source: str, out: Path, *, timeout_s: float) -> tuple[str, str]:
-    url = checkpoint_url(source)
+def base_url(source: str) -> str:
+    """The coordinator's root URL from `--from` (a root URL or a /checkpoints/<round>.safetensors URL)."""
+    if source.endswith(".safetensors") and "/checkpoints/" in source:
+        return source.rsplit("/checkpoints/", 1)[0]
+    return source.rstrip("/")
+
+
+def _get(url: str, timeout_s: float):
     try:
-        response = urllib.request.urlopen(url, timeout=timeout_s)  # noqa: S310 - the user's URL
+        return urllib.request.urlopen(url, timeout=timeout_s)  # noqa: S310 - the user's URL
     except urllib.error.HTTPError as e:
-        raise TransportError(f"{url}: HTTP {e.code} {e.reason}") from None
+        detail = ""
+        try:
+            detail = json.loads(e.read(4096).decode("utf-8")).get("error", "")
+        except (ValueError, AttributeError, OSError):
+            pass
+        raise TransportError(f"{url}: HTTP {e.code} {e.reason}{': ' + detail if detail else ''}") from None
     except (urllib.error.URLError, OSError) as e:
         raise TransportError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
-    with response:
-        stated = response.headers.get(HASH_HEADER)
-        if not stated:
-            raise TransportError(
-                f"{url} did not state the weights hash ({HASH_HEADER}): not a Nord coordinator?"
-            )
-        with atomic_path(out) as tmp:
-            with open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f, length=1 << 20)
-            tensors, meta = load_checkpoint(tmp)  # checks the file against its own recorded hash
-            if weights_hash(tensors) != stated:
-                raise CheckpointError(
-                    f"{url}: downloaded weights do not match the sealed hash {stated[:16]}…"
+
+
+def _get_small(url: str, timeout_s: float) -> tuple[bytes, dict[str, str]]:
+    with _get(url, timeout_s) as response:
+        data = response.read(MAX_SMALL_BYTES + 1)
+        if len(data) > MAX_SMALL_BYTES:
+            raise TransportError(f"{url}: more than {MAX_SMALL_BYTES} bytes")
+        return data, dict(response.headers)
+
+
+def pull_http(source: str, out: Path, *, timeout_s: float) -> tuple[str, int]:
+    """Download, verify (stated hash, seal, tokenizer) and write the checkpoint; (weights hash, round)."""
+    url, base = checkpoint_url(source), base_url(source)
+    try:
+        run = RunConfig.from_json(_get_small(f"{base}/api/run-config", timeout_s)[0].decode("utf-8"))
+    except (ConfigError, UnicodeDecodeError) as e:
+        raise TransportError(f"{base}/api/run-config is not a Nord run config ({e})") from None
+    with tempfile.TemporaryDirectory(prefix="nord-pull-") as tmp:
+        with _get(url, timeout_s) as response:
+            stated = response.headers.get(HASH_HEADER)
+            if not stated:
+                raise TransportError(
+                    f"{url} did not state the weights hash ({HASH_HEADER}): not a Nord coordinator?"
                 )
-        return stated, response.headers.get(ROUND_HEADER) or meta.get("round", "?")
+            raw_round = response.headers.get(ROUND_HEADER, "")
+            if not raw_round.isdigit():
+                raise TransportError(f"{url} did not state the checkpoint's round ({ROUND_HEADER})")
+            rnd = int(raw_round)
+            path = Path(tmp) / "checkpoint.safetensors"
+            with open(path, "wb") as f:
+                shutil.copyfileobj(response, f, length=1 << 20)
+        tensors, meta = load_checkpoint(path)  # checks the file against its own recorded hash
+        digest = weights_hash(tensors)
+        if digest != stated:
+            raise CheckpointError(f"{url}: downloaded weights do not match the sealed hash {stated[:16]}…")
+        if rnd > 0:
+            seal, _ = _get_small(f"{base}/checkpoints/{rnd}.seal", timeout_s)
+            check_seal(seal, run, rnd, digest, url)
+        tokenizer = _http_tokenizer(base, run, timeout_s)
+    kept = {k: v for k, v in meta.items() if k not in ("format_version", "weights_hash")}
+    extra = {"model_config": dataclasses.asdict(run.model), "run_id": run.run_id, "round": rnd}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, tensors, {**kept, **extra, **_save_tokenizer(tokenizer, out.parent)})
+    return digest, rnd
 
 
-def pull_p2p(args, out: Path) -> tuple[str, str]:
+def _http_tokenizer(base: str, run: RunConfig, timeout_s: float) -> bytes | None:
+    url = f"{base}/tokenizer.json"
+    try:
+        data, headers = _get_small(url, timeout_s)
+    except TransportError as e:
+        log.warning("no tokenizer from %s (%s); pass --tokenizer to nord generate", url, e)
+        return None
+    digest = hashlib.sha256(data).hexdigest()
+    stated = {k.lower(): v for k, v in headers.items()}.get(TOKENIZER_HASH_HEADER.lower())
+    if stated is not None and stated != digest:
+        raise TransportError(f"{url}: the tokenizer does not match its stated sha256 (damaged download)")
+    return _run_tokenizer(data, run, url)
+
+
+def _run_tokenizer(data: bytes, run: RunConfig, where: str) -> bytes:
+    """`data`, if it is the run's tokenizer (the run config pins its sha256)."""
+    if run.data.tokenizer_sha256 and hashlib.sha256(data).hexdigest() != run.data.tokenizer_sha256:
+        raise TransportError(f"{where} sent a tokenizer that is not the run's (sha256 differs)")
+    return data
+
+
+def _save_tokenizer(data: bytes | None, directory: Path) -> dict[str, str]:
+    """Save tokenizer.json beside the checkpoint; the metadata that lets `nord generate` find it."""
+    if data is None:
+        return {}
+    path = directory / "tokenizer.json"
+    atomic_write_bytes(path, data)
+    return {"tokenizer_path": str(path.resolve()), "tokenizer_sha256": hashlib.sha256(data).hexdigest()}
+
+
+# ---- P2P --------------------------------------------------------------------------------------------
+
+
+def pull_p2p(args, out: Path) -> tuple[str, int]:
     args.initial_peers = [args.source, *(args.initial_peers or ())]
     transport = start_transport(args, None)
     try:
@@ -90,30 +205,27 @@ def pull_p2p(args, out: Path) -> tuple[str, str]:
             path = fetch_snapshot(transport, peer, args.run, Path(tmp) / "snapshot.safetensors")
             tensors, meta = load_checkpoint(path)
         digest = weights_hash(tensors)
-        after = hello(transport, peer, args.run)["base_hash"]  # a seal may have landed in between
-        if digest not in (before, after):
-            raise CheckpointError(f"peer {peer[-8:]} sent weights that do not match its sealed hash")
-        extra = {
-            "model_config": dataclasses.asdict(run.model),
-            "run_id": run.run_id,
-            "round": meta.get("base_round"),
-        }
-        save_checkpoint(out, tensors, {**extra, **_pull_tokenizer(transport, peer, run, out.parent)})
-        return digest, meta.get("base_round", "?")
+        rnd = int(meta.get("base_round", 0))
+        where = f"peer {peer[-8:]}"
+        if rnd > 0:
+            try:
+                seal = bytes.fromhex(meta.get("seal", ""))
+            except ValueError:
+                raise CheckpointError(f"{where} sent a snapshot whose seal is not hex") from None
+            check_seal(seal, run, rnd, digest, where)
+        else:
+            after = hello(transport, peer, args.run)["base_hash"]  # a seal may have landed in between
+            if digest not in (before, after):
+                raise CheckpointError(f"{where} sent weights that do not match its sealed hash")
+        try:
+            tokenizer = bytes(fetch_tokenizer(transport, peer, run.run_id))
+        except TransportError as e:
+            log.warning("no tokenizer from %s (%s); pass --tokenizer to nord generate", where, e)
+            tokenizer = None
+        if tokenizer is not None:
+            _run_tokenizer(tokenizer, run, where)
+        extra = {"model_config": dataclasses.asdict(run.model), "run_id": run.run_id, "round": rnd}
+        save_checkpoint(out, tensors, {**extra, **_save_tokenizer(tokenizer, out.parent)})
+        return digest, rnd
     finally:
         transport.shutdown()
-
-
-def _pull_tokenizer(transport, peer: str, run, directory: Path) -> dict[str, str]:
-    """Save the run's tokenizer.json beside the checkpoint (hash-checked) so `nord generate` finds it."""
-    try:
-        data = bytes(fetch_tokenizer(transport, peer, run.run_id))
-    except TransportError as e:
-        log.warning("no tokenizer from peer %s (%s); pass --tokenizer to nord generate", peer[-8:], e)
-        return {}
-    digest = hashlib.sha256(data).hexdigest()
-    if run.data.tokenizer_sha256 and digest != run.data.tokenizer_sha256:
-        raise TransportError(f"peer {peer[-8:]} sent a tokenizer that is not the run's (sha256 differs)")
-    path = directory / "tokenizer.json"
-    atomic_write_bytes(path, data)
-    return {"tokenizer_path": str(path.resolve()), "tokenizer_sha256": digest}

@@ -1,28 +1,42 @@
-"""`nord-node pull` over HTTP: the checkpoint is written only if its weights match the stated sealed hash."""
+"""`nord-node pull` over HTTP: the checkpoint is written only if its weights match the stated hash and an
+authority's seal, and the run's tokenizer is saved beside it so `nord generate` needs no --tokenizer."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 
-from node.pull import checkpoint_url, pull_http
-from nord.checkpoint import save_checkpoint, weights_hash
+from node.pull import base_url, checkpoint_url, describe_round, pull_http
+from nord.checkpoint import load_checkpoint, save_checkpoint, weights_hash
+from nord.config import RunConfig
+from nord.crdt import Seal
+from nord.data import DataConfig
 from nord.errors import CheckpointError, TransportError
+from nord.evaluate import load_tokenizer
+from nord.identity import Identity
+from nord.recipes import get_config
+
+TOKENIZER = Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).to_str().encode()
+ROUND = 7  # the checkpoint's round: weights sealed at the end of round 6
 
 
 class Server:
-    """A real HTTP server on 127.0.0.1 serving one file with the headers the coordinator sends."""
+    """A real HTTP server on 127.0.0.1 serving `routes`: path -> (status, headers, body)."""
 
-    def __init__(self, body: bytes, headers: dict[str, str], status: int = 200) -> None:
+    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]]) -> None:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 outer.paths.append(self.path)
+                status, headers, body = routes.get(self.path, (404, {}, b'{"error": "not here"}'))
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -43,68 +57,135 @@ class Server:
         self.httpd.server_close()
 
 
+class Coordinator:
+    """What a coordinator serves for one sealed checkpoint; each test breaks one piece."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.authority = Identity.generate()
+        self.tensors = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5)}
+        self.digest = save_checkpoint(tmp_path / "src.safetensors", self.tensors, {"round": ROUND})
+        self.body = (tmp_path / "src.safetensors").read_bytes()
+        self.run = RunConfig(
+            run_id="pull-test",
+            model=get_config("tiny"),
+            data=DataConfig(vocab_size=get_config("tiny").vocab_size, tokenizer_sha256=sha(TOKENIZER)),
+            authorities=(self.authority.public_hex,),
+        )
+        self.seal = self.seal_of(self.authority, ROUND - 1, self.digest)
+        self.headers = {"X-Nord-Weights-Hash": self.digest, "X-Nord-Round": str(ROUND)}
+        self.tokenizer = TOKENIZER
+
+    def seal_of(self, identity: Identity, rnd: int, digest: str) -> bytes:
+        return Seal.create(
+            run_id="pull-test",
+            round=rnd,
+            prev_hash="0" * 64,
+            contribution_ids=[],
+            weights_hash=digest,
+            identity=identity,
+        ).to_bytes()
+
+    def routes(self) -> dict[str, tuple[int, dict[str, str], bytes]]:
+        return {
+            "/api/run-config": (200, {}, self.run.to_json().encode()),
+            "/checkpoints/latest.safetensors": (200, self.headers, self.body),
+            f"/checkpoints/{ROUND}.seal": (200, {}, self.seal),
+            "/tokenizer.json": (200, {"X-Nord-Tokenizer-Sha256": sha(self.tokenizer)}, self.tokenizer),
+        }
+
+    def pull(self, out: Path, url_suffix: str = ""):
+        server = Server(self.routes())
+        try:
+            return pull_http(server.url + url_suffix, out, timeout_s=10)
+        finally:
+            server.close()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 @pytest.fixture
-def checkpoint(tmp_path) -> tuple[bytes, str]:
-    tensors = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5)}
-    digest = save_checkpoint(tmp_path / "src.safetensors", tensors, {"round": 7})
-    return (tmp_path / "src.safetensors").read_bytes(), digest
+def coordinator(tmp_path) -> Coordinator:
+    return Coordinator(tmp_path)
 
 
-def test_pull_writes_the_checkpoint_when_the_hash_matches(tmp_path, checkpoint):
-    body, digest = checkpoint
-    server = Server(body, {"X-Nord-Weights-Hash": digest, "X-Nord-Round": "7"})
-    try:
-        got, rnd = pull_http(server.url, tmp_path / "out" / "model.safetensors", timeout_s=10)
-    finally:
-        server.close()
-    assert (got, rnd) == (digest, "7")
-    assert server.paths == ["/checkpoints/latest.safetensors"]
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == body
-
-
-def test_pull_refuses_weights_that_are_not_the_sealed_ones(tmp_path, checkpoint):
-    body, _ = checkpoint
-    other = weights_hash({"w": torch.zeros(1)})
-    server = Server(body, {"X-Nord-Weights-Hash": other})
+def test_pull_writes_the_checkpoint_and_the_tokenizer_generate_finds(tmp_path, coordinator):
     out = tmp_path / "out" / "model.safetensors"
-    try:
-        with pytest.raises(CheckpointError, match="do not match the sealed hash"):
-            pull_http(server.url, out, timeout_s=10)
-    finally:
-        server.close()
+    assert coordinator.pull(out) == (coordinator.digest, ROUND)
+    tensors, meta = load_checkpoint(out)
+    assert weights_hash(tensors) == coordinator.digest
+    assert meta["round"] == str(ROUND) and meta["run_id"] == "pull-test"
+    assert (out.parent / "tokenizer.json").read_bytes() == TOKENIZER
+    assert load_tokenizer(meta).get_vocab() == {
+        "a": 0,
+        "[UNK]": 1,
+    }  # what `nord generate OUT` does without --tokenizer
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.safetensors", "tokenizer.json"]
+
+
+def test_pull_refuses_weights_that_are_not_the_sealed_ones(tmp_path, coordinator):
+    coordinator.headers["X-Nord-Weights-Hash"] = weights_hash({"w": torch.zeros(1)})
+    out = tmp_path / "out" / "model.safetensors"
+    out.parent.mkdir()
+    with pytest.raises(CheckpointError, match="do not match the sealed hash"):
+        coordinator.pull(out)
     assert list(out.parent.iterdir()) == []  # neither the file nor a temporary one
 
 
-def test_pull_refuses_a_truncated_download(tmp_path, checkpoint):
-    body, digest = checkpoint
-    server = Server(body[: len(body) // 2], {"X-Nord-Weights-Hash": digest})
-    try:
-        with pytest.raises((CheckpointError, TransportError)):
-            pull_http(server.url, tmp_path / "model.safetensors", timeout_s=10)
-    finally:
-        server.close()
+@pytest.mark.parametrize(
+    "breakage, words",
+    [
+        ("stranger", "not a run authority"),
+        ("other-weights", "not the ones the authority sealed"),
+        ("other-round", "round 5, not run 'pull-test' round 6"),
+        ("forged", "the seal is not valid"),
+    ],
+)
+def test_pull_checks_the_weights_against_an_authority_seal(tmp_path, coordinator, breakage, words):
+    """A coordinator that states a matching hash still cannot hand out weights no authority sealed."""
+    if breakage == "stranger":
+        coordinator.seal = coordinator.seal_of(Identity.generate(), ROUND - 1, coordinator.digest)
+    elif breakage == "other-weights":
+        coordinator.seal = coordinator.seal_of(coordinator.authority, ROUND - 1, "1" * 64)
+    elif breakage == "other-round":
+        coordinator.seal = coordinator.seal_of(coordinator.authority, ROUND - 2, coordinator.digest)
+    else:
+        coordinator.seal = coordinator.seal[:-1] + bytes([coordinator.seal[-1] ^ 1])
+    out = tmp_path / "model.safetensors"
+    with pytest.raises(CheckpointError, match=words):
+        coordinator.pull(out)
+    assert not out.exists()
+
+
+def test_pull_refuses_a_tokenizer_that_is_not_the_runs(tmp_path, coordinator):
+    coordinator.tokenizer = TOKENIZER + b" "
+    with pytest.raises(TransportError, match="not the run's"):
+        coordinator.pull(tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "tokenizer.json").exists()
+
+
+def test_pull_refuses_a_truncated_download(tmp_path, coordinator):
+    coordinator.body = coordinator.body[: len(coordinator.body) // 2]
+    with pytest.raises((CheckpointError, TransportError)):
+        coordinator.pull(tmp_path / "model.safetensors")
     assert not (tmp_path / "model.safetensors").exists()
 
 
-def test_pull_needs_the_hash_header_and_reports_http_errors(tmp_path, checkpoint):
-    body, _ = checkpoint
-    server = Server(body, {})
-    try:
-        with pytest.raises(TransportError, match="did not state the weights hash"):
-            pull_http(server.url, tmp_path / "a.safetensors", timeout_s=10)
-    finally:
-        server.close()
-    server = Server(b'{"error": "no checkpoint saved yet"}', {}, status=404)
-    try:
-        with pytest.raises(TransportError, match="HTTP 404"):
-            pull_http(server.url + "/checkpoints/3.safetensors", tmp_path / "a.safetensors", timeout_s=10)
-    finally:
-        server.close()
+def test_pull_needs_the_hash_header_and_reports_http_errors(tmp_path, coordinator):
+    del coordinator.headers["X-Nord-Weights-Hash"]
+    with pytest.raises(TransportError, match="did not state the weights hash"):
+        coordinator.pull(tmp_path / "a.safetensors")
+    with pytest.raises(TransportError, match="HTTP 404 Not Found: not here"):
+        coordinator.pull(tmp_path / "a.safetensors", "/checkpoints/3.safetensors")
     with pytest.raises(TransportError, match="cannot reach"):
         pull_http("http://127.0.0.1:1", tmp_path / "a.safetensors", timeout_s=5)
 
 
-def test_checkpoint_url_accepts_a_base_or_a_file_url():
+def test_urls_and_round_wording():
     assert checkpoint_url("http://h:8000/") == "http://h:8000/checkpoints/latest.safetensors"
     assert checkpoint_url("http://h/checkpoints/4.safetensors") == "http://h/checkpoints/4.safetensors"
     assert Path(checkpoint_url("https://h")).name == "latest.safetensors"
+    assert base_url("http://h/checkpoints/4.safetensors") == base_url("http://h/") == "http://h"
+    assert describe_round(1) == "weights sealed in round 0 (the base of round 1)"
+    assert describe_round(0) == "the run's initial weights (no round sealed yet)"
