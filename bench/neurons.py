@@ -106,9 +106,7 @@ def main() -> int:
         if 3 * T * T * 4 <= args.psn_max_gib * 2**30:
             steps["psn"] = make_step(PSNLayer(N, T).to(device), x)
         times = time_interleaved(steps, args.repeats, device)
-        rows.append(
-            {"T": T, "B": B, "N": N, **{name: times.get(name) for name in ("dynamic", "lif", "psn")}}
-        )
+        rows.append({"T": T, "B": B, "N": N, **{name: times.get(name) for name in ("dynamic", "lif", "psn")}})
 
     names = ("dynamic", "lif", "psn")
     header = f"{'T':>6} {'B':>3} {'N':>4} |"
