@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SYNC_EVERY_S = 5.0  # anti-entropy with one peer: picks up what client-mode peers left with others
 TICK_S = 0.2
+HTTP_GRACE_S = 2.0  # on stop, open keep-alive connections (a dashboard tab) get this long, then are closed
 
 
 def parse_http(value: str) -> tuple[str, int]:
@@ -89,7 +90,10 @@ class UvicornThread:
     def __init__(self, app, host: str, port: int) -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=HTTP_GRACE_S
+        )
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="nord-http", daemon=True)
 
     def start(self, timeout_s: float = 30.0) -> None:

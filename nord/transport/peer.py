@@ -38,6 +38,9 @@ logger = logging.getLogger("nord.transport")
 
 MAX_RECORD_BYTES = 4096  # msgpack-encoded DHT value
 DEFAULT_MAX_REPLY_BYTES = 1 << 30
+# Shutdown steps are bounded: nothing durable depends on them (a peer's state lives in its own files).
+P2PD_EXIT_TIMEOUT_S = 3.0
+TASK_CANCEL_TIMEOUT_S = 1.0
 HANDLER_PREFIX = "nord/"
 
 T = TypeVar("T")
@@ -139,15 +142,25 @@ class Transport:
         logger.info("peer %s shut down", self.peer_id or "(not started)")
 
     async def _shutdown(self) -> None:
+        # Not DHTNode.shutdown(): all it does is unregister its handlers from p2pd, which is ended next
+        # anyway, and it never returns if p2pd is already gone (a SIGTERM to the process group reaches
+        # p2pd too), which held every stop for the full outer timeout.
         if self._dht is not None:
-            with contextlib.suppress(Exception):
-                await self._dht.shutdown()
+            self._dht.is_alive = False
+        child = getattr(self._p2p, "_child", None)
         if self._p2p is not None:
-            await self._p2p.shutdown()
+            try:
+                await asyncio.wait_for(self._p2p.shutdown(), P2PD_EXIT_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                logger.warning("p2pd did not exit within %.0f s of SIGTERM; killing it", P2PD_EXIT_TIMEOUT_S)
+                if child is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.kill()
         pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in pending:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            await asyncio.wait(pending, timeout=TASK_CANCEL_TIMEOUT_S)
 
     def __enter__(self) -> Transport:
         return self

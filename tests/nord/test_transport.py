@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -260,4 +261,30 @@ def test_no_p2pd_or_socket_outlives_its_node(sig):
         assert [s for s in sockets if s.exists()] == []
     finally:
         proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_stops_the_node_within_seconds():
+    """`docker stop`, `nord demo` and a terminal's Ctrl-C signal the whole group, p2pd included; the node
+    must not then wait on a daemon that is already gone (it used to hang 10 s in the DHT's shutdown)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PEER_SCRIPT.replace("sys.exit(0)", 'print("stopped", flush=True)')],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        daemons = children_p2pd(proc.pid)
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.stdout.readline().strip() == "stopped"
+        stopped_s = time.monotonic() - started
+        assert proc.wait(timeout=30) == 0
+        assert stopped_s < 5.0, f"the node took {stopped_s:.1f} s to shut down"
+        assert wait_gone(daemons) == set()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
