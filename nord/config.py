@@ -62,6 +62,7 @@ def _sections() -> dict[str, type]:
     from nord.crdt import MergeConfig
     from nord.data import DataConfig
     from nord.model import ModelConfig
+    from nord.shards import ShardConfig
 
     return {
         "model": ModelConfig,
@@ -70,6 +71,7 @@ def _sections() -> dict[str, type]:
         "codec": CodecConfig,
         "merge": MergeConfig,
         "rounds": RoundConfig,
+        "shards": ShardConfig,
     }
 
 
@@ -84,6 +86,7 @@ class RunConfig:
     codec: Any = None
     merge: Any = None
     rounds: RoundConfig = field(default_factory=RoundConfig)
+    shards: Any = None  # nord.shards.ShardConfig: how workers split the parameters
     authorities: tuple[str, ...] = ()  # hex ed25519 public keys allowed to seal rounds
 
     def __post_init__(self) -> None:
@@ -96,6 +99,8 @@ class RunConfig:
             object.__setattr__(self, "codec", sections["codec"]())
         if self.merge is None:
             object.__setattr__(self, "merge", sections["merge"]())
+        if self.shards is None:
+            object.__setattr__(self, "shards", sections["shards"]())
         for key in self.authorities:
             if not re.fullmatch(r"[0-9a-f]{64}", key):
                 raise ConfigError(f"authority key {key!r} is not a 64-digit hex ed25519 public key")
