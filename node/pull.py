@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import logging
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from email.message import Message
 from pathlib import Path
+from typing import TypeVar
 
 from node.session import fetch_run, find_run, peer_ids, start_transport
 from nord.checkpoint import load_checkpoint, save_checkpoint, weights_hash
@@ -43,6 +47,7 @@ HASH_HEADER = "X-Nord-Weights-Hash"
 ROUND_HEADER = "X-Nord-Round"
 TOKENIZER_HASH_HEADER = "X-Nord-Tokenizer-Sha256"
 MAX_SMALL_BYTES = 64 << 20  # run config, seal, tokenizer
+T = TypeVar("T")
 
 
 def pull(args) -> int:
@@ -117,12 +122,20 @@ def _get(url: str, timeout_s: float):
         raise TransportError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
 
 
-def _get_small(url: str, timeout_s: float) -> tuple[bytes, dict[str, str]]:
+def _get_small(url: str, timeout_s: float) -> tuple[bytes, Message]:
     with _get(url, timeout_s) as response:
-        data = response.read(MAX_SMALL_BYTES + 1)
+        data = _read(response, url, lambda: response.read(MAX_SMALL_BYTES + 1))
         if len(data) > MAX_SMALL_BYTES:
             raise TransportError(f"{url}: more than {MAX_SMALL_BYTES} bytes")
-        return data, dict(response.headers)
+        return data, response.headers
+
+
+def _read(response, url: str, read: Callable[[], T]) -> T:
+    """`read()` of a response body, with a cut connection as one line."""
+    try:
+        return read()
+    except (http.client.HTTPException, OSError) as e:
+        raise TransportError(f"{url}: the download broke off ({type(e).__name__})") from None
 
 
 def pull_http(source: str, out: Path, *, timeout_s: float) -> tuple[str, int]:
@@ -145,20 +158,41 @@ def pull_http(source: str, out: Path, *, timeout_s: float) -> tuple[str, int]:
             rnd = int(raw_round)
             path = Path(tmp) / "checkpoint.safetensors"
             with open(path, "wb") as f:
-                shutil.copyfileobj(response, f, length=1 << 20)
+                _read(response, url, lambda: shutil.copyfileobj(response, f, length=1 << 20))
         tensors, meta = load_checkpoint(path)  # checks the file against its own recorded hash
         digest = weights_hash(tensors)
         if digest != stated:
             raise CheckpointError(f"{url}: downloaded weights do not match the sealed hash {stated[:16]}…")
         if rnd > 0:
-            seal, _ = _get_small(f"{base}/checkpoints/{rnd}.seal", timeout_s)
-            check_seal(seal, run, rnd, digest, url)
+            _check_http_seal(
+                f"{base}/checkpoints/{rnd}.seal",
+                run,
+                rnd,
+                digest,
+                latest=url.endswith("/latest.safetensors"),
+                timeout_s=timeout_s,
+            )
         tokenizer = _http_tokenizer(base, run, timeout_s)
     kept = {k: v for k, v in meta.items() if k not in ("format_version", "weights_hash")}
     extra = {"model_config": dataclasses.asdict(run.model), "run_id": run.run_id, "round": rnd}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, tensors, {**kept, **extra, **_save_tokenizer(tokenizer, out.parent)})
     return digest, rnd
+
+
+def _check_http_seal(
+    url: str, run: RunConfig, rnd: int, digest: str, *, latest: bool, timeout_s: float
+) -> None:
+    """The latest checkpoint's seal must be served; an older one's may be gone from the coordinator's
+    replica (compacted), which only a warning reports."""
+    try:
+        seal, _ = _get_small(url, timeout_s)
+    except TransportError as e:
+        if latest or "HTTP 404" not in str(e):
+            raise
+        log.warning("checkpoint %d is not checked against a seal: %s", rnd, e)
+        return
+    check_seal(seal, run, rnd, digest, url)
 
 
 def _http_tokenizer(base: str, run: RunConfig, timeout_s: float) -> bytes | None:
@@ -168,9 +202,8 @@ def _http_tokenizer(base: str, run: RunConfig, timeout_s: float) -> bytes | None
     except TransportError as e:
         log.warning("no tokenizer from %s (%s); pass --tokenizer to nord generate", url, e)
         return None
-    digest = hashlib.sha256(data).hexdigest()
-    stated = {k.lower(): v for k, v in headers.items()}.get(TOKENIZER_HASH_HEADER.lower())
-    if stated is not None and stated != digest:
+    stated = headers.get(TOKENIZER_HASH_HEADER)
+    if stated is not None and stated != hashlib.sha256(data).hexdigest():
         raise TransportError(f"{url}: the tokenizer does not match its stated sha256 (damaged download)")
     return _run_tokenizer(data, run, url)
 

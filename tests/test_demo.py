@@ -212,8 +212,10 @@ def test_demo_runs_a_round_and_leaves_a_checkpoint_nord_generate_loads(tmp_path,
     assert "round   0 sealed | val loss" in text
     assert_nothing_left(state)
 
+    assert "weights sealed in round 0 (the base of round 1)" in text  # the pull, checked against the seal
     (command,) = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("nord generate ")]
     argv = shlex.split(command)
+    assert "--tokenizer" not in argv  # the pull saved the run's tokenizer beside the checkpoint
     assert Path(argv[2]).is_file()
     generated = subprocess.run(
         [sys.executable, "-m", "nord.cli", *argv[1:], "--tokens", "8", "--seed", "0"],

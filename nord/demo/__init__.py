@@ -4,7 +4,8 @@ The demo prepares the default corpus (cached), writes a small run config, then s
 `nord-coordinator serve` and N `nord-node join` workers (the last one in client mode, as a peer behind
 NAT would be) as subprocesses on 127.0.0.1. It prints the dashboard URL and the join command another
 machine would use, one status line per sealed round, and at the end pulls the merged checkpoint over
-HTTP, exactly as a user would, and prints the `nord generate` command that loads it.
+HTTP, exactly as a user would (weights checked against the authority's seal, the tokenizer saved beside
+them), and prints the `nord generate` command that loads it.
 
 Every child runs in its own process group (session), so Ctrl-C in the terminal reaches only the demo,
 which then stops the children in order: SIGTERM to each group, SIGKILL to what is left after a timeout
@@ -236,13 +237,6 @@ def ensure_run_config(cfg: DemoConfig, env: dict[str, str]) -> Path:
     return run_json
 
 
-def tokenizer_path(run_json: Path, data_root: Path) -> Path:
-    from nord.config import RunConfig
-    from nord.data import corpus_dir
-
-    return corpus_dir(RunConfig.load(run_json).data, data_root)[0] / "tokenizer.json"
-
-
 def serve_argv(cfg: DemoConfig, run_json: Path) -> list[str]:
     port = free_port(cfg.host)
     argv = [sys.executable, "-m", "coordinator", "serve", "--run-config", str(run_json)]
@@ -279,6 +273,7 @@ def pull_checkpoint(cfg: DemoConfig, env: dict[str, str]) -> Path | None:
     if done.returncode != 0:
         log.warning("could not pull the checkpoint: %s", (done.stderr.strip().splitlines() or ["?"])[-1])
         return None
+    print(done.stdout.strip(), flush=True)  # "wrote …: weights sealed in round R …"
     return out
 
 
@@ -362,7 +357,6 @@ def run_demo(cfg: DemoConfig) -> int:
     prepare_state_dir(cfg)
     env = child_env(cfg)
     run_json = ensure_run_config(cfg, env)
-    tokenizer = tokenizer_path(run_json, cfg.data_dir)
     coordinator: Child | None = None
     workers: list[Child] = []
     checkpoint: Path | None = None
@@ -391,5 +385,5 @@ def run_demo(cfg: DemoConfig) -> int:
         print(f"no round was sealed yet, so there is no checkpoint; logs are in {cfg.state_dir}")
     else:
         print(f"merged checkpoint: {checkpoint}\ngenerate text with:")
-        print(f"  nord generate {checkpoint} --tokenizer {tokenizer} --prompt {PROMPT!r}")
+        print(f"  nord generate {checkpoint} --prompt {PROMPT!r}")
     return 130 if interrupted else 0

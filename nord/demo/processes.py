@@ -21,7 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-STOP_TIMEOUT_S = 20.0  # SIGTERM grace period per process group before SIGKILL (a worker needs 5-15 s)
+STOP_TIMEOUT_S = 20.0  # SIGTERM grace period per process group before SIGKILL (a worker needs 2-5 s)
 
 
 @dataclass

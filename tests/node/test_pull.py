@@ -189,3 +189,19 @@ def test_urls_and_round_wording():
     assert base_url("http://h/checkpoints/4.safetensors") == base_url("http://h/") == "http://h"
     assert describe_round(1) == "weights sealed in round 0 (the base of round 1)"
     assert describe_round(0) == "the run's initial weights (no round sealed yet)"
+
+
+def test_the_latest_checkpoint_needs_its_seal_an_older_one_only_warns(tmp_path, coordinator, caplog):
+    routes = coordinator.routes()
+    del routes[f"/checkpoints/{ROUND}.seal"]  # compacted away on the coordinator
+    routes[f"/checkpoints/{ROUND}.safetensors"] = routes["/checkpoints/latest.safetensors"]
+    server = Server(routes)
+    try:
+        with pytest.raises(TransportError, match="HTTP 404"):
+            pull_http(server.url, tmp_path / "latest.safetensors", timeout_s=10)
+        assert not (tmp_path / "latest.safetensors").exists()
+        url = f"{server.url}/checkpoints/{ROUND}.safetensors"
+        assert pull_http(url, tmp_path / "old.safetensors", timeout_s=10) == (coordinator.digest, ROUND)
+    finally:
+        server.close()
+    assert f"checkpoint {ROUND} is not checked against a seal" in caplog.text
