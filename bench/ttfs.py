@@ -142,7 +142,8 @@ def main() -> None:
         spiking = NordLM(dataclasses.replace(base, mlp="spiking"))
         seconds["train_spiking"] = train(spiking, corpus, args, total, seed=0, lr_fn=schedule(total))
         ppl = perplexity(spiking, corpus, args)
-        rows.append({"row": "binary spiking MLP", "ppl": ppl, "spikes_per_neuron": mlp_activity(spiking, val)})
+        rate = mlp_activity(spiking, val)
+        rows.append({"row": "binary spiking MLP", "ppl": ppl, "spikes_per_neuron": rate})
 
     per_step = args.batch_size * args.seq_len
     tokens = {"twin": args.steps * per_step, "fine-tuned and spiking": total * per_step}
