@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--max-rounds", type=int, default=None, metavar="N", help="stop after N sealed rounds")
     join.add_argument("--shard", default=None, metavar="i/n", help="data shard (default: from the peer id)")
     join.add_argument(
+        "--shards",
+        default=None,
+        metavar="LIST",
+        help="parameter shards to train, e.g. 0,2 (default: the least-covered ones that fit this device)",
+    )
+    join.add_argument(
         "--poll-s", type=float, default=1.0, help="seconds between anti-entropy passes while waiting"
     )
     join.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")

@@ -30,10 +30,22 @@ from nord.codec import DeltaEncoder, decode_envelope
 from nord.config import RunConfig
 from nord.crdt import Replica
 from nord.data import prepare
-from nord.errors import CodecError, ConfigError, MergeError, NordError
+from nord.errors import CodecError, ConfigError, MergeError, NordError, TransportError
 from nord.gossip import PEER_TTL_S, Gossip
 from nord.identity import Identity
+from nord.memory import device_memory_bytes
 from nord.model import NordLM
+from nord.shards import (
+    ShardPlan,
+    contribution_delta,
+    freeze_outside,
+    parse_shards,
+    plan_for,
+    plan_shards,
+    round_coverage,
+    trained_names,
+    worker_sizing,
+)
 from nord.train import make_optimizer, train_steps
 from nord.transport import Transport
 
@@ -73,10 +85,14 @@ class Worker:
         poll_s: float = 1.0,
         progress: bool = True,
         compact_every: int = 8,
+        param_shards: str | None = None,
     ) -> None:
         self.run, self.transport, self.replica, self.state = run, transport, replica, state
         self.identity, self.corpus, self.shard, self.device = identity, corpus, shard, device
         self.poll_s, self.progress, self.compact_every = poll_s, progress, compact_every
+        self.spec = model_spec(run)
+        self.plan = self._plan_shards(param_shards)
+        self.trained = trained_names(self.spec, run.model, run.shards, self.plan.shards)
         self.gossip = Gossip(
             transport,
             replica,
@@ -84,11 +100,15 @@ class Worker:
             role="worker",
             bootstrap_peers=bootstrap,
             tokenizer_path=Path(corpus.path) / "tokenizer.json",
-            presence={"key": identity.public_hex, "device": describe_device(device)},
+            presence={
+                "key": identity.public_hex,
+                "device": describe_device(device),
+                "shards": list(self.plan.shards),
+            },
         )
-        self.spec = model_spec(run)
-        self.model = NordLM(run.model).to(device)
-        self.optimizer = make_optimizer(self.model, run.train, device)
+        self.model = NordLM(run.model, activation_checkpointing=self.plan.activation_checkpointing).to(device)
+        freeze_outside(self.model, self.trained)  # no gradients, no optimizer state outside our shards
+        self.optimizer = make_optimizer(self.model, run.train, device, eight_bit=device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
         self.encoder = DeltaEncoder(run.codec, self.spec)
         self.inner_steps_done = 0
@@ -101,6 +121,31 @@ class Worker:
         )
 
     # ---- state -------------------------------------------------------------------------------------
+
+    def _plan_shards(self, override: str | None) -> ShardPlan:
+        """--shards, else the shards of a previous session (its optimizer state is theirs), else the
+        largest set of the open round's least-covered shards that fits this device's memory."""
+        run, budget = self.run, device_memory_bytes(self.device)
+        sizing = worker_sizing(run.train.batch_size, run.train.seq_len, self.device)
+        saved = self.state.load_worker() or {}
+        chosen = parse_shards(override, run.shards) if override else tuple(saved.get("shards") or ())
+        if chosen:
+            plan = plan_for(run.model, run.shards, chosen, budget_bytes=budget, **sizing)
+        else:
+            try:
+                presence = self.transport.get_records(f"nord/{run.run_id}/peers")
+            except TransportError:
+                presence = {}
+            mine = self.replica.contributions(self.replica.round)
+            counts = round_coverage(
+                run.model, run.shards, presence=presence, me=self.transport.peer_id,
+                contributions=[(e.peer_key.hex(), e.names) for _, e in mine],
+            )  # fmt: skip
+            plan = plan_shards(
+                run.model, run.shards, counts, budget_bytes=budget, tie_break=self.transport.peer_id, **sizing
+            )
+        log.info("%s", plan.describe(budget))
+        return plan
 
     def _restore(self) -> None:
         saved = self.state.load_worker()
@@ -129,6 +174,7 @@ class Worker:
                 "optimizer": self.optimizer.state_dict(),
                 "inner_steps_done": self.inner_steps_done,
                 "envelope": envelope_bytes or b"",
+                "shards": list(self.plan.shards),
             }
         )
 
@@ -169,8 +215,7 @@ class Worker:
         self.state.write_status({**self._status(rnd), "phase": "training"})
         self.model.load_state_dict({k: v.to(self.device) for k, v in base.items()}, strict=True)
         stats = self._train()
-        trained = {name: p.detach().to("cpu", torch.float32) for name, p in self.model.named_parameters()}
-        delta = {name: trained[name] - base[name] for name in self.spec}
+        delta = contribution_delta(self.model, base, self.trained)  # our shards' tensors only
         envelope = self.encoder.encode(
             delta, run_id=self.run.run_id, round=rnd, base_hash=base_hash, identity=self.identity
         )
@@ -283,6 +328,7 @@ class Worker:
             "sealed_weights_hash": sealed_hash,
             "peer_id": self.transport.peer_id,
             "shard": list(self.shard),
+            "shards": list(self.plan.shards),
             "bytes_up": self.transport.bytes_sent,
             "bytes_down": self.transport.bytes_received,
         }
@@ -371,6 +417,7 @@ def join(args) -> int:
             poll_s=args.poll_s,
             progress=not args.no_progress,
             compact_every=args.compact_every,
+            param_shards=getattr(args, "shards", None),
         )
         tqdm.write(
             f"joined run {run.run_id} as {transport.peer_id} "

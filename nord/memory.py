@@ -165,3 +165,19 @@ def estimate_training_memory(
         total=total,
         fits_t4=total <= T4_USABLE_BYTES,
     )
+
+
+def device_memory_bytes(device) -> int:
+    """Memory a training run may use on `device`: the GPU's total, or the host's available RAM."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: the physical memory
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -163,6 +163,31 @@ def coverage(shard_sets: Iterable[Iterable[int]], count: int) -> list[int]:
     return counts
 
 
+def round_coverage(
+    model_cfg: ModelConfig,
+    shard_cfg: ShardConfig,
+    *,
+    presence: Mapping[str, object],
+    contributions: Iterable[tuple[str, Iterable[str]]],
+    me: str,
+) -> list[int]:
+    """Coverage of the open round from what gossip shows: the `shards` of the live peers' presence
+    records (peer id -> record; `me` left out) and the shards of the round's contributions
+    ((signing key hex, tensor names) pairs) whose author has no presence record with a `key`."""
+    sets, keys = [], set()
+    for peer, record in presence.items():
+        if peer == me or not isinstance(record, dict):
+            continue
+        shards = record.get("shards")
+        if isinstance(shards, (list, tuple)):
+            sets.append(shards)
+            keys.add(record.get("key"))
+    for key, names in contributions:
+        if key not in keys:
+            sets.append(shards_of_names(names, model_cfg, shard_cfg))
+    return coverage(sets, shard_cfg.count)
+
+
 def least_covered(counts: Sequence[int], n: int, *, tie_break: str) -> tuple[int, ...]:
     """The `n` least-covered shards; equal coverage is ordered by sha256(tie_break, shard)."""
 
@@ -226,6 +251,28 @@ class ShardPlan:
         )
 
 
+def plan_for(
+    model_cfg: ModelConfig,
+    shard_cfg: ShardConfig,
+    shards: Iterable[int],
+    *,
+    budget_bytes: int,
+    sizes: Sequence[int] | None = None,
+    **sizing,
+) -> ShardPlan:
+    """Training `shards`: without activation checkpointing if that fits `budget_bytes`, else with it
+    (sizing: batch_size, seq_len, fp16, optimizer)."""
+    shards = tuple(sorted(set(shards)))
+    sizes = shard_sizes(model_cfg, shard_cfg) if sizes is None else sizes
+    for checkpointing in (False, True):
+        est = estimate_shard_memory(
+            model_cfg, shard_cfg, shards, sizes=sizes, activation_checkpointing=checkpointing, **sizing
+        )
+        if est.total <= budget_bytes:
+            return ShardPlan(shards=shards, activation_checkpointing=checkpointing, estimate=est, fits=True)
+    return ShardPlan(shards=shards, activation_checkpointing=True, estimate=est, fits=False)
+
+
 def plan_shards(
     model_cfg: ModelConfig,
     shard_cfg: ShardConfig,
@@ -233,27 +280,27 @@ def plan_shards(
     *,
     budget_bytes: int,
     tie_break: str,
-    batch_size: int,
-    seq_len: int,
-    fp16: bool,
-    optimizer: str,
+    **sizing,
 ) -> ShardPlan:
-    """The largest set of least-covered shards that fits `budget_bytes` (checkpointing only if needed).
+    """The largest set of least-covered shards (`counts`: coverage per shard) that fits `budget_bytes`.
 
     At most `shard_cfg.per_worker` shards (all if 0); one shard with checkpointing if nothing fits.
     """
     sizes = shard_sizes(model_cfg, shard_cfg)
-    most = shard_cfg.per_worker or shard_cfg.count
-    plan = None
-    for n in range(most, 0, -1):
+    for n in range(shard_cfg.per_worker or shard_cfg.count, 0, -1):
         shards = least_covered(counts, n, tie_break=tie_break)
-        for checkpointing in (False, True):
-            est = estimate_shard_memory(
-                model_cfg, shard_cfg, shards, sizes=sizes, batch_size=batch_size, seq_len=seq_len,
-                fp16=fp16, optimizer=optimizer, activation_checkpointing=checkpointing,
-            )  # fmt: skip
-            plan = ShardPlan(shards=shards, activation_checkpointing=checkpointing, estimate=est, fits=True)
-            if est.total <= budget_bytes:
-                return plan
-    assert plan is not None
-    return ShardPlan(shards=plan.shards, activation_checkpointing=True, estimate=plan.estimate, fits=False)
+        plan = plan_for(model_cfg, shard_cfg, shards, budget_bytes=budget_bytes, sizes=sizes, **sizing)
+        if plan.fits:
+            return plan
+    return plan
+
+
+def worker_sizing(batch_size: int, seq_len: int, device: torch.device | str) -> dict[str, object]:
+    """How a worker trains on `device` (for the estimator): fp16 autocast and 8-bit AdamW on CUDA."""
+    cuda = torch.device(device).type == "cuda"
+    return {
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "fp16": cuda,
+        "optimizer": "adamw8bit" if cuda else "adamw",
+    }
