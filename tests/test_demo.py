@@ -144,11 +144,21 @@ def test_sigterm_is_handled_like_ctrl_c():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def wait_until_exec(*children: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Until a child has exec'd, /proc shows the parent's (pytest's) command line instead of its own."""
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        while b"time.sleep" not in Path(f"/proc/{child.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "child did not start"
+            time.sleep(0.01)
+
+
 def test_leftover_sweep_kills_only_processes_naming_paths_inside_the_state_dir(tmp_path):
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     naming_root = subprocess.Popen([*sleeper, str(tmp_path)])  # like the `nord demo --state-dir X` itself
     naming_child = subprocess.Popen([*sleeper, f"-id={tmp_path}/worker-0/p2p.key"])  # like a stray p2pd
     try:
+        wait_until_exec(naming_root, naming_child)
         killed = leftover_processes(tmp_path)
         assert [k.split()[0] for k in killed] == [str(naming_child.pid)]
         assert naming_child.wait(timeout=10) == -signal.SIGKILL
