@@ -67,7 +67,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return {k.removeprefix("nord."): v for k, v in raw.items() if k.startswith("nord.")}
 
 
-def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_checkpoint(
+    path: str | os.PathLike, *, verify: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a checkpoint; return (tensors, metadata without the `nord.` prefix).
 
     Raises CheckpointError for a missing, truncated or corrupt file, an unknown format version, or
@@ -76,11 +78,15 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> tuple[di
     meta = read_metadata(path)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint format version {version!r} (expected {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint format version {version!r} (expected {FORMAT_VERSION})"
+        )
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({e})") from None
     if verify and weights_hash(tensors) != meta.get("weights_hash"):
-        raise CheckpointError(f"{path}: weights do not match the hash recorded in the file (corrupt checkpoint)")
+        raise CheckpointError(
+            f"{path}: weights do not match the hash recorded in the file (corrupt checkpoint)"
+        )
     return tensors, meta

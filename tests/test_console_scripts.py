@@ -39,6 +39,8 @@ def test_console_scripts_answer_help(script):
 
 
 def test_unknown_command_exits_with_usage_error():
-    out = subprocess.run([sys.executable, "-m", "nord.cli", "no-such-command"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "nord.cli", "no-such-command"], capture_output=True, text=True
+    )
     assert out.returncode == 2
     assert "invalid choice" in out.stderr
