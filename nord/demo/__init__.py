@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 RUN_ID = "demo"
 MARKER = ".nord-demo"  # written into the state dir; --fresh deletes only directories that carry it
 PROMPT = "ROMEO:"
-# Chosen so that a round takes about a minute with three workers on two CPU cores (docs/quickstart.md).
+# Chosen so that a round takes about a minute with three workers on two CPU cores (README.md, "Two commands").
 DEFAULT_INNER_STEPS = {"tiny": 50, "small": 10}
 DEMO_SEQ_LEN = 128
 ROUND_DEADLINE_S = 120.0  # a round seals without a slow worker's contribution after this long
