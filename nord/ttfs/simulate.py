@@ -8,7 +8,7 @@ windows are consecutive: t_min^n = t_max^{n−1}. Neuron i's membrane (V_i = 0 w
 
 The slope reset is Stanojevic et al.'s base slope α_i = 1 − Σ_j W_ij switched on at t_min^n, with inputs
 that stayed silent arriving at t_max^{n−1} (their forced spike carries the value 0): the neuron sets its own
-slope, it is not a spike and is not counted. A later input (t_j ≥ t_min^n) adds W_ij to the slope from
+slope, it is not a spike and is not counted. A later input (t_j > t_min^n) adds W_ij to the slope from
 t_j on. The neuron fires once, at the first t ∈ [t_min^n, t_max^n) with V_i(t) ≥ ϑ_n = T_n, or never.
 With the code x = t_max − t (an earlier spike is a larger value; a silent neuron is 0) and every input
 inside its own window:
@@ -58,7 +58,7 @@ def fire_events(
     fires at `t_open`, saturated).
 
     Args:
-        times: (N, K) float64 input spike times, inf for a silent input.
+        times: (N, K) float64 input spike times (at most t_close), inf for a silent input.
         weights: (K, F) slope each input adds to each neuron's membrane.
         t_open, t_close: the layer's window; threshold: ϑ (= t_close − t_open for the ReLU mapping).
     Returns:
