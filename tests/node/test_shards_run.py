@@ -75,7 +75,6 @@ def test_three_workers_on_different_shards_converge(tmp_path):
             )  # fmt: skip
             peers.record_daemon(workers[name])
             e2e.wait_for(lambda n=name: e2e.read_status(tmp_path / n).get("shards"), 120, f"{name}'s shards")
-            time.sleep(1.0)  # the presence record reaches the DHT's other node
         for name, proc in workers.items():
             code = proc.wait(timeout=180)
             assert code == 0, f"{name} exited with {code}:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}"
