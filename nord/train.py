@@ -134,6 +134,7 @@ def train_steps(
         regs.append(out.reg_loss.item())
         rates.append(out.rates["overall"].item())
         shares.append(out.memory_share.item())
+        del out, objective  # the logits (B, T, V) would otherwise stay alive through the next forward
         tokens += x.numel()
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / elapsed:.0f}", rate=f"{rates[-1]:.3f}")
