@@ -13,7 +13,7 @@ Merge variants the library has no switch for are computed here, labelled bench-s
 decoded envelopes summed in a `FixedPointAccumulator` (exact int64 sums S and counts C):
 
     divk     W ← W + η · S / K                 (dense ÷K mean: the weight-dilution ablation)
-    damped   W ← W + η · S / (C + c0)          (damped sparse-aware mean)
+    damped   W ← W + η · S / (C + c0)          (damped sparse-aware mean: MergeConfig.damping)
 
 Dense baselines (DiLoCo) average fp32 Δ_i exactly:
 
@@ -46,7 +46,7 @@ log = logging.getLogger("bench.decentralized")
 RUN_ID = "bench-decentralized"
 KINDS = ("central", "dense", "nord")
 DENSE_OUTER = ("plain", "nesterov")
-MEANS = ("sparse", "median", "divk", "damped")  # median: MergeConfig.median_norm_clip; last two bench-side
+MEANS = ("sparse", "median", "divk", "damped")  # median/damped: MergeConfig switches; divk bench-side
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +74,7 @@ class Setup:
     @property
     def bench_side(self) -> bool:
         """True where the merge is computed by this bench, not by `Replica` (no library switch yet)."""
-        return self.kind == "nord" and self.mean in ("divk", "damped")
+        return self.kind == "nord" and self.mean == "divk"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +123,11 @@ class _Merger:
             self.identities = [Identity.generate() for _ in range(k)]
             self.authority = Identity.generate()
             merge_lr = setup.outer_lr if not setup.bench_side else 1.0
-            self.merge = MergeConfig(outer_lr=merge_lr, median_norm_clip=setup.mean == "median")
+            self.merge = MergeConfig(
+                outer_lr=merge_lr,
+                median_norm_clip=setup.mean == "median",
+                damping=setup.c0 if setup.mean == "damped" else 0.0,
+            )
             self.replicas = [
                 Replica(run_id=RUN_ID, spec=spec, base=w0, merge=self.merge,
                         authorities=[self.authority.public_key])
@@ -177,7 +181,7 @@ class _Merger:
         self.weights = primary.weights(include_open_round=False)
 
     def _bench_side_mean(self, envelopes) -> dict[str, torch.Tensor]:
-        """BENCH-SIDE merges (no library switch): W + η·S/K (divk) or W + η·S/(C + c0) (damped)."""
+        """BENCH-SIDE merge (no library switch): W + η·S/K, the weight-dilution ablation."""
         acc = FixedPointAccumulator(self.spec, self.merge)
         for env in envelopes:
             acc.add(env.delta())
@@ -188,8 +192,7 @@ class _Merger:
                 out[n] = w.clone()
                 continue
             total = acc.sums[n].to(torch.float64) * scale
-            denom = float(self.k) if s.mean == "divk" else acc.counts[n].to(torch.float64) + s.c0
-            out[n] = (w.reshape(-1).double() + s.outer_lr * total / denom).float().reshape(w.shape)
+            out[n] = (w.reshape(-1).double() + s.outer_lr * total / self.k).float().reshape(w.shape)
         return out
 
 

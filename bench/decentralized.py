@@ -13,7 +13,7 @@ The same spiking model, corpus, token budget and seeds in every setup; peers' sh
     <d>-noef          as nord-<d> without error feedback (CodecConfig.ef_decay = 0)
     <d>-median        as nord-<d> with each contribution clipped to the round's median norm
                       (MergeConfig.median_norm_clip)
-    <d>-damped        as nord-<d> with W += η·S/(C + c0), c0 = 1 (bench-side)
+    <d>-damped        as nord-<d> with W += η·S/(C + c0), c0 = 1 (MergeConfig.damping, the default)
 
 Peers run in one process (see bench/_decentralized_sim.py); setups run in parallel worker processes
 (--jobs), each with one torch thread.

@@ -12,7 +12,7 @@ IEEE-754 operations (multiply, round-half-even), so it is the same on every mach
 
 Materialization (`apply_update`) then computes, per coordinate and again elementwise in float64,
 
-    W_j = float32( base_j + (S_j / C_j) · (η · 2^-k) )      for C_j >= min_contributors, else base_j
+    W_j = float32( base_j + (S_j / (C_j + c0)) · (η · 2^-k) )      for C_j >= min_contributors, else base_j
 
 with no reduction anywhere: every output element depends only on its own inputs through correctly
 rounded operations, hence bit-identical results on any IEEE-754 CPU, any thread count.
@@ -142,7 +142,7 @@ class FixedPointAccumulator:
         return (self.sums[name], self.counts[name]) if name in self.sums else None
 
     def apply_update(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """W = base + η·S/C per coordinate with C >= min_contributors (float32, bit-exact; module doc)."""
+        """W = base + η·S/(C + c0) where C >= min_contributors (float32, bit-exact; module doc)."""
         out: dict[str, torch.Tensor] = {}
         for name, shape in self.spec.items():
             b = base[name].reshape(-1)
@@ -159,7 +159,7 @@ class FixedPointAccumulator:
         return out
 
     def _update_slice(self, base: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        mean = _exact_float64(sums) / counts.clamp(min=1).to(torch.float64)
+        mean = _exact_float64(sums) / (counts.clamp(min=1).to(torch.float64) + self.cfg.damping)
         updated = (base.to(torch.float64) + mean * (self.cfg.outer_lr * 2.0**-self.cfg.frac_bits)).to(
             torch.float32
         )

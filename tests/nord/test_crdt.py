@@ -155,8 +155,9 @@ def test_partitions_that_heal_converge_to_one_chain_and_weights():
     assert all(r.round == 3 for r in replicas)
 
 
-def test_weights_are_base_plus_lr_times_sparse_mean():
-    merge = MergeConfig(outer_lr=0.5)
+@pytest.mark.parametrize("damping", [0.0, 1.0, 2.5], ids=["plain-mean", "damped-1", "damped-2.5"])
+def test_weights_are_base_plus_lr_times_damped_sparse_mean(damping):
+    merge = MergeConfig(outer_lr=0.5, damping=damping)
     r = make_replica(merge)
     envs = [envelope(p, 0, r.base_hash) for p in range(3)]
     for e in envs:
@@ -169,7 +170,7 @@ def test_weights_are_base_plus_lr_times_sparse_mean():
             sparse = e.delta()[name]
             total[sparse.indices] += sparse.values.double()
             count[sparse.indices] += 1
-        mean = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+        mean = torch.where(count > 0, total / (count + damping), torch.zeros_like(total))
         expected[name] = (r.weights(include_open_round=False)[name].double().reshape(-1) + 0.5 * mean).float()
     got = r.weights()
     for name in SPEC:

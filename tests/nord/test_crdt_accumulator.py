@@ -109,19 +109,23 @@ def test_remove_restores_the_exact_previous_state():
 
 
 def test_each_coordinate_is_divided_by_its_own_contributor_count():
-    cfg = MergeConfig(outer_lr=1.0)
+    cfg = MergeConfig(outer_lr=1.0, damping=0.0)
     acc = FixedPointAccumulator({"b": (4,)}, cfg)
     acc.add({"b": Sparse(torch.tensor([0, 1]), torch.tensor([0.5, 0.25]))})
     acc.add({"b": Sparse(torch.tensor([1, 2]), torch.tensor([0.75, -1.0]))})
     out = acc.apply_update({"b": torch.zeros(4)})["b"]
     assert out.tolist() == [0.5, 0.5, -1.0, 0.0]  # no dilution: coordinate 0 keeps its full 0.5
-    strict = FixedPointAccumulator({"b": (4,)}, MergeConfig(min_contributors=2))
+    strict = FixedPointAccumulator({"b": (4,)}, MergeConfig(min_contributors=2, damping=0.0))
     strict.sums, strict.counts, strict.n = acc.sums, acc.counts, acc.n
     assert strict.apply_update({"b": torch.ones(4)})["b"].tolist() == [1.0, 1.5, 1.0, 1.0]
+    damped = FixedPointAccumulator({"b": (4,)}, MergeConfig(damping=1.0))
+    damped.sums, damped.counts, damped.n = acc.sums, acc.counts, acc.n
+    expected = torch.tensor([0.25, 1 / 3, -0.5, 0.0])  # S/(C + 1), rounded to float32
+    assert torch.equal(damped.apply_update({"b": torch.zeros(4)})["b"], expected)
 
 
 def test_values_are_clipped_and_untouched_coordinates_keep_their_bits():
-    cfg = MergeConfig(clip=1.0)
+    cfg = MergeConfig(clip=1.0, damping=0.0)
     acc = FixedPointAccumulator({"b": (3,)}, cfg)
     acc.add({"b": Sparse(torch.tensor([0]), torch.tensor([5.0]))})
     b = torch.tensor([-0.0, 2.0, float("1e-30")])

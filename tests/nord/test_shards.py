@@ -114,7 +114,8 @@ def test_replicas_combine_shards_through_the_sparse_aware_mean():
     spec = spec_of(TINY)
     base = {n: p.detach().clone() for n, p in NordLM(TINY).named_parameters()}
     codec = CodecConfig(density=1.0)  # send every coordinate: the expected sum is then exact
-    replica = Replica(run_id="r", spec=spec, base=base, merge=MergeConfig(), authorities=[])
+    merge = MergeConfig(damping=0.0)  # the plain sparse-aware mean S/C
+    replica = Replica(run_id="r", spec=spec, base=base, merge=merge, authorities=[])
     sent = []
     for seed, shards in ((1, (1,)), (2, (1,)), (3, (2,))):
         torch.manual_seed(seed)
