@@ -33,7 +33,7 @@ from email.message import Message
 from pathlib import Path
 from typing import TypeVar
 
-from node.session import fetch_run, find_run, peer_ids, start_transport
+from node.session import fetch_run, find_run, peer_ids, start_transport, with_retries
 from nord.checkpoint import load_checkpoint, save_checkpoint, weights_hash
 from nord.config import RunConfig
 from nord.crdt import Seal
@@ -235,7 +235,10 @@ def pull_p2p(args, out: Path) -> tuple[str, int]:
         run, _ = fetch_run(transport, peer, args.run)
         before = hello(transport, peer, args.run)["base_hash"]
         with tempfile.TemporaryDirectory(prefix="nord-pull-") as tmp:
-            path = fetch_snapshot(transport, peer, args.run, Path(tmp) / "snapshot.safetensors")
+            target = Path(tmp) / "snapshot.safetensors"
+            path = with_retries(
+                "fetching the snapshot", lambda: fetch_snapshot(transport, peer, args.run, target)
+            )
             tensors, meta = load_checkpoint(path)
         digest = weights_hash(tensors)
         rnd = int(meta.get("base_round", 0))

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from nord.checkpoint import load_checkpoint
 from nord.config import RunConfig
@@ -19,6 +22,23 @@ from nord.model import NordLM
 from nord.transport import Transport, TransportConfig, peer_id_of
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A stream that ended early is worth another try; a refusal, a timeout or a wrong run is not.
+TRANSIENT = ("closed the stream",)
+
+
+def with_retries(what: str, fetch: Callable[[], T], *, attempts: int = 3, delay_s: float = 1.0) -> T:
+    """`fetch()`, tried again after a transient transport failure (up to `attempts` times in all)."""
+    for attempt in range(1, attempts):
+        try:
+            return fetch()
+        except TransportError as e:
+            if not any(t in str(e) for t in TRANSIENT):
+                raise
+            log.warning("%s failed (%s); trying again (%d of %d)", what, e, attempt + 1, attempts)
+            time.sleep(delay_s * attempt)
+    return fetch()
 
 
 def peer_ids(initial_peers: tuple[str, ...]) -> tuple[str, ...]:
@@ -59,7 +79,7 @@ def find_run(transport: Transport, candidates: tuple[str, ...], run_id: str) -> 
 
 def fetch_run(transport: Transport, peer: str, run_id: str) -> tuple[RunConfig, str]:
     """The run's config (parsed and validated) and its JSON text as served."""
-    text = fetch_run_config_json(transport, peer, run_id)
+    text = with_retries("fetching the run config", lambda: fetch_run_config_json(transport, peer, run_id))
     run = RunConfig.from_json(text)
     if run.run_id != run_id:
         raise TransportError(
@@ -90,7 +110,10 @@ def open_replica(run: RunConfig, replica_dir: Path, *, transport: Transport, sou
         log.info("resumed replica at round %d from %s", replica.round, replica_dir)
         return replica
     with tempfile.TemporaryDirectory(prefix="nord-snapshot-") as tmp:
-        path = fetch_snapshot(transport, source, run.run_id, Path(tmp) / "snapshot.safetensors")
+        out = Path(tmp) / "snapshot.safetensors"
+        path = with_retries(
+            "fetching the sealed snapshot", lambda: fetch_snapshot(transport, source, run.run_id, out)
+        )
         tensors, meta = load_checkpoint(path)
     try:
         replica = Replica.from_snapshot(
