@@ -112,6 +112,7 @@ class Worker:
         self.scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
         self.encoder = DeltaEncoder(run.codec, self.spec)
         self.inner_steps_done = 0
+        self.resumed_round: int | None = None  # open round whose saved contribution _restore re-sent
         self._last_heartbeat = 0.0
         self._restore()
         seed_material = hashlib.sha256(f"{run.train.seed}:{transport.peer_id}".encode()).digest()
@@ -166,6 +167,9 @@ class Worker:
                 log.warning("dropping the saved contribution: %s", e)
                 return
             self._add_and_publish(envelope, resend=True)
+            with self.gossip.lock:
+                if self.replica.round == envelope.round:
+                    self.resumed_round = envelope.round
 
     def _save(self, envelope_bytes: bytes | None) -> None:
         self.state.save_worker(
@@ -185,6 +189,12 @@ class Worker:
         done = 0
         bar = tqdm(total=max_rounds, desc="rounds", unit="round", disable=not self.progress)
         try:
+            if self.resumed_round is not None and max_rounds != 0:
+                # The round interrupted after its contribution was saved is finished by this run: it
+                # counts toward --max-rounds whether its seal comes before or after we are back.
+                self.wait_for_seal(self.resumed_round)
+                done += 1
+                bar.update(1)
             while max_rounds is None or done < max_rounds:
                 self._catch_up()
                 report = self.contribute()
