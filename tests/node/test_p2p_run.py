@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import alive, p2pd_children, wait_for
 
 import nord
 from nord.checkpoint import weights_hash
@@ -27,22 +28,6 @@ pytestmark = [pytest.mark.p2p, pytest.mark.slow, pytest.mark.timeout(300)]
 
 RUN = "e2e"
 ROUNDS = 3
-
-
-def p2pd_children(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if (entry / "comm").read_text().strip() != "p2pd":
-                continue
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            found.add(int(entry.name))
-    return found
 
 
 def p2pd_using(directory: Path) -> set[int]:
@@ -56,24 +41,6 @@ def p2pd_using(directory: Path) -> set[int]:
         except OSError:
             continue
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def wait_for(cond, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def read_status(state_dir: Path) -> dict:

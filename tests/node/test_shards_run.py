@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import test_p2p_run as e2e  # the process helpers of the unsharded end-to-end test
+import test_p2p_run as e2e  # the Peers runner and status reader of the unsharded end-to-end test
 import torch
+from procs import alive, wait_for
 
 import nord
 from node.bootstrap import create_run
@@ -60,7 +61,7 @@ def test_three_workers_on_different_shards_converge(tmp_path):
             "boot", "bootstrap", "--run", RUN, "--state-dir", str(boot_dir), "--data-dir", str(data),
             "--local-only",
         )  # fmt: skip
-        maddr = e2e.wait_for(
+        maddr = wait_for(
             lambda: (boot_dir / "maddrs.txt").is_file() and (boot_dir / "maddrs.txt").read_text().split()[0],
             120,
             "the bootstrap peer's address",
@@ -74,7 +75,7 @@ def test_three_workers_on_different_shards_converge(tmp_path):
                 "--local-only",
             )  # fmt: skip
             peers.record_daemon(workers[name])
-            e2e.wait_for(lambda n=name: e2e.read_status(tmp_path / n).get("shards"), 120, f"{name}'s shards")
+            wait_for(lambda n=name: e2e.read_status(tmp_path / n).get("shards"), 120, f"{name}'s shards")
         for name, proc in workers.items():
             code = proc.wait(timeout=180)
             assert code == 0, f"{name} exited with {code}:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}"
@@ -117,8 +118,8 @@ def test_three_workers_on_different_shards_converge(tmp_path):
 
 def e2e_daemons_gone(peers) -> None:
     deadline = time.monotonic() + 15
-    survivors = {pid for pid in peers.daemons if e2e.alive(pid)}
+    survivors = {pid for pid in peers.daemons if alive(pid)}
     while survivors and time.monotonic() < deadline:
         time.sleep(0.2)
-        survivors = {pid for pid in survivors if e2e.alive(pid)}
+        survivors = {pid for pid in survivors if alive(pid)}
     assert survivors == set(), "p2pd processes outlived the test"

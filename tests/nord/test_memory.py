@@ -1,51 +1,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from rss_probe import peak_rss_growth
 
 from nord.errors import ConfigError
 from nord.memory import activation_bytes, count_params, estimate_training_memory
 from nord.model import NordLM
 from nord.recipes import get_config
-
-# Runs in a fresh process: the peak growth of anonymous resident memory (Linux /proc/self/status
-# RssAnon, polled by a thread every 0.2 ms; file-backed pages such as libtorch's code are left out, since
-# the kernel may evict and re-fault them) while building and training `recipe` for one AdamW step in fp32.
-# A micro model first warms every code path, so lazy library initialisation is not counted.
-PEAK_RSS_SCRIPT = """
-import dataclasses, json, sys, threading, time, torch
-from nord.model import NordLM
-from nord.recipes import get_config
-torch.set_num_threads(1)
-name, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-def one_step(model, b, t):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, model.cfg.vocab_size, (b, t))
-    out = model(x, x)
-    (out.loss + out.reg_loss).backward()
-    opt.step()
-micro = dataclasses.replace(get_config("tiny"), vocab_size=64, d_model=16, d_mlp=32, n_memory_slots=4)
-one_step(NordLM(micro), 1, 8)
-before, peak, done = anon(), [0], threading.Event()
-def poll():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.0002)
-watcher = threading.Thread(target=poll)
-watcher.start()
-one_step(NordLM(get_config(name)), batch, seq)
-done.set()
-watcher.join()
-print(json.dumps({"peak_growth": max(peak[0], anon()) - before}))
-"""
 
 
 def saved_activation_bytes(model: NordLM, batch: int, seq: int, *, fp16: bool = False) -> int:
@@ -107,14 +71,7 @@ def test_block_coefficients_match_the_bytes_autograd_saves_per_layer(fp16, shape
 @pytest.mark.slow
 @pytest.mark.parametrize("name, batch, seq", [("tiny", 8, 64), ("small", 4, 128)])
 def test_estimate_is_within_margin_of_measured_peak_rss(name, batch, seq):
-    result = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS_SCRIPT, name, str(batch), str(seq)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    measured = json.loads(result.stdout.strip().splitlines()[-1])["peak_growth"]
+    measured = peak_rss_growth(name, batch, seq)
     est = estimate_training_memory(
         get_config(name), batch_size=batch, seq_len=seq, fp16=False, optimizer="adamw"
     )

@@ -2,12 +2,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from rss_probe import peak_rss_growth
 from test_memory import saved_activation_bytes  # the autograd-saved-bytes probe of the estimator's tests
 
 from nord.codec import CodecConfig, DeltaEncoder
@@ -167,44 +165,6 @@ def test_frozen_lower_blocks_save_no_activations_and_the_estimate_follows():
     assert saved_activation_bytes(model, 2, 64) < saved_activation_bytes(full, 2, 64)
 
 
-# Peak growth of anonymous RSS while building `recipe`, freezing all but `shards` of `count`, and taking
-# one fp32 AdamW step (the PEAK_RSS_SCRIPT of tests/nord/test_memory.py, with the freeze).
-SHARD_RSS_SCRIPT = """
-import dataclasses, json, sys, threading, time, torch
-from nord.model import NordLM
-from nord.recipes import get_config
-from nord.shards import ShardConfig, freeze_outside, trained_names
-torch.set_num_threads(1)
-name, batch, seq, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-shards = [int(s) for s in sys.argv[5].split(",")]
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-def one_step(model, b, t, names):
-    freeze_outside(model, names)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    x = torch.randint(0, model.cfg.vocab_size, (b, t))
-    out = model(x, x)
-    (out.loss + out.reg_loss).backward()
-    opt.step()
-micro = dataclasses.replace(get_config("tiny"), vocab_size=64, d_model=16, d_mlp=32, n_memory_slots=4)
-one_step(NordLM(micro), 1, 8, ["blocks.3.mlp_in.weight"])
-cfg = get_config(name)
-before, peak, done = anon(), [0], threading.Event()
-def poll():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.0002)
-watcher = threading.Thread(target=poll)
-watcher.start()
-model = NordLM(cfg)
-one_step(model, batch, seq, trained_names(model.param_spec(), cfg, ShardConfig(count=count), shards))
-done.set()
-watcher.join()
-print(json.dumps({"peak_growth": max(peak[0], anon()) - before}))
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, batch, seq, count, shards",
@@ -212,23 +172,7 @@ print(json.dumps({"peak_growth": max(peak[0], anon()) - before}))
     ids=["small-shards23of4"],
 )
 def test_shard_estimate_is_within_10_percent_of_measured_peak_rss(name, batch, seq, count, shards):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SHARD_RSS_SCRIPT,
-            name,
-            str(batch),
-            str(seq),
-            str(count),
-            ",".join(map(str, shards)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    measured = json.loads(result.stdout.strip().splitlines()[-1])["peak_growth"]
+    measured = peak_rss_growth(name, batch, seq, count=count, shards=tuple(shards))
     est = estimate_shard_memory(
         get_config(name), ShardConfig(count=count), shards, batch_size=batch, seq_len=seq, fp16=False,
         optimizer="adamw",
