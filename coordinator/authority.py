@@ -71,7 +71,8 @@ class Authority:
             self._catch_up()
             rnd, base_hash = self.replica.round, self.replica.base_hash
             if self.history.checkpoint(rnd) is None:
-                self._save_checkpoint(rnd, self.replica.weights(include_open_round=False))
+                weights = self.replica.weights(include_open_round=False)
+                self._save_checkpoint(rnd, weights, self.replica.tip_seal)
             self.history.open_round(rnd, base_hash=base_hash, at=self.clock())
 
     def step(self) -> Seal | None:
@@ -186,7 +187,7 @@ class Authority:
         metrics: dict[str, float] = {}
         if weights is not None:
             if self.history.checkpoint(seal.round + 1) is None:
-                self._save_checkpoint(seal.round + 1, weights)
+                self._save_checkpoint(seal.round + 1, weights, seal)
             evaluation = self.validator.evaluate(weights)
             metrics = {"val_loss": evaluation.loss, "val_ppl": math.exp(min(evaluation.loss, 50.0))}
             metrics |= {f"firing_rate/{k}": v for k, v in evaluation.rates.items() if k != "overall"}
@@ -198,10 +199,14 @@ class Authority:
         self.history.mark_sealed(list(seal.contribution_ids), seal.round)
         self.history.open_round(seal.round + 1, base_hash=seal.weights_hash, at=self.clock())
 
-    def _save_checkpoint(self, rnd: int, weights) -> None:
+    def _save_checkpoint(self, rnd: int, weights, seal: Seal | None) -> None:
+        """Checkpoint `rnd` carries the seal that produced it, so the two are served and removed together
+        (the replica's compaction may drop the seal itself while the checkpoint is still offered)."""
         name = f"{rnd}.safetensors"
         path = self.checkpoint_dir / name
         meta = {"run_id": self.run.run_id, "round": rnd, "model_config": self.run.to_dict()["model"]}
+        if seal is not None and seal.round == rnd - 1:
+            meta["seal"] = seal.to_bytes().hex()
         digest = save_checkpoint(path, weights, meta)
         self.history.record_checkpoint(
             rnd, file=name, weights_hash=digest, nbytes=path.stat().st_size, at=self.clock()

@@ -31,9 +31,10 @@ from coordinator.validate import ValidationConfig, Validator
 from node.bootstrap import open_run_replica
 from node.session import start_transport
 from node.state import StateDir
+from nord.checkpoint import read_metadata
 from nord.config import RunConfig
 from nord.data import prepare
-from nord.errors import ConfigError, TransportError
+from nord.errors import CheckpointError, ConfigError, TransportError
 from nord.gossip import PEER_TTL_S, Gossip
 from nord.identity import Identity
 from nord.model import NordLM
@@ -164,7 +165,7 @@ def serve(args) -> int:
                 admin=authority,
                 admin_token=os.environ.get("NORD_ADMIN_TOKEN") or None,
                 live=lambda: {"multiaddrs": multiaddrs, "authority": identity.public_hex},
-                seal_bytes=lambda rnd: seal_bytes(replica, gossip.lock, rnd),
+                seal_bytes=lambda rnd: seal_bytes(state.path / "checkpoints", rnd),
                 tokenizer_path=Path(corpus.path) / "tokenizer.json",
             )
         )
@@ -195,11 +196,13 @@ def serve(args) -> int:
         history.close()
 
 
-def seal_bytes(replica, lock, rnd: int) -> bytes | None:
-    """The seal whose weights are checkpoint `rnd` (round rnd - 1's), if the replica still holds it."""
-    with lock:
-        seals = [*replica.seals(), replica.tip_seal]
-    return next((s.to_bytes() for s in seals if s is not None and s.round == rnd - 1), None)
+def seal_bytes(checkpoint_dir: Path, rnd: int) -> bytes | None:
+    """The seal whose weights are checkpoint `rnd` (round rnd - 1's), kept in the checkpoint's metadata."""
+    try:
+        seal = read_metadata(checkpoint_dir / f"{rnd}.safetensors").get("seal")
+    except CheckpointError:
+        return None
+    return bytes.fromhex(seal) if seal else None
 
 
 def loop(authority: Authority, gossip: Gossip) -> None:

@@ -15,11 +15,12 @@ import torch
 
 from coordinator.authority import Authority
 from coordinator.history import History
+from coordinator.server import seal_bytes
 from coordinator.validate import ValidationConfig, Validator
 from nord.checkpoint import load_checkpoint
 from nord.codec import DeltaEncoder
 from nord.config import RoundConfig, RunConfig, TrainConfig
-from nord.crdt import Replica
+from nord.crdt import Replica, Seal
 from nord.data import DataConfig, prepare
 from nord.errors import MergeError
 from nord.identity import Identity
@@ -135,6 +136,22 @@ def test_quorum_seals_round_and_saves_checkpoint(corpus, tmp_path):
     metrics = auth.history.metrics()[0]
     assert metrics["val_loss"] > 0 and "firing_rate/layers.0" in metrics
     assert auth.history.rounds()[0]["accepted"] == 2 and auth.history.tokens_seen() == 2 * 64
+    close(auth)
+
+
+def test_each_checkpoint_keeps_its_seal_after_the_replica_compacts_it_away(corpus, tmp_path):
+    auth = make_authority(make_run(quorum=1), corpus, tmp_path, Clock())
+    assert seal_bytes(tmp_path / "checkpoints", 0) is None  # the initial weights: nothing sealed them
+    seals = []
+    for rnd in range(3):
+        contribute(auth, rnd, 1e-4, seed=rnd + 1)
+        seals.append(auth.step())
+    assert all(s is not None for s in seals)
+    assert seals[0].round not in {s.round for s in auth.replica.seals()}  # compacted out of the replica
+    for checkpoint in (1, 2, 3):
+        served = Seal.from_bytes(seal_bytes(tmp_path / "checkpoints", checkpoint))
+        assert served.round == checkpoint - 1
+        assert served.weights_hash == auth.history.checkpoint(checkpoint)["weights_hash"]
     close(auth)
 
 
