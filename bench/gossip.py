@@ -170,32 +170,77 @@ def bench_spread(n_peers: int, repeats: int, author_transport_cfg) -> dict:
 
 
 def bench_throughput(mbytes: int, repeats: int, author_transport_cfg) -> dict:
+    """Median wall throughput of framed and raw transfers, and the CPU seconds each process spent on them."""
     from nord.transport import Transport
 
     payload = os.urandom(mbytes * 2**20)
     server = PeerProcess([]).wait_ready()
     client = Transport.start(author_transport_cfg(server.maddrs))
+    processes = {
+        "client python": [os.getpid()],
+        "client p2pd": _children(os.getpid(), exclude=server.proc.pid),
+        "server python": [server.proc.pid],
+        "server p2pd": _children(server.proc.pid),
+    }
+
+    def send_framed() -> None:
+        reply = client.request(server.peer_id, "sink", payload, timeout_s=600, max_reply_bytes=64)
+        assert int.from_bytes(reply, "big") == len(payload)
+
+    def send_raw() -> None:
+        assert client._run(_raw_send(client, server.peer_id, payload), timeout=600) == len(payload)
+
     try:
-        framed, raw = [], []
+        result = {"payload_mb": len(payload) / 1e6, "cores": os.cpu_count()}
+        runs = {"framed": ([], []), "raw": ([], [])}  # (wall s, {process: cpu s}) per repeat
         for _ in range(repeats):
-            start = time.perf_counter()
-            reply = client.request(server.peer_id, "sink", payload, timeout_s=600, max_reply_bytes=64)
-            framed.append(time.perf_counter() - start)
-            assert int.from_bytes(reply, "big") == len(payload)
-            start = time.perf_counter()
-            assert client._run(_raw_send(client, server.peer_id, payload), timeout=600) == len(payload)
-            raw.append(time.perf_counter() - start)
-        mb = len(payload) / 1e6
-        return {
-            "payload_mb": mb,
-            "framed_mb_s": mb / statistics.median(framed),
-            "raw_mb_s": mb / statistics.median(raw),
-            "framed_s": framed,
-            "raw_s": raw,
-        }
+            for mode, send in (("framed", send_framed), ("raw", send_raw)):
+                cpu_before = _cpu_seconds(processes)
+                start = time.perf_counter()
+                send()
+                runs[mode][0].append(time.perf_counter() - start)
+                time.sleep(0.5)  # let the receiver finish freeing the payload: its CPU belongs to this mode
+                cpu_after = _cpu_seconds(processes)
+                runs[mode][1].append({k: cpu_after[k] - cpu_before[k] for k in processes})
+        for mode, (walls, cpus) in runs.items():
+            result[f"{mode}_mb_s"] = result["payload_mb"] / statistics.median(walls)
+            result[f"{mode}_s"] = walls
+            result[f"{mode}_cpu_ms_per_mb"] = {
+                k: 1e3 * statistics.median(c[k] for c in cpus) / result["payload_mb"] for k in processes
+            }
+        return result
     finally:
         client.shutdown()
         server.stop()
+
+
+def _children(pid: int, exclude: int | None = None) -> list[int]:
+    """Direct child processes of `pid` (the p2pd daemons), from /proc; [] where there is no /proc."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and int(entry.name) != exclude:
+            found.append(int(entry.name))
+    return found
+
+
+def _cpu_seconds(processes: dict[str, list[int]]) -> dict[str, float]:
+    """User + system CPU seconds so far of each group of processes (all their threads), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals = {}
+    for name, pids in processes.items():
+        total = 0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        totals[name] = total / tick
+    return totals
 
 
 async def _raw_send(transport, peer_id: str, payload: bytes) -> int:
@@ -266,10 +311,20 @@ def main() -> None:
 
 
 def _print_throughput(t: dict, repeats: int) -> None:
+    """Wall throughput, then where the CPU went: on a CPU-bound machine that sets the ceiling."""
     print(f"\nThroughput of a {t['payload_mb']:.0f} MB payload, one stream (median of {repeats})")
-    print(f"framed (len + sha256, verified) {t['framed_mb_s']:7.0f} MB/s")
+    names = list(t["raw_cpu_ms_per_mb"])
+    print(f"{'':32} {'MB/s':>6} | CPU ms per MB: " + " | ".join(f"{n:>13}" for n in names) + " |  total")
+    for mode, label in (("framed", "framed (len + sha256, verified)"), ("raw", "raw hivemind binary stream")):
+        cpu = t[f"{mode}_cpu_ms_per_mb"]
+        cells = " | ".join(f"{cpu[n]:13.2f}" for n in names)
+        print(f"{label:32} {t[f'{mode}_mb_s']:6.0f} | {'':15}{cells} | {sum(cpu.values()):6.2f}")
     ratio = t["framed_mb_s"] / t["raw_mb_s"]
-    print(f"raw hivemind binary stream      {t['raw_mb_s']:7.0f} MB/s   (framed/raw = {ratio:.2f})")
+    ceilings = {m: 1e3 * t["cores"] / sum(t[f"{m}_cpu_ms_per_mb"].values()) for m in ("framed", "raw")}
+    print(
+        f"framed/raw = {ratio:.2f}; CPU-bound ceilings on {t['cores']} cores (cores / total CPU per MB): "
+        f"framed {ceilings['framed']:.0f} MB/s, raw {ceilings['raw']:.0f} MB/s"
+    )
 
 
 if __name__ == "__main__":
