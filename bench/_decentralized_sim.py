@@ -5,7 +5,9 @@ for H inner AdamW steps on their disjoint shard, then the pseudo-gradient Δ_i =
 
     DeltaEncoder.encode → Envelope.to_bytes() → decode_envelope → Replica.add → Replica.seal → weights
 
-(W ← W + η · S/C, the sparse-aware mean over the peers that sent each coordinate). A second replica
+(W ← W + η · S/(C + c0), the damped sparse-aware mean over the peers that sent each coordinate; c0 = 0
+is the plain mean S/C). The encoder keeps values at its round's density (`density_for_round`: the
+codec's warm-up schedule), so bytes are counted round by round. A second replica
 receives the same bytes in the reverse order and must accept every seal (it recomputes the weights
 hash), so every Nord round is also a check that replicas agree bit for bit.
 
@@ -62,6 +64,8 @@ class Setup:
     ef_decay: float = 1.0  # nord: CodecConfig.ef_decay (0 = no error feedback)
     mean: str = "sparse"  # nord: sparse | median | divk | damped
     c0: float = 1.0  # nord damped: S / (C + c0)
+    warmup_rounds: int = 0  # nord: CodecConfig.warmup_rounds (density warm-up; 0 = none)
+    warmup_density: float = 0.25  # nord: CodecConfig.warmup_density (round 0's density)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -118,7 +122,12 @@ class _Merger:
         if setup.kind == "dense":
             self.momentum = {n: torch.zeros_like(t) for n, t in w0.items()}
         if setup.kind == "nord":
-            self.codec = CodecConfig(density=setup.density, ef_decay=setup.ef_decay)
+            self.codec = CodecConfig(
+                density=setup.density,
+                ef_decay=setup.ef_decay,
+                warmup_rounds=setup.warmup_rounds,
+                warmup_density=setup.warmup_density,
+            )
             self.encoders = [DeltaEncoder(self.codec, spec) for _ in range(k)]
             self.identities = [Identity.generate() for _ in range(k)]
             self.authority = Identity.generate()
@@ -264,6 +273,7 @@ def run_setup(setup: Setup, seed: int, shape: RunShape) -> dict:
         "curve": curve,
         "bytes_per_peer_round": bytes_round,
         "bytes_per_peer_total": sum(merger.bytes_per_round) if merger else 0.0,
+        "bytes_per_peer_by_round": merger.bytes_per_round if merger else [],
         "bytes_per_param_round": bytes_round / params,
         "verified_rounds": merger.verified_rounds if merger else 0,
         "seconds": train_seconds,

@@ -14,6 +14,10 @@ The same spiking model, corpus, token budget and seeds in every setup; peers' sh
     <d>-median        as nord-<d> with each contribution clipped to the round's median norm
                       (MergeConfig.median_norm_clip)
     <d>-damped        as nord-<d> with W += η·S/(C + c0), c0 = 1 (MergeConfig.damping, the default)
+    <d>-damped-c2     as <d>-damped with c0 = 2
+    wu<R>-<d>         density warm-up (CodecConfig.warmup_rounds = R, warmup_density = 25%): round r < R
+                      keeps 25% · (d / 25%)^(r / R), then d; damped mean c0 = 1 (R = 4 or 8 at 1.56%,
+                      R = 4 at 6.25%)
 
 Peers run in one process (see bench/_decentralized_sim.py); setups run in parallel worker processes
 (--jobs), each with one torch thread.
@@ -49,6 +53,7 @@ from nord.errors import ConfigError  # noqa: E402
 from nord.fsutil import atomic_write_bytes  # noqa: E402
 
 DENSITIES = {"25": 0.25, "6.25": 0.0625, "1.56": 64 / 4096}
+WARMUP_DENSITY = 0.25  # round 0's density in the wu<R>-<d> setups
 
 
 def all_setups(ablation: str) -> dict[str, Setup]:
@@ -66,9 +71,16 @@ def all_setups(ablation: str) -> dict[str, Setup]:
         ("noef", {"ef_decay": 0.0}),
         ("median", {"mean": "median"}),
         ("damped", {"mean": "damped", "c0": 1.0}),
+        ("damped-c2", {"mean": "damped", "c0": 2.0}),
     ):
         name = f"{ablation}-{suffix}"
         setups[name] = Setup(name=name, kind="nord", density=d, **extra)
+    for label, warmup_rounds in (("1.56", 4), ("1.56", 8), ("6.25", 4)):
+        name = f"wu{warmup_rounds}-{label}"
+        setups[name] = Setup(
+            name=name, kind="nord", density=DENSITIES[label], mean="damped", c0=1.0,
+            warmup_rounds=warmup_rounds, warmup_density=WARMUP_DENSITY,
+        )  # fmt: skip
     return setups
 
 

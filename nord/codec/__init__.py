@@ -1,6 +1,6 @@
 """Masked 4-bit sparse weight deltas with error feedback, in signed envelopes.
 
-    config.py    CodecConfig (a section of RunConfig)
+    config.py    CodecConfig (a section of RunConfig), density_for_round (the density warm-up)
     encoder.py   DeltaEncoder: residual + delta → top-k per chunk → NF4 → Envelope; keeps the residual
     payload.py   the payload layout, its validation and deterministic dequantization (SparseTensor)
     indices.py   index codes: bitmap, chunk-local offsets, LEB128 gaps, full — shortest per tensor
@@ -10,9 +10,17 @@ Bytes at the default 64/4096 density: ≈ 9 bits of index + 4 bits of value per 
 scale per 64 kept values ≈ 0.026 bytes per parameter (docs/benchmarks/codec.md).
 """
 
-from nord.codec.config import CodecConfig
+from nord.codec.config import CodecConfig, density_for_round
 from nord.codec.encoder import DeltaEncoder
 from nord.codec.envelope import FORMAT_VERSION, Envelope, decode_envelope
 from nord.codec.payload import SparseTensor
 
-__all__ = ["FORMAT_VERSION", "CodecConfig", "DeltaEncoder", "Envelope", "SparseTensor", "decode_envelope"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CodecConfig",
+    "DeltaEncoder",
+    "Envelope",
+    "SparseTensor",
+    "decode_envelope",
+    "density_for_round",
+]

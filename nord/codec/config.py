@@ -1,4 +1,12 @@
-"""`CodecConfig`: how a worker compresses its pseudo-gradient (a section of `RunConfig`)."""
+"""`CodecConfig`: how a worker compresses its pseudo-gradient (a section of `RunConfig`).
+
+Density warm-up (Deep Gradient Compression's sparsity warm-up): round r < warmup_rounds keeps
+
+    d(r) = warmup_density · (density / warmup_density)^(r / warmup_rounds)
+
+a geometric decay from warmup_density to density, so the large early pseudo-gradients are sent on time
+instead of trickling out of the error-feedback residual; from round warmup_rounds on d(r) = density.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +30,8 @@ class CodecConfig:
     density: float = 64 / 4096  # kept fraction per chunk (k = ceil(density * chunk), at least 1)
     blocksize: int = 64  # NF4 values per absmax scale
     ef_decay: float = 1.0  # residual multiplier before it is added to the next delta (1 = keep all)
+    warmup_rounds: int = 0  # rounds of density warm-up (0 = none); counted from the run's round 0
+    warmup_density: float = 0.25  # density of round 0 when warmup_rounds > 0 (then it must be >= density)
     max_payload_bytes: int = 64 * 2**20  # decoders reject larger envelopes
 
     def __post_init__(self) -> None:
@@ -33,9 +43,30 @@ class CodecConfig:
             raise ConfigError(f"codec.blocksize must be one of {BNB_BLOCKSIZES}, got {self.blocksize}")
         if not 0 <= self.ef_decay <= 1:
             raise ConfigError(f"codec.ef_decay must be in [0, 1], got {self.ef_decay}")
+        if isinstance(self.warmup_rounds, bool) or not (
+            isinstance(self.warmup_rounds, int) and self.warmup_rounds >= 0
+        ):
+            raise ConfigError(f"codec.warmup_rounds must be an integer >= 0, got {self.warmup_rounds!r}")
+        if not 0 < self.warmup_density <= 1 or (self.warmup_rounds and self.warmup_density < self.density):
+            raise ConfigError(
+                f"codec.warmup_density must be in [codec.density, 1] = [{self.density:g}, 1], "
+                f"got {self.warmup_density}"
+            )
         if self.max_payload_bytes < 1024:
             raise ConfigError(f"codec.max_payload_bytes must be >= 1024, got {self.max_payload_bytes}")
 
-    def keep(self, chunk_len: int) -> int:
-        """Values kept from a chunk of `chunk_len` values."""
-        return min(chunk_len, max(1, math.ceil(self.density * chunk_len - 1e-9)))
+    def keep(self, chunk_len: int, density: float | None = None) -> int:
+        """Values kept from a chunk of `chunk_len` values at `density` (default: the final density)."""
+        d = self.density if density is None else density
+        return min(chunk_len, max(1, math.ceil(d * chunk_len - 1e-9)))
+
+
+def density_for_round(cfg: CodecConfig, round: int) -> float:
+    """Kept fraction per chunk in round `round` (the warm-up schedule in the module doc).
+
+    Total on purpose: a round outside [0, warmup_rounds) gets `density`, and the encoder leaves rejecting
+    an invalid round to the envelope's own header check (one error message for it).
+    """
+    if not (isinstance(round, int) and 0 <= round < cfg.warmup_rounds):
+        return cfg.density
+    return cfg.warmup_density * (cfg.density / cfg.warmup_density) ** (round / cfg.warmup_rounds)

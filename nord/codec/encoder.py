@@ -3,11 +3,12 @@
 Per tensor, each round:
 
     a      = Δ + ef_decay · r            (r: the residual carried from the previous rounds)
-    S      = top-k |a| per chunk          (k = ceil(density · chunk))
+    S      = top-k |a| per chunk          (k = ceil(d(round) · chunk); d: CodecConfig's warm-up schedule)
     â_S    = NF4-dequantize(NF4(a_S))     (what every replica will add)
     r     ← a − scatter(S, â_S)           (unsent values and quantization error, sent later)
 
 so Σ_rounds sent = Σ_rounds Δ − r_now: the sent sum tracks the true sum up to one bounded residual.
+The residual does not depend on k, so the density may change from round to round (warm-up).
 The residual is part of the worker's state (`state_dict`), so a restart keeps it.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from nord.codec.config import CodecConfig
+from nord.codec.config import CodecConfig, density_for_round
 from nord.codec.envelope import Envelope, seal_envelope
 from nord.codec.indices import encode_indices
 from nord.codec.payload import FP16_MAX, pack_payload
@@ -27,12 +28,15 @@ from nord.identity import Identity
 from nord.nf4 import ZERO_CODE, dequantize_nf4, quantize
 
 
-def top_k_indices(values: torch.Tensor, cfg: CodecConfig) -> tuple[torch.Tensor, int, int, int]:
-    """Sorted flat indices of the largest |values| per chunk; also (chunk, k, k_last)."""
+def top_k_indices(
+    values: torch.Tensor, cfg: CodecConfig, density: float | None = None
+) -> tuple[torch.Tensor, int, int, int]:
+    """Sorted flat indices of the largest |values| per chunk at `density` (default cfg.density);
+    also (chunk, k, k_last)."""
     n = values.numel()
     chunk = min(cfg.chunk_size, n)
     full = n - n % chunk
-    k, k_last = cfg.keep(chunk), (cfg.keep(n - full) if n > full else 0)
+    k, k_last = cfg.keep(chunk, density), (cfg.keep(n - full, density) if n > full else 0)
     if k == chunk and k_last == n - full:  # density 1: everything, no selection needed
         return torch.arange(n, device=values.device), chunk, k, k_last
     rows = values[:full].abs().view(-1, chunk)  # (n // chunk, chunk)
@@ -64,16 +68,18 @@ class DeltaEncoder:
     ) -> Envelope:
         """Compress `delta` (new − old weights, any subset of the spec) into a signed Envelope.
 
-        The residual is updated only once the envelope is built: a failed encode changes nothing.
+        Values are kept at the density of `round` (`density_for_round`). The residual is updated only
+        once the envelope is built: a failed encode changes nothing.
         """
         names = tuple(name for name in self.spec if name in delta)
         self._check(delta, names)
         entries, residuals = [], {}
+        density = density_for_round(self.cfg, round)
         for name in names:
             acc = delta[name].detach().reshape(-1).float().clone()
             if name in self._residual:
                 acc += self.cfg.ef_decay * self._residual[name].to(acc.device)
-            indices, chunk, k, k_last = top_k_indices(acc, self.cfg)
+            indices, chunk, k, k_last = top_k_indices(acc, self.cfg, density)
             packed, absmax = quantize(acc[indices], self.cfg.blocksize)
             packed = packed.cpu().numpy()
             if len(indices) % 2:  # the pad nibble is 0.0's code (CUDA kernels may leave another there)
