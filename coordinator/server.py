@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -28,8 +27,7 @@ from coordinator.api import ApiContext, create_app, join_command
 from coordinator.authority import Authority
 from coordinator.history import History
 from coordinator.validate import ValidationConfig, Validator
-from node.bootstrap import open_run_replica
-from node.session import start_transport
+from node.bootstrap import serving_run
 from node.state import StateDir
 from nord.checkpoint import read_metadata
 from nord.config import RunConfig
@@ -123,77 +121,61 @@ def serve(args) -> int:
     state = StateDir(args.state_dir)
     identity = Identity.load_or_create(state.identity_key)
     run = load_run(args.run_config, identity)
-    run_json = run.to_json()
-    state.check_run(run_json)
+    state.check_run(run.to_json())
     corpus = prepare(run.data, Path(args.data_dir).expanduser() if args.data_dir else None, progress=False)
     history = History.open(state.path / "history.sqlite")
     history.set_meta("run_id", run.run_id)
-    transport = start_transport(args, state.p2p_key)
-    transport.install_signal_handlers()
-    replica = http = gossip = None
     try:
-        replica = open_run_replica(run, state)
-        gossip = Gossip(
-            transport,
-            replica,
-            run_json,
-            role="coordinator",
-            tokenizer_path=Path(corpus.path) / "tokenizer.json",
-        )
-        gossip.serve()
-        authority = Authority(
-            run=run,
-            replica=replica,
-            identity=identity,
-            history=history,
-            validator=Validator(run, corpus, validation),
-            checkpoint_dir=state.path / "checkpoints",
-            validation=validation,
-            lock=gossip.lock,
-            publish_seal=gossip.publish_seal,
-            publish_removal=gossip.publish_removal,
-            allowlist=allowlist,
-        )
-        authority.start()
-        multiaddrs = transport.visible_maddrs()
-        app = create_app(
-            ApiContext(
+        with serving_run(args, run, state, corpus, role="coordinator") as (transport, replica, gossip):
+            authority = Authority(
+                run=run,
+                replica=replica,
+                identity=identity,
                 history=history,
-                run_config=run.to_dict(),
+                validator=Validator(run, corpus, validation),
                 checkpoint_dir=state.path / "checkpoints",
-                model=model_info(run),
-                admin=authority,
-                admin_token=os.environ.get("NORD_ADMIN_TOKEN") or None,
-                live=lambda: {"multiaddrs": multiaddrs, "authority": identity.public_hex},
-                seal_bytes=lambda rnd: seal_bytes(state.path / "checkpoints", rnd),
-                tokenizer_path=Path(corpus.path) / "tokenizer.json",
+                validation=validation,
+                lock=gossip.lock,
+                publish_seal=gossip.publish_seal,
+                publish_removal=gossip.publish_removal,
+                allowlist=allowlist,
             )
-        )
-        http = UvicornThread(app, host, port)
-        http.start()
-        (state.path / "maddrs.txt").write_text("\n".join(multiaddrs) + "\n")
-        shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        print(f"run {run.run_id}: coordinator ready (authority {identity.public_hex[:16]}…)", flush=True)
-        print("volunteers join with:", flush=True)
-        print(f"  {join_command(multiaddrs, run.run_id)}", flush=True)
-        for addr in multiaddrs[1:]:
-            print(f"  (or --initial-peers {addr})", flush=True)
-        print(f"dashboard: http://{shown_host}:{http.server.config.port}/", flush=True)
-        loop(authority, gossip)
+            authority.start()
+            multiaddrs = transport.visible_maddrs()
+            app = create_app(
+                ApiContext(
+                    history=history,
+                    run_config=run.to_dict(),
+                    checkpoint_dir=state.path / "checkpoints",
+                    model=model_info(run),
+                    admin=authority,
+                    admin_token=os.environ.get("NORD_ADMIN_TOKEN") or None,
+                    live=lambda: {"multiaddrs": multiaddrs, "authority": identity.public_hex},
+                    seal_bytes=lambda rnd: seal_bytes(state.path / "checkpoints", rnd),
+                    tokenizer_path=Path(corpus.path) / "tokenizer.json",
+                )
+            )
+            http = UvicornThread(app, host, port)
+            http.start()
+            try:
+                (state.path / "maddrs.txt").write_text("\n".join(multiaddrs) + "\n")
+                shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+                print_ready(run, identity, multiaddrs, f"http://{shown_host}:{http.server.config.port}/")
+                loop(authority, gossip)
+            finally:
+                http.stop()  # before the replica and transport it reads from go
         return 0
-    except KeyboardInterrupt:
-        if transport.stopped_by_signal in (signal.SIGTERM, signal.SIGINT):
-            return 0
-        raise
     finally:
-        if http is not None:
-            http.stop()
-        if gossip is not None:
-            gossip.close()
-        transport.shutdown()
-        if replica is not None:
-            replica.close()
         history.close()
+
+
+def print_ready(run: RunConfig, identity: Identity, multiaddrs: list[str], dashboard_url: str) -> None:
+    print(f"run {run.run_id}: coordinator ready (authority {identity.public_hex[:16]}…)", flush=True)
+    print("volunteers join with:", flush=True)
+    print(f"  {join_command(multiaddrs, run.run_id)}", flush=True)
+    for addr in multiaddrs[1:]:
+        print(f"  (or --initial-peers {addr})", flush=True)
+    print(f"dashboard: {dashboard_url}", flush=True)
 
 
 def seal_bytes(checkpoint_dir: Path, rnd: int) -> bytes | None:

@@ -11,10 +11,12 @@ Restarting with the same --state-dir resumes the run (same peer id, key, config 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,11 +26,12 @@ from node.state import StateDir
 from nord.config import RoundConfig, RunConfig, TrainConfig
 from nord.crdt import Replica
 from nord.crdt.log import Store
-from nord.data import DataConfig, prepare
+from nord.data import Corpus, DataConfig, prepare
 from nord.gossip import PEER_TTL_S, Gossip
 from nord.identity import Identity
 from nord.model import NordLM
 from nord.recipes import get_config
+from nord.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,40 @@ def open_run_replica(run: RunConfig, state: StateDir) -> Replica:
     )
 
 
+@contextlib.contextmanager
+def serving_run(
+    args, run: RunConfig, state: StateDir, corpus: Corpus, *, role: str
+) -> Iterator[tuple[Transport, Replica, Gossip]]:
+    """A public peer of `run`: its transport, its replica (resumed from `state`) served over gossip.
+
+    Everything is closed on the way out; SIGINT/SIGTERM (the transport turns them into
+    KeyboardInterrupt) end the block cleanly. The bootstrap peer and the coordinator both start this way.
+    """
+    transport = start_transport(args, state.p2p_key)
+    transport.install_signal_handlers()
+    replica = gossip = None
+    try:
+        replica = open_run_replica(run, state)
+        gossip = Gossip(
+            transport,
+            replica,
+            run.to_json(),
+            role=role,
+            tokenizer_path=Path(corpus.path) / "tokenizer.json",
+        )
+        gossip.serve()
+        yield transport, replica, gossip
+    except KeyboardInterrupt:
+        if transport.stopped_by_signal not in (signal.SIGTERM, signal.SIGINT):
+            raise
+    finally:
+        if gossip is not None:
+            gossip.close()
+        transport.shutdown()
+        if replica is not None:
+            replica.close()
+
+
 def bootstrap(args) -> int:
     state = StateDir(args.state_dir or Path.home() / ".nord" / f"{args.run}-bootstrap")
     data_root = Path(args.data_dir).expanduser() if args.data_dir else None
@@ -71,37 +108,16 @@ def bootstrap(args) -> int:
     run = (
         RunConfig.load(state.run_json) if state.run_json.is_file() else create_run(args, identity, data_root)
     )
-    run_json = run.to_json()
-    state.check_run(run_json)
+    state.check_run(run.to_json())
     corpus = prepare(run.data, data_root, progress=False)
-    transport = start_transport(args, state.p2p_key)
-    transport.install_signal_handlers()
-    replica = None
-    try:
-        replica = open_run_replica(run, state)
-        gossip = Gossip(
-            transport,
-            replica,
-            run_json,
-            role="bootstrap",
-            tokenizer_path=Path(corpus.path) / "tokenizer.json",
-        )
-        gossip.serve()
+    with serving_run(args, run, state, corpus, role="bootstrap") as (transport, replica, gossip):
         addresses = transport.visible_maddrs()
         state.path.joinpath("maddrs.txt").write_text("\n".join(addresses) + "\n")
         print(f"run {run.run_id}: bootstrap peer ready; workers join with", flush=True)
         for addr in addresses:
             print(f"  nord-node join --run {run.run_id} --initial-peers {addr}", flush=True)
         seal_loop(run, replica, gossip, identity, state)
-        return 0
-    except KeyboardInterrupt:
-        if transport.stopped_by_signal in (signal.SIGTERM, signal.SIGINT):
-            return 0  # asked to stop, and stopped cleanly
-        raise
-    finally:
-        if replica is not None:
-            replica.close()
-        transport.shutdown()
+    return 0
 
 
 def seal_loop(run: RunConfig, replica: Replica, gossip: Gossip, identity: Identity, state: StateDir) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -50,3 +52,16 @@ def wait_for(cond, timeout_s: float, what: str):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    """SIGTERM every live process, then wait for each; SIGKILL one that outlives `timeout_s`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

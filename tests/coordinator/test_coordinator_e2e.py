@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from procs import alive, free_port, p2pd_children, wait_for
+from procs import alive, free_port, p2pd_children, stop_processes, wait_for
 
 pytestmark = [pytest.mark.p2p, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -87,15 +87,7 @@ class Run:
         return [r for r in self.get("/api/rounds") if r["sealed_at"] is not None]
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs, timeout_s=30)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from procs import alive, p2pd_children, wait_for
+from procs import alive, p2pd_children, stop_processes, wait_for
 
 import nord
 from nord.checkpoint import weights_hash
@@ -72,15 +71,7 @@ class Peers:
         self.daemons |= wait_for(lambda: p2pd_children(proc.pid), 60, f"the p2pd of pid {proc.pid}")
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs, timeout_s=20)
 
 
 def test_three_workers_converge_and_a_killed_worker_catches_up(tmp_path):
