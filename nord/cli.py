@@ -16,7 +16,7 @@ from nord.errors import NordError
 
 # subcommand -> module that registers it
 COMMANDS = {
-    "data": "nord.data",
+    "data": "nord.data.cli",
     "train": "nord.train",
     "generate": "nord.generate",
     "eval": "nord.evaluate",

@@ -14,6 +14,7 @@ import torch
 from nord import data
 from nord.cli import run_command
 from nord.data import Corpus, DataConfig, load_corpus, prepare, shard, split_blocks, split_documents
+from nord.data import cli as data_cli
 from nord.errors import ConfigError, DataError
 
 VOCAB = 512
@@ -23,7 +24,7 @@ def run_data_cli(argv: list[str]) -> int:
     """`nord data ...` through the real dispatcher (`run_command`), with only the data command registered
     so the test does not depend on the other command modules."""
     parser = argparse.ArgumentParser(prog="nord")
-    data.register(parser.add_subparsers(dest="command", required=True))
+    data_cli.register(parser.add_subparsers(dest="command", required=True))
     return run_command(parser, argv)
 
 
