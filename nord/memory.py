@@ -1,20 +1,39 @@
 """Training-memory estimator: does a config train on a 16 GB T4?
 
-    total = params + grads + optimizer + activations + CUDA context
-    params       4 B/param (fp32 master weights) + 2 B/param under fp16 autocast (cached fp16 copies)
-    grads        4 B/trainable param
-    optimizer    AdamW 8 B/trainable param (two fp32 moments); bitsandbytes 8-bit AdamW 2 B (+ block scales)
-    activations  tokens · [L' · (c_D·D + c_F·F + c_M·M) + c_V·V]                 (bytes per token)
-                 with activation checkpointing: tokens · [L'·4·D + (c_D·D + c_F·F + c_M·M) + c_V·V]
-                 (the fp32 residual stream at each block input kept, one block recomputed at a time)
-                 L' = L − first trained block: a worker training only some blocks (nord.shards) runs the
-                 frozen ones below without a graph, so they save nothing; a frozen block above the first
-                 trained one saves (c'_D·D + c'_F·F + c'_M·M) (backward only passes through it), and a
-                 frozen head h_D·D less
+Peak memory of a training step once the optimizer's moments exist (every step after the first):
 
-The per-token coefficients count the tensors autograd saves in one block (`NordLM` plus the neuron's
-scan); tests/nord/test_memory.py checks them against the bytes autograd really saves, and the whole
-estimate against the peak RSS growth of a CPU training step in a fresh process.
+    total          = params + optimizer + max(backward start, backward end) + CUDA context
+    params         = 4 B/param (fp32 weights)
+    optimizer      = AdamW 8 B/trained param (two fp32 moments); bitsandbytes 8-bit AdamW 2 B (+ scales)
+    backward start = casts + tokens·(saved + states) + head         the activations at their largest
+    backward end   = grads + tokens·(s·V + L·4·D) + step            every gradient formed (4 B/trained param)
+
+Gradients and the saved activations never all coexist: backward frees each block's saved tensors as it
+forms that block's gradients, and the gradients are freed after each step. With V the vocabulary, D the
+width, F the MLP width, M the memory slots, L the blocks, s the bytes of a logit (2 under fp16 autocast,
+else 4), all per token:
+
+    saved   what autograd saves (`activation_bytes`): L'·(c_D·D + c_F·F + c_M·M) + 4·V (the fp32
+            log-softmax) + h_D·D (final norm and head, if the head trains). L' = L − the first trained
+            block: nord.shards runs the frozen blocks below it without a graph, and a frozen block above
+            it saves only (c'_D·D + c'_F·F + c'_M·M). With activation checkpointing L'·4·D (each block's
+            fp32 input) takes the place of the blocks' terms
+    states  4·D for each block below the first trained one (with checkpointing: every block): the state
+            a block returns is a view of its fp32 padded input, which so lives until the step ends
+    casts   fp16 only: 2 B per weight of the head and of each graph block's matrices (autocast's copies,
+            saved for backward); with checkpointing only the head's
+    head    tokens·V·(8 + s): the logits and the fp32 gradients of the log-softmax and of the logits;
+            if the head trains, at least tokens·V·(2s − 4) + 4·V·D (its weight's gradient forming beside
+            the logits and their gradient); with checkpointing, at least tokens·(s·V + c_D·D + c_F·F +
+            c_M·M) + the block's casts (a block recomputed beside the logits)
+    step    4 B × (2·V·D if the head trains, else 3·D·max(D, F)): the tied embedding's gradient formed
+            twice (head and lookup) while it accumulates, or AdamW's sqrt(v)/c of the largest tensor
+            beside the previous tensor's (a block's mlp_out follows its same-sized mlp_in)
+
+The coefficients c, c', h_D count the tensors autograd saves (tests/nord/test_memory.py checks them with
+torch's saved-tensor hooks). The estimate matches the bytes torch allocates in CPU training steps within
+1.5% for tiny and small, whole and sharded, with and without checkpointing, fp32 and fp16 autocast; the
+tests hold it to the peak anonymous RSS of such steps (tests/rss_probe.py, docs/benchmarks/t4_fit.md).
 """
 
 from __future__ import annotations
@@ -37,29 +56,27 @@ BLOCK_BYTES = {False: (56, 8, 8), True: (50, 6, 6)}
 # The same for a frozen block that backward passes through: no weight gradients, so matmuls keep only
 # what the input gradient needs (measured the same way, three shapes, residual < 2 B).
 FROZEN_BLOCK_BYTES = {False: (36, 4, 4), True: (32, 4, 4)}
-# Per token and vocabulary entry: the saved fp32 log-softmax, the live logits and their gradient.
-HEAD_BYTES = {False: 12, True: 12}
-# Per token and unit of D: what a frozen final norm and head do not save.
-FROZEN_HEAD_SAVING = {False: 12, True: 10}
+# Per token and unit of D: what the final norm and a training head save, h_D (a frozen one saves < 1 B).
+HEAD_BYTES = {False: 12, True: 10}
 
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryEstimate:
-    params: int  # bytes
-    grads: int
-    optimizer: int
-    activations: int
+    params: int  # bytes, held throughout
+    optimizer: int  # held throughout
+    grads: int  # every trained parameter's gradient (part of backward_end)
+    activations: int  # what autograd saves in the forward pass (part of backward_start)
+    backward_start: int  # live as the head's backward runs: activations at their largest
+    backward_end: int  # live as backward ends: every gradient
     overhead: int
-    total: int
+    total: int  # params + optimizer + max(backward_start, backward_end) + overhead
     fits_t4: bool
 
     def table(self) -> str:
-        rows = [
-            (k, getattr(self, k))
-            for k in ("params", "grads", "optimizer", "activations", "overhead", "total")
-        ]
-        lines = [f"{k:<12} {v / GIB:8.2f} GiB" for k, v in rows]
-        return "\n".join([*lines, f"fits a 16 GB T4: {'yes' if self.fits_t4 else 'no'}"])
+        names = ("params", "optimizer", "grads", "activations", "backward_start", "backward_end", "overhead")
+        lines = [f"{k:<15} {getattr(self, k) / GIB:8.2f} GiB" for k in names]
+        total = f"{'total':<15} {self.total / GIB:8.2f} GiB   params + optimizer + max(backward_*) + overhead"
+        return "\n".join([*lines, total, f"fits a 16 GB T4: {'yes' if self.fits_t4 else 'no'}"])
 
 
 def count_params(cfg: ModelConfig) -> int:
@@ -70,6 +87,11 @@ def count_params(cfg: ModelConfig) -> int:
 
     with torch.device("meta"):
         return NordLM(cfg).num_params()
+
+
+def _block_bytes(cfg: ModelConfig, coefficients: tuple[int, int, int]) -> int:
+    per_d, per_f, per_m = coefficients
+    return per_d * cfg.d_model + per_f * cfg.d_mlp + per_m * cfg.n_memory_slots
 
 
 def activation_bytes(
@@ -83,20 +105,17 @@ def activation_bytes(
     frozen_blocks: int = 0,
     head_trained: bool = True,
 ) -> int:
-    """Bytes autograd keeps for one forward pass of `batch_size` windows of `seq_len` tokens, when
-    blocks from `first_trained_block` up need a graph, `frozen_blocks` of them frozen."""
-    tokens = batch_size * seq_len
-
-    def block_bytes(coefficients: tuple[int, int, int]) -> int:
-        per_d, per_f, per_m = coefficients
-        return per_d * cfg.d_model + per_f * cfg.d_mlp + per_m * cfg.n_memory_slots
-
-    block, frozen = block_bytes(BLOCK_BYTES[fp16]), block_bytes(FROZEN_BLOCK_BYTES[fp16])
-    head = HEAD_BYTES[fp16] * cfg.vocab_size - (0 if head_trained else FROZEN_HEAD_SAVING[fp16] * cfg.d_model)
+    """Bytes autograd saves for backward in one forward pass of `batch_size` windows of `seq_len` tokens
+    (tokens · saved in the module docstring), when blocks from `first_trained_block` up need a graph,
+    `frozen_blocks` of them frozen."""
     layers = cfg.n_layers - first_trained_block
+    head = 4 * cfg.vocab_size + (HEAD_BYTES[fp16] * cfg.d_model if head_trained else 0)
     if activation_checkpointing:
-        return tokens * (layers * 4 * cfg.d_model + (block if layers > frozen_blocks else frozen) + head)
-    return tokens * ((layers - frozen_blocks) * block + frozen_blocks * frozen + head)
+        blocks = layers * 4 * cfg.d_model
+    else:
+        trained, frozen = _block_bytes(cfg, BLOCK_BYTES[fp16]), _block_bytes(cfg, FROZEN_BLOCK_BYTES[fp16])
+        blocks = (layers - frozen_blocks) * trained + frozen_blocks * frozen
+    return batch_size * seq_len * (blocks + head)
 
 
 def estimate_training_memory(
@@ -114,11 +133,11 @@ def estimate_training_memory(
     frozen_blocks: int = 0,
     head_trained: bool = True,
 ) -> MemoryEstimate:
-    """Estimate the peak GPU memory of training `cfg` (see the module docstring for the terms).
+    """Estimate the peak memory of a training step of `cfg` (the formula is in the module docstring).
 
     `trainable_params` (exact) or `trainable_fraction` say how many parameters have gradients and
     optimizer states; `first_trained_block` is the lowest block backward goes through, `frozen_blocks`
-    the frozen ones above it, `head_trained` whether the final norm and head train
+    the frozen ones above it, `head_trained` whether the embedding, final norm and head train
     (`nord.shards.estimate_shard_memory` fills these for a shard set).
 
     Example:
@@ -140,10 +159,15 @@ def estimate_training_memory(
     if trainable_params is not None and not 0 < trainable_params <= n:
         raise ConfigError(f"trainable_params must be in (0, {n}], got {trainable_params}")
     trainable = int(n * trainable_fraction) if trainable_params is None else trainable_params
-    params = n * (4 + (2 if fp16 else 0))
-    grads = trainable * 4
+    V, D, L = cfg.vocab_size, cfg.d_model, cfg.n_layers
+    tokens, logit = batch_size * seq_len, 2 if fp16 else 4
+    graph_blocks = L - first_trained_block
+
+    params = 4 * n
     # 8-bit AdamW: two uint8 moments plus one fp32 absmax per 2048-value block and moment.
     opt = trainable * (8 if optimizer == "adamw" else 2) + (0 if optimizer == "adamw" else trainable // 256)
+    grads = 4 * trainable
+
     acts = activation_bytes(
         cfg,
         batch_size=batch_size,
@@ -154,13 +178,31 @@ def estimate_training_memory(
         frozen_blocks=frozen_blocks,
         head_trained=head_trained,
     )
+    block_matrices = 3 * D * D + 2 * cfg.n_memory_slots * D + 2 * D * cfg.d_mlp  # weights autocast casts
+    cast = 2 if fp16 else 0  # bytes of autocast's fp16 copy of a weight
+    casts = cast * (V * D + (0 if activation_checkpointing else graph_blocks * block_matrices))
+    states = 4 * D * (L if activation_checkpointing else first_trained_block)
+    head = tokens * V * (8 + logit)
+    if head_trained:
+        head = max(head, tokens * V * (2 * logit - 4) + 4 * V * D)
+    if activation_checkpointing:
+        recompute = tokens * (logit * V + _block_bytes(cfg, BLOCK_BYTES[fp16])) + cast * block_matrices
+        head = max(head, recompute)
+    backward_start = casts + acts + tokens * states + head
+
+    largest = V * D if head_trained else D * max(D, cfg.d_mlp)
+    step = 4 * (2 * largest + (0 if head_trained else largest))
+    backward_end = grads + tokens * (logit * V + L * 4 * D) + step
+
     overhead = CUDA_CONTEXT_BYTES
-    total = params + grads + opt + acts + overhead
+    total = params + opt + max(backward_start, backward_end) + overhead
     return MemoryEstimate(
         params=params,
-        grads=grads,
         optimizer=opt,
+        grads=grads,
         activations=acts,
+        backward_start=backward_start,
+        backward_end=backward_end,
         overhead=overhead,
         total=total,
         fits_t4=total <= T4_USABLE_BYTES,
