@@ -16,13 +16,14 @@ The same spiking model, corpus, token budget and seeds in every setup; peers' sh
     <d>-damped        as nord-<d> with W += η·S/(C + c0), c0 = 1 (MergeConfig.damping, the default)
     <d>-damped-c2     as <d>-damped with c0 = 2
     wu<R>-<d>         density warm-up (CodecConfig.warmup_rounds = R, warmup_density = 25%): round r < R
-                      keeps 25% · (d / 25%)^(r / R), then d; damped mean c0 = 1 (R = 4 or 8 at 1.56%,
-                      R = 4 at 6.25%)
+                      keeps 25% · (d / 25%)^(r / R), then d; damped mean c0 = 1 (R = 2, 4 or 8 at
+                      1.56%, R = 4 at 6.25%)
 
 Peers run in one process (see bench/_decentralized_sim.py); setups run in parallel worker processes
 (--jobs), each with one torch thread.
 
-    nord bench decentralized                # reduced CPU default (tiny model; see docs/benchmarks)
+    nord bench decentralized                # reduced CPU default (tiny model, 9 setups; see docs/benchmarks)
+    nord bench decentralized --setups all   # every setup above
     nord bench decentralized --quick        # smoke run (seconds)
     nord bench decentralized --scale        # the `small` model on a GPU
     nord bench decentralized --peers 16 --setups central dense nord-6.25
@@ -54,6 +55,13 @@ from nord.fsutil import atomic_write_bytes  # noqa: E402
 
 DENSITIES = {"25": 0.25, "6.25": 0.0625, "1.56": 64 / 4096}
 WARMUP_DENSITY = 0.25  # round 0's density in the wu<R>-<d> setups
+# Run without --setups: the baselines, the three codec densities, the run default (wu8-1.56) and its
+# neighbours; ~7 min with 2 idle cores (docs/benchmarks/decentralized.md). The settled ablations (divk,
+# noef, median, dense-nesterov, damped-c2, wu2) run with --setups.
+DEFAULT_SETUPS = (
+    "central", "dense", "nord-25", "nord-6.25", "nord-1.56", "1.56-damped",
+    "wu4-1.56", "wu8-1.56", "wu4-6.25",
+)  # fmt: skip
 
 
 def all_setups(ablation: str) -> dict[str, Setup]:
@@ -75,7 +83,7 @@ def all_setups(ablation: str) -> dict[str, Setup]:
     ):
         name = f"{ablation}-{suffix}"
         setups[name] = Setup(name=name, kind="nord", density=d, **extra)
-    for label, warmup_rounds in (("1.56", 4), ("1.56", 8), ("6.25", 4)):
+    for label, warmup_rounds in (("1.56", 2), ("1.56", 4), ("1.56", 8), ("6.25", 4)):
         name = f"wu{warmup_rounds}-{label}"
         setups[name] = Setup(
             name=name, kind="nord", density=DENSITIES[label], mean="damped", c0=1.0,
@@ -95,7 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3, help="inner AdamW peak lr (cosine schedule)")
     p.add_argument("--eval-every", type=int, default=None, help="rounds between validation points")
     p.add_argument("--eval-windows", type=int, default=None, help="windows per intermediate validation")
-    p.add_argument("--setups", nargs="+", default=None, help="names to run (default: all)")
+    p.add_argument(
+        "--setups", nargs="+", default=None,
+        help=f"names to run, or 'all' (default: {' '.join(DEFAULT_SETUPS)})",
+    )  # fmt: skip
     p.add_argument("--ablation-density", choices=sorted(DENSITIES), default="1.56")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for --seeded setups")
     p.add_argument(
@@ -260,7 +271,7 @@ def plot(results: list[dict], rows: list[dict], prefix: str) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     setups = all_setups(args.ablation_density)
-    names = args.setups or list(setups)
+    names = list(setups) if args.setups == ["all"] else (args.setups or list(DEFAULT_SETUPS))
     unknown = [n for n in names if n not in setups]
     if unknown:
         raise ConfigError(f"unknown setup {unknown[0]!r}; choose from: {', '.join(setups)}")

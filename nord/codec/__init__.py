@@ -7,7 +7,8 @@
     envelope.py  Envelope (msgpack wire format, ed25519 signature, contribution id), decode_envelope
 
 Bytes at the default 64/4096 density: ≈ 9 bits of index + 4 bits of value per kept value + one fp16
-scale per 64 kept values ≈ 0.026 bytes per parameter (docs/benchmarks/codec.md).
+scale per 64 kept values ≈ 0.026 bytes per parameter (docs/benchmarks/codec.md). The default density
+warm-up sends more in the first 8 rounds (25% in round 0, ≈ 0.26 bytes per parameter), once per run.
 """
 
 from nord.codec.config import CodecConfig, density_for_round

@@ -102,7 +102,8 @@ class DeltaEncoder:
         if envelope.nbytes > self.cfg.max_payload_bytes:
             raise CodecError(
                 f"envelope of {envelope.nbytes} bytes is over codec.max_payload_bytes "
-                f"({self.cfg.max_payload_bytes}): peers would reject it; lower codec.density"
+                f"({self.cfg.max_payload_bytes}) at round {round}'s density {density:.4g}: peers would "
+                "reject it; lower codec.density (or codec.warmup_density during the warm-up)"
             )
         self._residual.update(residuals)
         return envelope

@@ -20,6 +20,7 @@ from nord.identity import Identity, _create_key_file, verify_signature
 SPEC = {"embed.weight": (64, 300), "blocks.0.bias": (17,), "blocks.0.weight": (5000,)}
 BASE = "ab" * 32
 RUN = "test-run"
+STEADY = CodecConfig().warmup_rounds  # the first round at the final density (after the default warm-up)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def random_delta(seed: int, spec=SPEC, scale: float = 1e-3) -> dict[str, torch.T
     return {name: torch.randn(shape, generator=g) * scale for name, shape in spec.items()}
 
 
-def encode(delta, identity, cfg=CodecConfig(), spec=SPEC, round=0) -> Envelope:
+def encode(delta, identity, cfg=CodecConfig(), spec=SPEC, round=STEADY) -> Envelope:
     return DeltaEncoder(cfg, spec).encode(delta, run_id=RUN, round=round, base_hash=BASE, identity=identity)
 
 
@@ -113,7 +114,7 @@ def run_rounds(cfg: CodecConfig, identity, rounds: int = 30, n: int = 8192):
     true_sum, sent_sum = torch.zeros(n), torch.zeros(n)
     for t in range(rounds):
         delta = 0.5 * drift + torch.randn(n, generator=g)
-        env = enc.encode({"w": delta}, run_id=RUN, round=t, base_hash=BASE, identity=identity)
+        env = enc.encode({"w": delta}, run_id=RUN, round=STEADY + t, base_hash=BASE, identity=identity)
         sent_sum += densify(env.delta()["w"], n)
         true_sum += delta
     return enc, true_sum, sent_sum, delta
