@@ -34,18 +34,22 @@ def peak_rss_growth(
     shards: tuple[int, ...] = (0,),
     activation_checkpointing: bool = False,
     steps: int = 3,
+    glibc_defaults: bool = False,
 ) -> int:
-    """Bytes of peak RSS growth while building `recipe` and training `shards` of `count` for `steps` steps."""
-    argv = [
-        recipe,
-        str(batch),
-        str(seq),
-        str(count),
-        ",".join(map(str, shards)),
-        str(int(activation_checkpointing)),
-    ]
+    """Bytes of peak RSS growth while building `recipe` and training `shards` of `count` for `steps` steps
+    (`glibc_defaults`: leave the mmap threshold alone, so heap slack is counted too)."""
+    spec = {
+        "recipe": recipe,
+        "batch": batch,
+        "seq": seq,
+        "count": count,
+        "shards": list(shards),
+        "checkpointing": activation_checkpointing,
+        "steps": steps,
+        "glibc_defaults": glibc_defaults,
+    }
     result = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *argv, str(steps)],
+        [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -94,14 +98,16 @@ def _status(key: str) -> int:
 
 
 def _measure(
-    recipe: str, batch: int, seq: int, count: int, shards: list[int], checkpointing: bool, steps: int
-):
+    recipe: str, batch: int, seq: int, count: int, shards: list[int], checkpointing: bool, steps: int,
+    glibc_defaults: bool,
+) -> int:  # fmt: skip
     import ctypes
     import gc
     import itertools
 
     libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; fixing it also stops glibc from raising it
+    if not glibc_defaults:
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; fixing it also stops glibc from raising it
 
     import torch
 
@@ -133,7 +139,4 @@ def _measure(
 
 
 if __name__ == "__main__":
-    name, b, t, n, shard_list, ckpt, steps = sys.argv[1:8]
-    shard_ids = [int(s) for s in shard_list.split(",")]
-    growth = _measure(name, int(b), int(t), int(n), shard_ids, ckpt == "1", int(steps))
-    print(json.dumps({"peak_growth": growth}))
+    print(json.dumps({"peak_growth": _measure(**json.loads(sys.argv[1]))}))
