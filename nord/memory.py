@@ -11,7 +11,7 @@ Peak memory of a training step once the optimizer's moments exist (every step af
 Gradients and the saved activations never all coexist: backward frees each block's saved tensors as it
 forms that block's gradients, and the gradients are freed after each step. With V the vocabulary, D the
 width, F the MLP width, M the memory slots, L the blocks, s the bytes of a logit (2 under fp16 autocast,
-else 4), all per token:
+else 4), and `saved` and `states` per token:
 
     saved   what autograd saves (`activation_bytes`): L'·(c_D·D + c_F·F + c_M·M) + 4·V (the fp32
             log-softmax) + h_D·D (final norm and head, if the head trains). L' = L − the first trained
@@ -33,7 +33,7 @@ else 4), all per token:
 The coefficients c, c', h_D count the tensors autograd saves (tests/nord/test_memory.py checks them with
 torch's saved-tensor hooks). The estimate matches the bytes torch allocates in CPU training steps within
 1.5% for tiny and small, whole and sharded, with and without checkpointing, fp32 and fp16 autocast; the
-tests hold it to the peak anonymous RSS of such steps (tests/rss_probe.py, docs/benchmarks/t4_fit.md).
+tests hold it to the peak RSS of such steps (tests/rss_probe.py, docs/benchmarks/t4_fit.md).
 """
 
 from __future__ import annotations
