@@ -56,7 +56,7 @@ from nord.fsutil import atomic_write_bytes  # noqa: E402
 DENSITIES = {"25": 0.25, "6.25": 0.0625, "1.56": 64 / 4096}
 WARMUP_DENSITY = 0.25  # round 0's density in the wu<R>-<d> setups
 # Run without --setups: the baselines, the three codec densities, the run default (wu8-1.56) and its
-# neighbours; ~7 min with 2 idle cores (docs/benchmarks/decentralized.md). The settled ablations (divk,
+# neighbours; 4 min 15 s on 2 shared cores (docs/benchmarks/decentralized.md). The settled ablations (divk,
 # noef, median, dense-nesterov, damped-c2, wu2) run with --setups.
 DEFAULT_SETUPS = (
     "central", "dense", "nord-25", "nord-6.25", "nord-1.56", "1.56-damped",

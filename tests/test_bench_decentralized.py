@@ -28,7 +28,7 @@ def test_unknown_setup_is_a_config_error(tmp_path):
 
 @pytest.mark.slow
 def test_quick_run_trains_every_merge_path_and_counts_bytes(tmp_path):
-    setups = ["central", "dense-nesterov", "nord-1.56", "1.56-damped"]
+    setups = ["central", "dense-nesterov", "nord-1.56", "1.56-damped", "wu4-1.56"]
     out = tmp_path / "r.json"
     assert _bench().main(["--quick", "--jobs", "1", "--setups", *setups, "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
@@ -43,12 +43,17 @@ def test_quick_run_trains_every_merge_path_and_counts_bytes(tmp_path):
     assert rows["central"]["bytes_per_peer_round"] == 0
     params = doc["runs"][0]["params"]
     assert rows["dense-nesterov"]["bytes_per_peer_round"] == 4 * params
-    for name in setups[2:]:
+    for name in setups[2:4]:
         # 64 of every 4096 values at ~9 bits of index + 4 bits of value: far under fp32
         assert rows[name]["byte_ratio_vs_dense"] > 25
     # replica-merged setups: a second replica fed the bytes in reverse order accepted every seal
     assert rows["nord-1.56"]["verified_rounds"] == rounds
     assert not rows["1.56-damped"]["bench_side"]  # MergeConfig.damping, through the replicas
     assert not rows["nord-1.56"]["bench_side"]
+    # density warm-up: round 0 at 25%, round 1 at 12.5%, both above the 1.56% of no warm-up
+    by_name = {run["setup"]["name"]: run["bytes_per_peer_by_round"] for run in doc["runs"]}
+    warm, flat = by_name["wu4-1.56"], by_name["nord-1.56"]
+    assert warm[0] > warm[1] > 2 * max(flat)
+    assert rows["wu4-1.56"]["bytes_per_peer_total"] == pytest.approx(sum(warm))
     for png in doc["plots"]:
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
