@@ -68,13 +68,41 @@ class DeltaEncoder:
     ) -> Envelope:
         """Compress `delta` (new − old weights, any subset of the spec) into a signed Envelope.
 
-        Values are kept at the density of `round` (`density_for_round`). The residual is updated only
-        once the envelope is built: a failed encode changes nothing.
+        Values are kept at the density of `round` (`density_for_round`), halved (never below the final
+        density) while the envelope would be over `max_payload_bytes`: a warm-up round of a large model
+        sends what fits and leaves the rest in the residual. The residual is updated only once the
+        envelope is built: a failed encode changes nothing.
         """
         names = tuple(name for name in self.spec if name in delta)
         self._check(delta, names)
-        entries, residuals = [], {}
         density = density_for_round(self.cfg, round)
+        while True:
+            entries, residuals = self._compress(delta, names, density)
+            envelope = seal_envelope(
+                run_id=run_id,
+                round=round,
+                base_hash=base_hash,
+                names=names,
+                shapes=tuple(self.spec[name] for name in names),
+                payload=pack_payload(self.cfg.blocksize, entries),
+                identity=identity,
+            )
+            if envelope.nbytes <= self.cfg.max_payload_bytes or density <= self.cfg.density:
+                break
+            # a warm-up round of a large model: send less now, the residual keeps the rest
+            density = max(self.cfg.density, density / 2)
+        if envelope.nbytes > self.cfg.max_payload_bytes:
+            raise CodecError(
+                f"envelope of {envelope.nbytes} bytes is over codec.max_payload_bytes "
+                f"({self.cfg.max_payload_bytes}) at density {density:.4g}: peers would reject it; "
+                "lower codec.density or train fewer parameters per worker (shards)"
+            )
+        self._residual.update(residuals)
+        return envelope
+
+    def _compress(self, delta, names, density: float) -> tuple[list, dict[str, torch.Tensor]]:
+        """Payload entries and the new residuals of `names` at `density`; changes no state."""
+        entries, residuals = [], {}
         for name in names:
             acc = delta[name].detach().reshape(-1).float().clone()
             if name in self._residual:
@@ -90,23 +118,7 @@ class DeltaEncoder:
             residuals[name] = acc
             index_kind, index_bytes = encode_indices(indices.cpu().numpy(), acc.numel(), chunk)
             entries.append([chunk, k, k_last, index_kind, index_bytes, packed.tobytes(), scales.tobytes()])
-        envelope = seal_envelope(
-            run_id=run_id,
-            round=round,
-            base_hash=base_hash,
-            names=names,
-            shapes=tuple(self.spec[name] for name in names),
-            payload=pack_payload(self.cfg.blocksize, entries),
-            identity=identity,
-        )
-        if envelope.nbytes > self.cfg.max_payload_bytes:
-            raise CodecError(
-                f"envelope of {envelope.nbytes} bytes is over codec.max_payload_bytes "
-                f"({self.cfg.max_payload_bytes}) at round {round}'s density {density:.4g}: peers would "
-                "reject it; lower codec.density (or codec.warmup_density during the warm-up)"
-            )
-        self._residual.update(residuals)
-        return envelope
+        return entries, residuals
 
     def residual_norm(self) -> float:
         """L2 norm of everything not yet sent."""

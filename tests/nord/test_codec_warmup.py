@@ -100,6 +100,27 @@ def test_error_feedback_stays_exact_while_the_density_changes(identity):
         torch.testing.assert_close(sent_sum + residual, true_sum, rtol=0, atol=1e-6)
 
 
+def test_a_warmup_round_over_the_payload_cap_halves_its_density_until_it_fits(identity):
+    """A large model's round 0: send what fits under max_payload_bytes, keep the rest in the residual."""
+    delta = far_from_zero_delta(0)
+
+    def size_at(density: float) -> int:
+        encoder = DeltaEncoder(CodecConfig(density=density, warmup_rounds=0), SPEC)
+        return encoder.encode(delta, run_id=RUN, round=0, base_hash=BASE, identity=identity).nbytes
+
+    cap = (size_at(0.125) + size_at(0.25)) // 2  # round 0 (25%) is over it, 12.5% fits
+    cfg = CodecConfig(density=64 / 4096, warmup_rounds=4, warmup_density=0.25, max_payload_bytes=cap)
+    encoder = DeltaEncoder(cfg, SPEC)
+    env = encoder.encode(delta, run_id=RUN, round=0, base_hash=BASE, identity=identity)
+    assert env.nbytes <= cap
+    sent = decode_envelope(env.to_bytes(), SPEC, run_id=RUN, max_bytes=cap).delta()["w"]
+    assert len(sent.indices) == 8 * CHUNK // 8  # 12.5% of every chunk
+    sent_dense = torch.zeros(SPEC["w"]).reshape(-1)
+    sent_dense[sent.indices] = sent.values
+    residual = encoder.state_dict()["w"].reshape(-1)
+    torch.testing.assert_close(sent_dense + residual, delta["w"].reshape(-1), rtol=0, atol=1e-6)
+
+
 def test_run_config_carries_the_warmup_fields():
     raw = {
         "run_id": "r",
