@@ -5,21 +5,19 @@ Peak memory of a training step once the optimizer's moments exist (every step af
     total          = params + optimizer + max(backward start, backward end) + CUDA context
     params         = 4 B/param (fp32 weights)
     optimizer      = AdamW 8 B/trained param (two fp32 moments); bitsandbytes 8-bit AdamW 2 B (+ scales)
-    backward start = casts + tokens·(saved + states) + head         the activations at their largest
-    backward end   = grads + tokens·(s·V + L·4·D) + step            every gradient formed (4 B/trained param)
+    backward start = casts + tokens·saved + head         the activations at their largest
+    backward end   = grads + tokens·s·V + step           every gradient formed (4 B/trained param)
 
 Gradients and the saved activations never all coexist: backward frees each block's saved tensors as it
 forms that block's gradients, and the gradients are freed after each step. With V the vocabulary, D the
 width, F the MLP width, M the memory slots, L the blocks, s the bytes of a logit (2 under fp16 autocast,
-else 4), and `saved` and `states` per token:
+else 4), and `saved` per token:
 
     saved   what autograd saves (`activation_bytes`): L'·(c_D·D + c_F·F + c_M·M) + 4·V (the fp32
             log-softmax) + h_D·D (final norm and head, if the head trains). L' = L − the first trained
             block: nord.shards runs the frozen blocks below it without a graph, and a frozen block above
             it saves only (c'_D·D + c'_F·F + c'_M·M). With activation checkpointing L'·4·D (each block's
             fp32 input) takes the place of the blocks' terms
-    states  4·D for each block below the first trained one (with checkpointing: every block): the state
-            a block returns is a view of its fp32 padded input, which so lives until the step ends
     casts   fp16 only: 2 B per weight of the head and of each graph block's matrices (autocast's copies,
             saved for backward); with checkpointing only the head's
     head    tokens·V·(8 + s): the logits and the fp32 gradients of the log-softmax and of the logits;
@@ -181,18 +179,17 @@ def estimate_training_memory(
     block_matrices = 3 * D * D + 2 * cfg.n_memory_slots * D + 2 * D * cfg.d_mlp  # weights autocast casts
     cast = 2 if fp16 else 0  # bytes of autocast's fp16 copy of a weight
     casts = cast * (V * D + (0 if activation_checkpointing else graph_blocks * block_matrices))
-    states = 4 * D * (L if activation_checkpointing else first_trained_block)
     head = tokens * V * (8 + logit)
     if head_trained:
         head = max(head, tokens * V * (2 * logit - 4) + 4 * V * D)
     if activation_checkpointing:
         recompute = tokens * (logit * V + _block_bytes(cfg, BLOCK_BYTES[fp16])) + cast * block_matrices
         head = max(head, recompute)
-    backward_start = casts + acts + tokens * states + head
+    backward_start = casts + acts + head
 
     largest = V * D if head_trained else D * max(D, cfg.d_mlp)
     step = 4 * (2 * largest + (0 if head_trained else largest))
-    backward_end = grads + tokens * (logit * V + L * 4 * D) + step
+    backward_end = grads + tokens * logit * V + step
 
     overhead = CUDA_CONTEXT_BYTES
     total = params + opt + max(backward_start, backward_end) + overhead

@@ -113,7 +113,8 @@ def dynamic_decay_neuron_scan(
     x_padded = torch.cat([state.window, x.float()], 1)
     log_a, scaled = decay_gates(x_padded, p)
     h, h_final = dynamic_decay_chunk(scaled, log_a, state.h, True, chunk_size)
-    return fire(h, p.threshold, cfg), h, DynamicDecayState(h_final, x_padded[:, T:])
+    # a copy of the window, not a view: a view would keep the whole (B, k−1+T, D) input alive with the state
+    return fire(h, p.threshold, cfg), h, DynamicDecayState(h_final, x_padded[:, T:].clone())
 
 
 def dynamic_decay_neuron_step(
