@@ -130,24 +130,16 @@ class Authority:
     def _apply_verdict(self, cid: str, envelope, verdict) -> None:
         if (self.history.contribution(cid) or {}).get("status") != "pending":
             return  # revoked or banned meanwhile
-        if verdict.accepted:
-            self.history.set_verdict(
-                cid,
-                "accepted",
-                loss_before=verdict.loss_before,
-                loss_after=verdict.loss_after,
-                norm=verdict.norm,
-            )
-            return
         self.history.set_verdict(
             cid,
-            "rejected",
+            "accepted" if verdict.accepted else "rejected",
             reason=verdict.reason,
             loss_before=verdict.loss_before,
             loss_after=verdict.loss_after,
             norm=verdict.norm,
         )
-        self._reject(cid, verdict.reason or "rejected", by="validator")
+        if not verdict.accepted:
+            self._reject(cid, verdict.reason or "rejected", by="validator")
         peer = envelope.peer_key.hex()
         if self.history.rejections(peer) >= self.validation.ban_after and not self.history.is_banned(peer):
             self.ban(peer, reason=f"{self.validation.ban_after} contributions rejected", by="validator")

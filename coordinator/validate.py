@@ -97,43 +97,32 @@ class Validator:
     def score(self, envelope, base_hash: str, weights: Mapping[str, torch.Tensor]) -> Verdict:
         """Score `envelope` applied alone on top of `weights` (whose hash is `base_hash`)."""
         before, base_norm = self.base(base_hash, weights)
+
+        def rejected(reason: str, *, loss_after: float | None = None, norm: float | None = None) -> Verdict:
+            return Verdict(
+                accepted=False, reason=reason, loss_before=before.loss, loss_after=loss_after, norm=norm
+            )
+
         delta = envelope.delta()
         if any(not torch.isfinite(t.values).all() for t in delta.values()):
-            return Verdict(
-                accepted=False,
-                reason="non-finite values",
-                loss_before=before.loss,
-                loss_after=None,
-                norm=None,
-            )
+            return rejected("non-finite values")
         merge = self.run.merge
         norm = contribution_norm(delta, merge) * merge.outer_lr
         if not math.isfinite(norm) or norm > self.cfg.max_relative_norm * base_norm:
-            return Verdict(
-                accepted=False,
-                reason=f"update norm {norm:.3g} is over {self.cfg.max_relative_norm:g} × the weights' norm "
+            return rejected(
+                f"update norm {norm:.3g} is over {self.cfg.max_relative_norm:g} × the weights' norm "
                 f"{base_norm:.3g}",
-                loss_before=before.loss,
-                loss_after=None,
                 norm=norm if math.isfinite(norm) else None,
             )
         acc = FixedPointAccumulator({k: tuple(v.shape) for k, v in weights.items()}, merge)
         acc.add(delta)
         after = self.evaluate(acc.apply_update(weights)).loss
         if not math.isfinite(after):
-            return Verdict(
-                accepted=False,
-                reason="held-out loss is not finite after applying it",
-                loss_before=before.loss,
-                loss_after=None,
-                norm=norm,
-            )
+            return rejected("held-out loss is not finite after applying it", norm=norm)
         if after - before.loss > self.cfg.max_loss_increase:
-            return Verdict(
-                accepted=False,
-                reason=f"held-out loss rose by {after - before.loss:.3f} nats "
+            return rejected(
+                f"held-out loss rose by {after - before.loss:.3f} nats "
                 f"({before.loss:.3f} → {after:.3f}; limit {self.cfg.max_loss_increase:g})",
-                loss_before=before.loss,
                 loss_after=after,
                 norm=norm,
             )
