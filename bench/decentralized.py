@@ -55,11 +55,12 @@ from nord.fsutil import atomic_write_bytes  # noqa: E402
 
 DENSITIES = {"25": 0.25, "6.25": 0.0625, "1.56": 64 / 4096}
 WARMUP_DENSITY = 0.25  # round 0's density in the wu<R>-<d> setups
-# Run without --setups: the baselines, the three codec densities, the run default (wu8-1.56) and its
-# neighbours; 4 min 15 s on 2 shared cores (docs/benchmarks/decentralized.md). The settled ablations (divk,
-# noef, median, dense-nesterov, damped-c2, wu2) run with --setups.
+# Run without --setups: the baselines, the three codec densities, the damped mean at --ablation-density
+# (1.56 by default), the run default (wu8-1.56) and its neighbours; 4 min 15 s on 2 shared cores
+# (docs/benchmarks/decentralized.md). The settled ablations (divk, noef, median, dense-nesterov, damped-c2,
+# wu2) run with --setups.
 DEFAULT_SETUPS = (
-    "central", "dense", "nord-25", "nord-6.25", "nord-1.56", "1.56-damped",
+    "central", "dense", "nord-25", "nord-6.25", "nord-1.56", "{ablation}-damped",
     "wu4-1.56", "wu8-1.56", "wu4-6.25",
 )  # fmt: skip
 
@@ -105,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=None, help="windows per intermediate validation")
     p.add_argument(
         "--setups", nargs="+", default=None,
-        help=f"names to run, or 'all' (default: {' '.join(DEFAULT_SETUPS)})",
+        help="names to run, or 'all' (default: " + " ".join(DEFAULT_SETUPS).format(ablation="<d>") + ")",
     )  # fmt: skip
     p.add_argument("--ablation-density", choices=sorted(DENSITIES), default="1.56")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for --seeded setups")
@@ -271,7 +272,8 @@ def plot(results: list[dict], rows: list[dict], prefix: str) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     setups = all_setups(args.ablation_density)
-    names = list(setups) if args.setups == ["all"] else (args.setups or list(DEFAULT_SETUPS))
+    default = [name.format(ablation=args.ablation_density) for name in DEFAULT_SETUPS]
+    names = list(setups) if args.setups == ["all"] else (args.setups or default)
     unknown = [n for n in names if n not in setups]
     if unknown:
         raise ConfigError(f"unknown setup {unknown[0]!r}; choose from: {', '.join(setups)}")
