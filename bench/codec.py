@@ -1,7 +1,10 @@
 """Codec benchmark: bytes per parameter, reconstruction error and throughput on a real pseudo-gradient.
 
 The pseudo-gradient is Δ = θ_after − θ_before of a NordLM recipe after a few real AdamW steps on the
-Shakespeare corpus. One round, no residual carried in. Columns:
+Shakespeare corpus. One round, no residual carried in, encoded at round --round with
+--warmup-rounds (default: round 0 without a density warm-up, so the 10% and 1.56% rows keep what they
+say; with the run default's warm-up round 0 would keep 25%). Each row records the density it asked for and
+the fraction the envelope actually sent. Columns:
 
     bytes/param  wire bytes / parameters (whole envelope for the codec, raw tensors for the baselines)
     rel L2       ‖Δ̂ − Δ‖ / ‖Δ‖ over all parameters (what top-k leaves out stays in the residual)
@@ -13,6 +16,7 @@ Shakespeare corpus. One round, no residual carried in. Columns:
 Example:
     python bench/codec.py --model small --steps 2       # quick
     python bench/codec.py --model base --steps 3
+    python bench/codec.py --model small --warmup-rounds 8 --round 0   # what a run's round 0 sends
 """
 
 from __future__ import annotations
@@ -120,11 +124,13 @@ def codec_row(
 ) -> dict:
     spec = {k: tuple(v.shape) for k, v in delta.items()}
     n = sum(t.numel() for t in delta.values())
-    cfg = CodecConfig(density=density, max_payload_bytes=2**31)  # 100% of `base` is over the 64 MiB default
+    cfg = CodecConfig(  # 100% of `base` is over the 64 MiB default payload cap
+        density=density, warmup_rounds=args.warmup_rounds, max_payload_bytes=2**31
+    )
 
     def encode(d):
         return DeltaEncoder(cfg, spec).encode(
-            d, run_id="bench", round=0, base_hash=BASE_HASH, identity=identity
+            d, run_id="bench", round=args.round, base_hash=BASE_HASH, identity=identity
         )
 
     enc_s, env = timed(lambda: encode(delta), args.repeats)
@@ -142,9 +148,13 @@ def codec_row(
             (recon[name].reshape(-1)[torch.from_numpy(entry.indices)].double() - truth).square().sum()
         )
         kept_norm += float(truth.square().sum())
+    sent = sum(len(entry.indices) for entry in entries.values()) / n
     row = {
         "method": f"nord codec {density:.2%}",
         "density": density,
+        "round": args.round,
+        "warmup_rounds": args.warmup_rounds,
+        "sent_density": sent,
         "bytes_per_param": len(data) / n,
         "rel_l2": math.sqrt(squared_error(recon, delta) / norm_sq(delta)),
         "kept_rel_l2": math.sqrt(kept_err / kept_norm),
@@ -215,6 +225,14 @@ def main() -> None:
         "--vocab-size", type=int, default=8192, help="tokenizer vocabulary (replaces the recipe's)"
     )
     p.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
+    p.add_argument("--round", type=int, default=0, help="round the envelope is encoded at")
+    p.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=0,
+        help="codec density warm-up (0: none, every row sends its density; the run default is "
+        f"{CodecConfig().warmup_rounds})",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--data-root", default=str(default_data_root()))
@@ -230,16 +248,19 @@ def main() -> None:
 
     print(
         f"\n{info['model']}: {info['params']:,} parameters in {info['tensors']} tensors, Δ after "
-        f"{info['steps']} AdamW steps (loss {info['train_loss']:.3f}), {args.threads} CPU threads"
+        f"{info['steps']} AdamW steps (loss {info['train_loss']:.3f}), {args.threads} CPU threads; "
+        f"encoded at round {args.round} with warmup_rounds={args.warmup_rounds}"
     )
-    header = f"{'method':<22}{'bytes/param':>12}{'rel L2':>9}{'kept L2':>9}{'enc GB/s':>10}{'dec GB/s':>10}"
+    header = f"{'method':<22}{'sent':>8}{'bytes/param':>12}{'rel L2':>9}{'kept L2':>9}"
+    header += f"{'enc GB/s':>10}{'dec GB/s':>10}"
     print(header + "\n" + "-" * len(header))
     for r in rows:
         extra = "".join(
             f"{r[k]:>{w}.3f}" if k in r else " " * (w - 1) + "-"
             for k, w in (("kept_rel_l2", 9), ("encode_cpu_gbps", 10), ("decode_cpu_gbps", 10))
         )
-        print(f"{r['method']:<22}{r['bytes_per_param']:>12.4f}{r['rel_l2']:>9.4f}{extra}")
+        sent = f"{r['sent_density']:>8.2%}" if "sent_density" in r else f"{'-':>8}"
+        print(f"{r['method']:<22}{sent}{r['bytes_per_param']:>12.4f}{r['rel_l2']:>9.4f}{extra}")
     for r in rows:
         if "scales" in r:
             s = r["scales"]
@@ -255,6 +276,7 @@ def main() -> None:
         "cpu_threads": args.threads,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+    info.update(round=args.round, warmup_rounds=args.warmup_rounds)
     result = {"info": info, "machine": machine, "rows": rows}
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
