@@ -45,6 +45,7 @@ from nord.crdt.messages import Removal, Seal
 from nord.crdt.orset import ContributionSet, Dot, Equivocation
 from nord.crdt.persistence import Persistence
 from nord.errors import ConfigError, MergeError
+from nord.protocol import admission_error
 
 log = logging.getLogger(__name__)
 
@@ -208,15 +209,17 @@ class Replica(AntiEntropy, Persistence):
         cid, q, r, s = envelope.contribution_id, int(envelope.round), self.round, self.merge.max_staleness
         if cid in self._set.envelopes or cid in self._folded_ids:
             return False
-        if q < r - s:
-            raise MergeError(f"contribution for round {q} is too old: open round is {r}, max staleness {s}")
-        if q > r + s:
-            raise MergeError(f"contribution for round {q} is too far ahead of open round {r}; retry later")
-        if q <= r and envelope.base_hash != self._hash_at(q):
-            base = envelope.base_hash[:16]
-            raise MergeError(f"contribution for round {q} was built on base {base}, not this run's")
-        if len(self._pool) >= self.merge.capacity:
-            raise MergeError(f"round {r} is full ({self.merge.capacity} contributions)")
+        refused = admission_error(
+            round=q,
+            base_hash=envelope.base_hash,
+            open_round=r,
+            base_at_round=self._hash_at(q) if q <= r else None,
+            max_staleness=s,
+            pooled=len(self._pool),
+            capacity=self.merge.capacity,
+        )
+        if refused:
+            raise MergeError(refused)
         delta = envelope.delta()
         self._acc.check(delta)  # every held contribution passed this: later sums skip it
         if self.merge.median_norm_clip:

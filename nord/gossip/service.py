@@ -11,7 +11,6 @@ import random
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from nord.gossip.wire import (
     unpack,
     within_budget,
 )
+from nord.protocol import next_fetch, reachable, sync_partners
 from nord.transport import Transport
 
 log = logging.getLogger("nord.gossip")
@@ -200,12 +200,8 @@ class Gossip:
 
     def reachable_peers(self) -> list[str]:
         """Peers others can dial (not client mode), except those that failed in the last BACKOFF_S."""
-        now = time.monotonic()
-        return sorted(
-            p
-            for p, info in self.peers().items()
-            if not info["client_mode"] and self._backoff.get(p, 0.0) <= now
-        )
+        peers = {p: info["client_mode"] for p, info in self.peers().items()}
+        return reachable(peers, self._backoff, time.monotonic())
 
     def _failed(self, peer: str, what: str, error: TransportError) -> None:
         first = peer not in self._backoff
@@ -311,12 +307,11 @@ class Gossip:
         accepted, tried = 0, {p for p, until in self._backoff.items() if until > now}
         tried |= {p for p, info in self._peers.items() if info["client_mode"]}  # nobody can dial them
         while remaining:
-            counts = Counter(h for holders in remaining.values() for h in holders if h not in tried)
-            if not counts:
+            step = next_fetch(remaining, tried)  # the holder of most of what we lack first
+            if step is None:
                 break
-            holder = counts.most_common(1)[0][0]  # the holder of most of what we lack first
+            holder, ids = step
             tried.add(holder)
-            ids = sorted(cid for cid, holders in remaining.items() if holder in holders)
             try:
                 reply = unpack(
                     self.transport.request(
@@ -345,7 +340,7 @@ class Gossip:
         accepted = self.pull_announced(range(rnd - staleness, rnd + staleness + 1))
         peers = self.reachable_peers()
         behind = False
-        for peer in random.sample(peers, min(fanout, len(peers))):
+        for peer in sync_partners(peers, fanout, random):
             try:
                 got, peer_behind = self.sync_with(peer)
             except TransportError as e:

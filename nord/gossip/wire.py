@@ -15,6 +15,7 @@ from nord.codec import CodecConfig
 from nord.crdt import Delta
 from nord.errors import MergeError, TransportError
 from nord.fsutil import atomic_write_bytes
+from nord.protocol import budgeted_count
 from nord.transport import Transport
 
 PEER_TTL_S = 60.0  # presence records expire unless refreshed by `heartbeat`
@@ -57,13 +58,10 @@ def delta_from(data: Any) -> Delta:
 
 def within_budget(delta: Delta, budget: int) -> tuple[Delta, bool]:
     """Keep envelopes (in order) up to `budget` bytes (at least one); removals and seals always travel."""
-    kept, used = [], 0
-    for data in delta.envelopes:
-        if kept and used + len(data) > budget:
-            return Delta(envelopes=tuple(kept), removals=delta.removals, seals=delta.seals), True
-        kept.append(data)
-        used += len(data)
-    return delta, False
+    kept = budgeted_count([len(data) for data in delta.envelopes], budget)
+    if kept == len(delta.envelopes):
+        return delta, False
+    return Delta(envelopes=delta.envelopes[:kept], removals=delta.removals, seals=delta.seals), True
 
 
 def hello(transport: Transport, peer_id: str, run_id: str) -> dict[str, Any]:
