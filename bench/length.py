@@ -1,4 +1,4 @@
-"""Length generalisation: a model trained on T=512 windows generates 30,000 tokens and reads long text.
+"""Length generalisation and memory use: models trained on T=512 windows generate and read 30,000 tokens.
 
 1. Generation: one token at a time with `NordLM.step` (O(1) state), sampling at --temperature; after each
    token the largest |H| of every layer's mixer membrane is recorded. H_t = a_t·H_{t−1} + (1−a_t)·X_t is a
@@ -7,11 +7,21 @@
    the training length with the neuron state carried across windows (exactly one long forward pass),
    and the per-token cross-entropy is averaged in position buckets 0–512, 512–1k, 1k–2k, 2k–4k, ...
    Control: the same tokens with the state reset at every window (context ≤ the training length). Buckets
-   hold different text, so "carried − reset" per bucket is what isolates the effect of running past 512.
+   hold different text, so "carried − reset" per bucket is what isolates the effect of running past 512;
+   over the whole rows, exp(reset − carried) − 1 is what the carried state is worth in perplexity, and
+   "reset" alone is the fresh-window validation loss.
 
-The model is a checkpoint written by `nord train` (--checkpoint) or trained here briefly (--model).
+Arms (--arms, trained one after the other from the same seed on the same batches, side by side in one run):
+    old       the mixer neurons' initial decays as before: σ(b) linear in [0.5, 0.98] (τ ≈ 2–50 tokens),
+              set by this script over the model's own init
+    default   the model's initial decays as they are in nord/neurons/dynamic.py
+    +carry    suffix: train on row-continuous batches with the state carried between steps
+              (`train_steps(carry_state=True)`, `stream_batches`) instead of fresh random windows
 
-    python bench/length.py [--quick] [--model tiny --train-steps 300 | --checkpoint runs/x/model.safetensors]
+The model is a checkpoint written by `nord train` (--checkpoint, one arm) or trained here (--model).
+
+    python bench/length.py [--quick] [--model tiny --train-steps 300 --arms old,default,default+carry |
+                            --checkpoint runs/x/model.safetensors]
 """
 
 from __future__ import annotations
@@ -31,23 +41,51 @@ from tqdm import tqdm
 from nord.config import TrainConfig
 from nord.data import DataConfig, prepare
 from nord.model import NordLM, load_model, save_model
+from nord.neurons import DynamicDecayNeuron
 from nord.recipes import RECIPES, get_config
-from nord.train import cosine_lr, make_optimizer, train_steps
+from nord.train import cosine_lr, make_optimizer, stream_batches, train_steps
+
+INITS = ("old", "default")
+CARRY = "carry"
 
 
-def train_briefly(recipe: str, corpus, args: argparse.Namespace) -> tuple[NordLM, dict]:
+def use_old_decay_init(model: NordLM) -> None:
+    """The initial decays before issue 21: σ(b) linear in [0.5, 0.98] across channels."""
+    for m in model.modules():
+        if isinstance(m, DynamicDecayNeuron):
+            m.conv_bias.data.copy_(torch.logit(torch.linspace(0.5, 0.98, m.dim)))
+
+
+def decay_time_constants(model: NordLM) -> torch.Tensor:
+    """1 / (1 − σ(b)) of every mixer channel (the time constant without the input-dependent term)."""
+    biases = [m.conv_bias.detach() for m in model.modules() if isinstance(m, DynamicDecayNeuron)]
+    return 1 / (1 - torch.sigmoid(torch.cat(biases)).double())
+
+
+def train_arm(arm: str, recipe: str, corpus, args: argparse.Namespace) -> tuple[NordLM, dict]:
+    init, _, carry = arm.partition("+")
     cfg = dataclasses.replace(get_config(recipe, vocab_size=corpus.vocab_size), max_seq_len=args.seq_len)
     torch.manual_seed(args.seed)
     model = NordLM(cfg)
+    if init == "old":
+        use_old_decay_init(model)
+    tau = decay_time_constants(model)
     train_cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr)
     optimizer = make_optimizer(model, train_cfg, "cpu")
     lr_fn = cosine_lr(args.lr, warmup_steps=max(1, args.train_steps // 10), total_steps=args.train_steps)
-    batches = iter(corpus.batches("train", args.batch_size, args.seq_len, seed=args.seed))
+    if carry:
+        batches = stream_batches(corpus.train, args.batch_size, args.seq_len, seed=args.seed)
+    else:
+        batches = iter(corpus.batches("train", args.batch_size, args.seq_len, seed=args.seed))
     stats = train_steps(model, optimizer, batches, args.train_steps, grad_clip=train_cfg.grad_clip,
-                        lr_fn=lr_fn, device="cpu")  # fmt: skip
-    info = {"recipe": recipe, "train_steps": args.train_steps, "train_tokens": stats.tokens,
-            "train_loss": stats.loss, "train_firing_rate": stats.firing_rate,
-            "train_s": stats.seconds}  # fmt: skip
+                        lr_fn=lr_fn, device="cpu", carry_state=bool(carry))  # fmt: skip
+    trained_tau = decay_time_constants(model)
+    info = {"arm": arm, "recipe": recipe, "train_steps": args.train_steps, "train_tokens": stats.tokens,
+            "train_loss": stats.loss, "train_firing_rate": stats.firing_rate, "train_s": stats.seconds,
+            "init_tau_min_median_max": [tau.min().item(), tau.median().item(), tau.max().item()],
+            "trained_tau_min_median_max": [trained_tau.min().item(), trained_tau.median().item(),
+                                           trained_tau.max().item()],
+            "trained_share_tau_over_100": (trained_tau > 100).double().mean().item()}  # fmt: skip
     return model, info
 
 
@@ -105,76 +143,46 @@ def loss_by_position(model: NordLM, corpus, eval_len: int, rows: int, window: in
         edges.append(min(2 * edges[-1], eval_len))
     buckets = [{"start": a, "end": b, **{k: v[a:b].mean().item() for k, v in per_token.items()}}
                for a, b in zip(edges[:-1], edges[1:], strict=True)]  # fmt: skip
-    return {"rows": rows, "eval_len": eval_len, "buckets": buckets}
+    carried, reset = per_token["carried"].mean().item(), per_token["reset"].mean().item()
+    return {"rows": rows, "eval_len": eval_len, "buckets": buckets, "carried": carried, "reset": reset,
+            "carried_ppl_gain": math.exp(reset - carried) - 1}  # fmt: skip
 
 
-def plot(gen: dict, by_pos: dict, path: Path) -> None:
+def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    max_h = torch.tensor(gen["max_abs_h"])  # (buckets, L)
-    xs = [(i + 1) * gen["bucket"] for i in range(max_h.shape[0])]
-    for layer in range(max_h.shape[1]):
-        left.plot(xs, max_h[:, layer], label=f"layer {layer}")
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        gen, by_pos = r["generation"], r["loss_by_position"]
+        max_h = torch.tensor(gen["max_abs_h"]).amax(1)  # (buckets,) over layers
+        left.plot([(j + 1) * gen["bucket"] for j in range(len(max_h))], max_h, label=r["model"]["arm"])
+        gaps = [b["carried"] - b["reset"] for b in by_pos["buckets"]]
+        right.bar([j + (i - (len(results) - 1) / 2) * width for j in range(len(gaps))], gaps, width,
+                  label=r["model"]["arm"])  # fmt: skip
     left.set_xlabel("generated tokens")
-    left.set_ylabel(f"max |H| per {gen['bucket']} tokens")
+    left.set_ylabel("max |H| over layers per 1,000 tokens")
     left.set_ylim(bottom=0)
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
-    labels = [f"{b['start']}–{b['end']}" for b in by_pos["buckets"]]
-    xs = torch.arange(len(labels))
-    right.bar(xs - 0.2, [b["carried"] for b in by_pos["buckets"]], 0.4, label="state carried")
-    right.bar(xs + 0.2, [b["reset"] for b in by_pos["buckets"]], 0.4, label="reset every window")
-    right.set_xticks(xs.tolist(), labels)
+    buckets = results[0]["loss_by_position"]["buckets"]
+    right.set_xticks(range(len(buckets)), [f"{b['start']}–{b['end']}" for b in buckets])
+    right.axhline(0, color="black", lw=0.5)
     right.legend(fontsize=8)
     right.set_xlabel("token position")
-    right.set_ylabel("validation cross-entropy (nats)")
+    right.set_ylabel("carried − reset val loss (nats)")
     right.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=None, help="model.safetensors from `nord train`")
-    parser.add_argument("--model", default="tiny", choices=sorted(RECIPES), help="recipe to train here")
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512, help="training window (the length to exceed)")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--gen-tokens", type=int, default=30_000)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--eval-len", type=int, default=8192, help="length of each validation row")
-    parser.add_argument("--eval-rows", type=int, default=8)
-    parser.add_argument("--save", type=Path, default=None, help="save the model trained here (safetensors)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 2,000 tokens, 2k rows")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/length.json"))
-    args = parser.parse_args()
-    if args.quick:
-        args.train_steps, args.gen_tokens, args.eval_len, args.eval_rows = 20, 2000, 2048, 2
-    torch.set_num_threads(args.threads)
-    corpus = prepare(DataConfig(source="shakespeare"), progress=False)
-    if args.checkpoint is not None:
-        model, meta = load_model(args.checkpoint)
-        window = model.cfg.max_seq_len
-        model_info = {"checkpoint": str(args.checkpoint), "step": meta.get("step"), "seq_len": window}
-    else:
-        model, model_info = train_briefly(args.model, corpus, args)
-        window = args.seq_len
-        if args.save is not None:
-            save_model(args.save, model, {"tokenizer_sha256": corpus.tokenizer_hash})
-    model_info["params"] = model.num_params()
-
-    gen = generate_and_watch(model, args.gen_tokens, args.temperature, args.seed, bucket=1000)
-    by_pos = loss_by_position(model, corpus, args.eval_len, args.eval_rows, window)
-
-    print(f"model: {model_info}")
+def report(result: dict) -> None:
+    gen, by_pos = result["generation"], result["loss_by_position"]
+    print(f"\nmodel: {result['model']}")
     max_h = torch.tensor(gen["max_abs_h"])
     print(f"generated {gen['tokens']} tokens at {gen['tokens_per_s']:.0f} tok/s, "
           f"firing {gen['firing_rate']:.3f}, state finite: {gen['finite']}")  # fmt: skip
@@ -186,20 +194,69 @@ def main() -> int:
     for b in by_pos["buckets"]:
         gap = b["carried"] - b["reset"]
         print(f"{b['start']:>5}–{b['end']:<6} | {b['carried']:8.4f} {b['reset']:8.4f} {gap:+13.4f}")
-    sample = corpus.decode(gen.pop("ids")[:300])
-    print(f"sample: {sample[:400]!r}")
+    print(f"{'all':>12} | {by_pos['carried']:8.4f} {by_pos['reset']:8.4f} "
+          f"{by_pos['carried'] - by_pos['reset']:+13.4f}   carried state worth "
+          f"{by_pos['carried_ppl_gain']:+.2%} perplexity")  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=None, help="model.safetensors from `nord train`")
+    parser.add_argument("--model", default="tiny", choices=sorted(RECIPES), help="recipe to train here")
+    parser.add_argument("--arms", default="old,default", help="comma-separated: old, default, +carry suffix")
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512, help="training window (the length to exceed)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--gen-tokens", type=int, default=30_000)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--eval-len", type=int, default=30_000, help="length of each validation row")
+    parser.add_argument("--eval-rows", type=int, default=8, help="rows (at most what the split holds)")
+    parser.add_argument("--save", type=Path, default=None, help="directory for the models trained here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 2,000 tokens, 2k rows")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/length.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.train_steps, args.gen_tokens, args.eval_len, args.eval_rows = 20, 2000, 2048, 2
+    arms = args.arms.split(",")
+    if bad := [a for a in arms if a.partition("+")[0] not in INITS or a.partition("+")[2] not in ("", CARRY)]:
+        parser.error(f"unknown arms {bad}: each is one of {INITS}, optionally with +carry")
+    torch.set_num_threads(args.threads)
+    corpus = prepare(DataConfig(source="shakespeare"), progress=False)
     meta = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
             "machine": platform.machine()}  # fmt: skip
-    result = {
-        "meta": meta,
-        "model": model_info,
-        "generation": gen,
-        "loss_by_position": by_pos,
-        "sample": sample,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    plot(gen, by_pos, args.out.with_suffix(".png"))
+    results = []
+    for arm in ["checkpoint"] if args.checkpoint is not None else arms:
+        if args.checkpoint is not None:
+            model, ckpt = load_model(args.checkpoint)
+            window = model.cfg.max_seq_len
+            model_info = {"arm": arm, "checkpoint": str(args.checkpoint), "step": ckpt.get("step"),
+                          "seq_len": window}  # fmt: skip
+        else:
+            model, model_info = train_arm(arm, args.model, corpus, args)
+            window = args.seq_len
+            if args.save is not None:
+                args.save.mkdir(parents=True, exist_ok=True)
+                tokenizer = {"tokenizer_sha256": corpus.tokenizer_hash}
+                save_model(args.save / f"{arm}.safetensors", model, tokenizer)
+        model_info["params"] = model.num_params()
+        gen = generate_and_watch(model, args.gen_tokens, args.temperature, args.seed, bucket=1000)
+        by_pos = loss_by_position(model, corpus, args.eval_len, args.eval_rows, window)
+        sample = corpus.decode(gen.pop("ids")[:300])
+        results.append({"model": model_info, "generation": gen, "loss_by_position": by_pos, "sample": sample})
+        report(results[-1])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))  # after every arm
+    print(f"\n{'arm':<16} {'train loss':>10} {'val loss (fresh)':>16} {'carried':>8} {'carried gain':>12} "
+          f"{'τ>100 share':>11}")  # fmt: skip
+    for r in results:
+        m, b = r["model"], r["loss_by_position"]
+        share = m.get("trained_share_tau_over_100", float("nan"))
+        print(f"{m['arm']:<16} {m.get('train_loss', float('nan')):>10.4f} {b['reset']:>16.4f} "
+              f"{b['carried']:>8.4f} {b['carried_ppl_gain']:>+12.2%} {share:>11.1%}")  # fmt: skip
+    plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -92,11 +93,15 @@ def train_steps(
     start_step: int = 0,
     device: torch.device | str,
     progress: bool = True,
+    carry_state: bool = False,
 ) -> StepStats:
     """Run `steps` optimizer steps on batches of (x, y) int64 (B, T); return their mean statistics.
 
     On CUDA the forward runs under fp16 autocast and `scaler` (created if None; pass one to keep its
-    scale across calls) scales the loss; on CPU everything is fp32.
+    scale across calls) scales the loss; on CPU everything is fp32. With `carry_state` each step starts
+    from the previous step's neuron state (detached: truncated backprop through time), so the batches must
+    continue each other row by row (`stream_batches`); otherwise every window starts from zero state and
+    slow channels never see what came before their window.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -104,6 +109,7 @@ def train_steps(
         scaler = torch.amp.GradScaler("cuda")
     model.train()
     losses, regs, rates, shares, tokens = [], [], [], [], 0
+    state = None
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, leave=False)
     for i in bar:
@@ -116,8 +122,10 @@ def train_steps(
             for group in optimizer.param_groups:
                 group["lr"] = lr_fn(start_step + i)
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-            out = model(x, y)
+            out = model(x, y, state=state)
             objective = out.loss + out.reg_loss
+        if carry_state:
+            state = [s.detach() for s in out.state]
         if scaler is not None:
             scaler.scale(objective).backward()
             scaler.unscale_(optimizer)
@@ -147,6 +155,22 @@ def train_steps(
         tokens=tokens,
         seconds=time.perf_counter() - start,
     )
+
+
+def stream_batches(
+    tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (x, y) int64 (B, T) where row b of each batch continues row b of the one before: B read
+    heads at seeded random offsets, each advancing T tokens per batch and wrapping at the end of `tokens`
+    (for `train_steps(carry_state=True)`)."""
+    if not 1 <= seq_len < len(tokens):
+        raise ConfigError(f"seq_len must be in [1, {len(tokens) - 1}] for these tokens, got {seq_len}")
+    heads = np.random.default_rng(seed).integers(0, len(tokens), size=batch_size)
+    offsets = np.arange(seq_len + 1)
+    while True:
+        rows = torch.from_numpy(np.take(tokens, heads[:, None] + offsets, mode="wrap").astype(np.int64))
+        yield rows[:, :-1], rows[:, 1:]
+        heads = (heads + seq_len) % len(tokens)
 
 
 def evaluate(

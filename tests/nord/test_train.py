@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from nord.config import TrainConfig
 from nord.errors import ConfigError, DataError
 from nord.model import NordLM
 from nord.recipes import get_config
-from nord.train import cosine_lr, make_optimizer, train_steps
+from nord.train import cosine_lr, make_optimizer, stream_batches, train_steps
 
 
 def tiny_model(seed: int = 0) -> NordLM:
@@ -65,6 +66,36 @@ def test_train_steps_say_when_batches_run_out():
     opt = make_optimizer(model, TrainConfig(), "cpu")
     with pytest.raises(DataError, match="ran out after 2 of 5"):
         train_steps(model, opt, itertools.islice(fixed_batches(), 2), 5, grad_clip=1.0, device="cpu")
+
+
+def test_stream_batches_continue_each_row_and_wrap_at_the_end():
+    tokens = np.arange(50, dtype=np.uint16)
+    first = list(itertools.islice(stream_batches(tokens, 3, 8, seed=1), 10))
+    again = list(itertools.islice(stream_batches(tokens, 3, 8, seed=1), 10))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))  # seeded
+    for (x, y), (x_next, _) in itertools.pairwise(first):
+        assert x.shape == (3, 8) and x.dtype == torch.int64
+        assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(x_next[:, 0], y[:, -1])  # row b goes on
+    rows = torch.cat([x for x, _ in first], 1)  # 80 tokens per row from a 50-token stream: it wrapped
+    assert torch.equal(rows, (rows[:, :1] + torch.arange(80)) % 50)
+    with pytest.raises(ConfigError, match="seq_len"):
+        next(stream_batches(tokens, 2, 50))
+
+
+def test_train_steps_carry_the_state_from_one_step_to_the_next():
+    """With carry_state the second window's loss is the one read after the first (lr 0: no update)."""
+    model = tiny_model()
+    tokens = np.random.default_rng(0).integers(0, 256, 4000).astype(np.uint16)
+    (x1, y1), (x2, y2) = itertools.islice(stream_batches(tokens, 2, 64), 2)
+    with torch.no_grad():
+        first = model(x1, y1)
+        carried, fresh = model(x2, y2, state=first.state).loss.item(), model(x2, y2).loss.item()
+    assert abs(carried - fresh) > 1e-4  # the check below can tell them apart
+    opt = make_optimizer(model, TrainConfig(), "cpu")
+    for carry, second in ((True, carried), (False, fresh)):
+        stats = train_steps(model, opt, stream_batches(tokens, 2, 64), 2, grad_clip=1.0, device="cpu",
+                            lr_fn=lambda step: 0.0, progress=False, carry_state=carry)  # fmt: skip
+        assert stats.loss == pytest.approx((first.loss.item() + second) / 2, rel=1e-6)
 
 
 # --- nord train, end to end on a real prepared corpus ------------------------------------------------
