@@ -98,23 +98,22 @@ def make_authority(run, corpus, path, clock, validation=None, **kw):
     return authority
 
 
-def contribute(authority, worker, scale, seed=0):
-    """A signed contribution of `worker` for the open round: a random delta of `scale`."""
+def contribute(authority, worker, scale, seed=0, *, on=None):
+    """A signed contribution of `worker`: a random delta of `scale` for the open round, or for `on`
+    (round, base hash)."""
     replica = authority.replica
+    rnd, base_hash = on or (replica.round, replica.base_hash)
     g = torch.Generator().manual_seed(seed)
     delta = {n: torch.randn(s, generator=g) * scale for n, s in replica.spec.items()}
     env = DeltaEncoder(authority.run.codec, replica.spec).encode(
-        delta,
-        run_id=replica.run_id,
-        round=replica.round,
-        base_hash=replica.base_hash,
-        identity=WORKERS[worker],
+        delta, run_id=replica.run_id, round=rnd, base_hash=base_hash, identity=WORKERS[worker]
     )
     replica.add(env)
     return env.contribution_id
 
 
 def close(authority):
+    authority.close()
     authority.replica.close()
     authority.history.close()
 
@@ -199,6 +198,33 @@ def test_loss_increase_is_rejected_and_repeat_offender_banned(corpus, tmp_path):
     late = contribute(auth, 2, 1e-4, seed=5)  # harmless now, but the peer is banned
     auth.step()
     assert auth.history.contribution(late)["reason"] == "peer is banned" and late not in auth.replica.pool()
+    close(auth)
+
+
+def test_equivocation_is_rejected_never_left_pending_and_counts_toward_a_ban(corpus, tmp_path):
+    validation = ValidationConfig(batches=1, batch_size=2, ban_after=3)
+    auth = make_authority(make_run(quorum=2), corpus, tmp_path, Clock(), validation=validation)
+    cheater = WORKERS[2].public_key.hex()
+    first = contribute(auth, 2, 1e-4, seed=1)
+    assert auth.step() is None and auth.history.contribution(first)["status"] == "accepted"
+    second = contribute(auth, 2, 1e-4, seed=2)  # another payload signed for the same round
+    auth.step()
+    for cid in (first, second):
+        row = auth.history.contribution(cid)
+        assert row["status"] == "rejected" and row["reason"].startswith("equivocation"), row
+    assert auth.history.rejections(cheater) == 2 and not auth.history.is_banned(cheater)
+
+    honest = [contribute(auth, 0, 1e-4, seed=3), contribute(auth, 1, 1e-4, seed=4)]
+    assert sorted(auth.step().contribution_ids) == sorted(honest)
+    sealed = contribute(auth, 2, 1e-4, seed=5)  # round 1: sealed with one honest peer's
+    contribute(auth, 0, 1e-4, seed=6)
+    round1 = (auth.replica.round, auth.replica.base_hash)
+    assert sealed in auth.step().contribution_ids
+    late = contribute(auth, 2, 1e-4, seed=7, on=round1)  # a second one for round 1, after its seal
+    auth.step()
+    assert auth.history.contribution(late)["status"] == "rejected"
+    assert auth.history.contribution(sealed)["status"] == "accepted"  # the seal stands
+    assert auth.history.is_banned(cheater)
     close(auth)
 
 
