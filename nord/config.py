@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nord.checks import fingerprint, is_fingerprint, is_hex64, is_run_id, matches_fingerprint
 from nord.errors import ConfigError
 
-RUN_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+SIGNING_DOMAIN = b"nord-run-config\0"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,9 +88,11 @@ class RunConfig:
     rounds: RoundConfig = field(default_factory=RoundConfig)
     shards: Any = None  # nord.shards.ShardConfig: how workers split the parameters
     authorities: tuple[str, ...] = ()  # hex ed25519 public keys allowed to seal rounds
+    genesis_hash: str = ""  # weights_hash of round 0's weights (`init`): a round-0 snapshot must match it
+    signature: str = ""  # hex ed25519 signature of every other field by one of `authorities` (`signed`)
 
     def __post_init__(self) -> None:
-        if not RUN_ID_PATTERN.match(self.run_id):
+        if not is_run_id(self.run_id):
             raise ConfigError(
                 f"run id {self.run_id!r} is invalid: use 1-64 lowercase letters, digits, '.', '_' or '-'"
             )
@@ -102,8 +104,12 @@ class RunConfig:
         if self.shards is None:
             object.__setattr__(self, "shards", sections["shards"]())
         for key in self.authorities:
-            if not re.fullmatch(r"[0-9a-f]{64}", key):
+            if not is_hex64(key):
                 raise ConfigError(f"authority key {key!r} is not a 64-digit hex ed25519 public key")
+        if self.genesis_hash and not is_hex64(self.genesis_hash):
+            raise ConfigError(f"genesis_hash {self.genesis_hash[:80]!r} is not a 64-digit hex weights hash")
+        if self.signature and not (len(self.signature) == 128 and is_hex64(self.signature[:64])):
+            raise ConfigError("signature is not a 128-digit hex ed25519 signature")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,7 +127,18 @@ class RunConfig:
             raise ConfigError(f"run config has unknown keys: {', '.join(sorted(unknown))}")
         if "run_id" not in raw or "model" not in raw or "data" not in raw:
             raise ConfigError("run config needs at least 'run_id', 'model' and 'data'")
-        kwargs: dict[str, Any] = {"run_id": raw["run_id"], "authorities": tuple(raw.get("authorities", ()))}
+        kwargs: dict[str, Any] = {
+            "run_id": raw["run_id"],
+            "authorities": tuple(raw.get("authorities", ())),
+            "genesis_hash": raw.get("genesis_hash", ""),
+            "signature": raw.get("signature", ""),
+        }
+        if not all(isinstance(kwargs[k], str) for k in ("run_id", "genesis_hash", "signature")) or not all(
+            isinstance(k, str) for k in kwargs["authorities"]
+        ):
+            raise ConfigError(
+                "run config: run_id, genesis_hash, signature and authority keys must be strings"
+            )
         for name, section_cls in _sections().items():
             if name in raw:
                 kwargs[name] = _build_section(name, section_cls, raw[name])
@@ -143,7 +160,60 @@ class RunConfig:
         return cls.from_json(p.read_text(encoding="utf-8"))
 
     def with_authorities(self, keys: tuple[str, ...]) -> RunConfig:
-        return dataclasses.replace(self, authorities=tuple(keys))
+        """This config with other authorities (unsigned: sign it again with `signed`)."""
+        return dataclasses.replace(self, authorities=tuple(keys), signature="")
+
+    # ---- the trust anchor ----------------------------------------------------------------------------
+
+    def signing_message(self) -> bytes:
+        """Canonical bytes of every field but the signature (what an authority signs)."""
+        body = {k: v for k, v in self.to_dict().items() if k != "signature"}
+        return SIGNING_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    def signed(self, identity: Any) -> RunConfig:
+        """This config signed by `identity`, which must be one of its authorities; the genesis hash must
+        be set (what the signature vouches for includes the run's initial weights)."""
+        if identity.public_hex not in self.authorities:
+            raise ConfigError(f"key {identity.public_hex[:16]}… is not an authority of run {self.run_id!r}")
+        if not self.genesis_hash:
+            raise ConfigError(
+                f"run {self.run_id!r} has no genesis_hash: create it with `nord-coordinator init`"
+            )
+        unsigned = dataclasses.replace(self, signature="")
+        return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signing_message()).hex())
+
+    def signer(self) -> str:
+        """The authority key (hex) whose signature this config carries; ConfigError if none does."""
+        from nord.identity import verify_signature
+
+        if not self.signature:
+            raise ConfigError(f"the config of run {self.run_id!r} is not signed by its authority")
+        message, signature = self.signing_message(), bytes.fromhex(self.signature)
+        for key in self.authorities:
+            if verify_signature(bytes.fromhex(key), message, signature):
+                return key
+        raise ConfigError(f"the config of run {self.run_id!r} carries a signature by none of its authorities")
+
+    def verify(self, pinned: str | None) -> str:
+        """The signing authority's key if the signature holds and, given a pinned fingerprint, the key
+        matches it; ConfigError (one line naming both fingerprints) otherwise. Also needs a genesis hash."""
+        key = self.signer()
+        if not self.genesis_hash:
+            raise ConfigError(f"the config of run {self.run_id!r} records no genesis weights hash")
+        if pinned is not None and not matches_fingerprint(key, pinned):
+            raise ConfigError(
+                f"the config of run {self.run_id!r} is signed by authority {fingerprint(key)}, "
+                f"not the pinned {pinned}: refusing it (a different or impostor run)"
+            )
+        return key
+
+
+def check_fingerprint(value: str, where: str) -> str:
+    """A user-given fingerprint in canonical form (lowercase), or ConfigError."""
+    pinned = value.strip().lower()
+    if not is_fingerprint(pinned):
+        raise ConfigError(f"{where} {value[:80]!r}: give 16-64 hex digits of the run's authority key")
+    return pinned
 
 
 def _build_section(name: str, section_cls: type, raw: Any) -> Any:

@@ -16,10 +16,10 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from nord.checks import PUBLIC_KEY_BYTES, fingerprint
 from nord.errors import ConfigError
 from nord.fsutil import fsync_dir
 
-PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 
 
@@ -54,6 +54,11 @@ class Identity:
     @property
     def public_hex(self) -> str:
         return self.public_key.hex()
+
+    @property
+    def fingerprint(self) -> str:
+        """The short hex users compare and pin (`nord-node join --authority`)."""
+        return fingerprint(self.public_hex)
 
     def private_pem(self) -> bytes:
         return self._key.private_bytes(

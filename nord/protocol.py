@@ -61,13 +61,14 @@ def admission_error(
     open_round: int,
     base_at_round: str | None,
     max_staleness: int,
-    pooled: int,
-    capacity: int,
+    pooled: int = 0,
+    capacity: int | None = None,
 ) -> str | None:
     """Why a replica at `open_round` refuses a new round-`round` contribution (None: it admits it).
 
     `base_hash` is the base the contribution names, `base_at_round` the one this replica has for that
     round (checked only for rounds not ahead of the open one); `pooled` is the open round's pool size.
+    `Replica` passes no `capacity`: it caps rounds by contribution id (order-free, nord.crdt.replica).
     """
     q, r, s = round, open_round, max_staleness
     if q < r - s:
@@ -76,7 +77,7 @@ def admission_error(
         return f"contribution for round {q} is too far ahead of open round {r}; retry later"
     if q <= r and base_hash != base_at_round:
         return f"contribution for round {q} was built on base {base_hash[:16]}, not this run's"
-    if pooled >= capacity:
+    if capacity is not None and pooled >= capacity:
         return f"round {r} is full ({capacity} contributions)"
     return None
 

@@ -14,7 +14,6 @@ and payload_hash: the same delta from the same peer for the same round has one i
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,17 +22,16 @@ from typing import Any
 
 import msgpack
 
+from nord.checks import is_hex64, is_key_bytes, is_run_id
 from nord.codec.config import CodecConfig
 from nord.codec.payload import SparseTensor, dequantize_entry, parse_payload, unpack_strict
-from nord.config import RUN_ID_PATTERN
 from nord.errors import CodecError
-from nord.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, verify_signature
+from nord.identity import SIGNATURE_BYTES, Identity, verify_signature
 
 FORMAT_VERSION = 1
 ENVELOPE_FIELDS = 10
 MAX_ROUND = 2**63 - 1
 _SIGNING_DOMAIN = "nord-delta"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,14 +236,14 @@ def _check_types(
         if not ok:
             raise CodecError(f"envelope field {field!r} must be {what}")
 
-    need(isinstance(run_id, str) and bool(RUN_ID_PATTERN.match(run_id)), "run_id", "a valid run id")
+    need(is_run_id(run_id), "run_id", "a valid run id")
     need(
         isinstance(round_, int) and not isinstance(round_, bool) and 0 <= round_ <= MAX_ROUND,
         "round",
         "an integer in [0, 2^63)",
     )
-    need(isinstance(base_hash, str) and bool(_HEX64.fullmatch(base_hash)), "base_hash", "64 lowercase hex")
-    need(isinstance(peer_key, bytes) and len(peer_key) == PUBLIC_KEY_BYTES, "peer_key", "32 bytes")
+    need(is_hex64(base_hash), "base_hash", "64 lowercase hex")
+    need(is_key_bytes(peer_key), "peer_key", "32 bytes")
     need(isinstance(names, tuple) and all(isinstance(n, str) for n in names), "names", "an array of strings")
     need(
         isinstance(shapes, tuple)

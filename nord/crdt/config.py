@@ -31,6 +31,10 @@ class MergeConfig:
     min_contributors: int = 1  # coordinates touched by fewer contributions keep their base value
     median_norm_clip: bool = False  # scale each contribution to at most the round's median L2 norm
     max_staleness: int = 2  # a round-q contribution may still be folded into rounds q .. q + max_staleness
+    # Admission: a replica holds at most this many unfolded contributions per round and pools at most this
+    # many per open round, in both cases those with the smallest ids, so the admitted set is a function of
+    # the contributions seen, not of their arrival order. At most `capacity` (int64 safety).
+    max_contributions: int = MIN_CAPACITY
 
     def __post_init__(self) -> None:
         for name in ("outer_lr", "clip", "damping"):
@@ -65,6 +69,15 @@ class MergeConfig:
             raise ConfigError(f"merge.min_contributors must be an integer >= 1, got {self.min_contributors}")
         if not (isinstance(self.max_staleness, int) and self.max_staleness >= 0):
             raise ConfigError(f"merge.max_staleness must be an integer >= 0, got {self.max_staleness}")
+        if not (
+            isinstance(self.max_contributions, int)
+            and not isinstance(self.max_contributions, bool)
+            and 1 <= self.max_contributions <= self.capacity
+        ):
+            raise ConfigError(
+                f"merge.max_contributions must be an integer in 1..{self.capacity}, "
+                f"got {self.max_contributions}"
+            )
 
     @property
     def max_term(self) -> int:

@@ -3,30 +3,38 @@
 Each signed message is msgpack `[tag, version, *fields, signature]`; the signature is ed25519 over the
 msgpack of everything before it, so a message cannot be replayed as another kind or another run. The
 message id is the hex sha256 of its full bytes (content-addressed, like contribution ids).
+
+Seal version 2 adds `window_hash`: the hash of what a replica starting at the sealed weights must know
+besides them (contributions and dots folded in the rounds a late duplicate could still claim, and those
+rounds' base hashes; see `window_hash`), so a snapshot's metadata is vouched for by the same signature as
+its weights.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
+from nord.checks import MAX_REASON_CHARS, is_count, is_hex64, is_key_bytes, is_reason, is_run_id
 from nord.errors import MergeError
 
 VERSION = 1
+SEAL_VERSION = 2
 REMOVAL_TAG = "nord.removal"
 SEAL_TAG = "nord.seal"
 DELTA_TAG = "nord.delta"
-MAX_REASON_CHARS = 200
 
 
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def _unpack_list(data: bytes, tag: str, n_fields: int) -> list[Any]:
+def _unpack_list(data: bytes, tag: str, n_fields: int, version: int = VERSION) -> list[Any]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MergeError(f"{tag}: expected bytes, got {type(data).__name__}")
     try:
@@ -35,8 +43,8 @@ def _unpack_list(data: bytes, tag: str, n_fields: int) -> list[Any]:
         raise MergeError(f"{tag}: not valid msgpack ({type(e).__name__})") from None
     if not isinstance(raw, list) or len(raw) != n_fields or raw[0] != tag:
         raise MergeError(f"not a {tag} message")
-    if raw[1] != VERSION:
-        raise MergeError(f"{tag}: unsupported version {raw[1]!r} (expected {VERSION})")
+    if raw[1] != version:
+        raise MergeError(f"{tag}: unsupported version {raw[1]!r} (expected {version})")
     return raw
 
 
@@ -45,12 +53,15 @@ def _check(cond: bool, tag: str, what: str) -> None:
         raise MergeError(f"{tag}: {what}")
 
 
-def _is_key(x: Any) -> bool:
-    return isinstance(x, bytes) and len(x) == 32
-
-
-def _is_hex64(x: Any) -> bool:
-    return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
+def window_hash(folded: Mapping[str, int], dots: set[tuple[bytes, int]], hashes: Mapping[int, str]) -> str:
+    """Hex sha256 of a replica window (canonical JSON): contribution id -> its round, folded dots
+    (peer key, round), and round -> base hash."""
+    body = {
+        "folded": sorted([c, int(q)] for c, q in folded.items()),
+        "dots": sorted([p.hex(), int(r)] for p, r in dots),
+        "hashes": sorted([int(q), h] for q, h in hashes.items()),
+    }
+    return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
 
 def _verify(tag: str, key: bytes, body: bytes, signature: bytes) -> None:
@@ -75,7 +86,10 @@ class Removal:
 
     @classmethod
     def create(cls, *, run_id: str, contribution_id: str, reason: str, identity: Any) -> Removal:
-        reason = reason[:MAX_REASON_CHARS]
+        """Sign a removal; MergeError if the reason is blank or over MAX_REASON_CHARS (it is signed, and
+        recorded elsewhere, in full: never cut here)."""
+        if not is_reason(reason):
+            raise MergeError(f"a removal's reason must be 1-{MAX_REASON_CHARS} characters, got {len(reason)}")
         body = _pack([REMOVAL_TAG, VERSION, run_id, contribution_id, reason, identity.public_key])
         return cls(
             run_id=run_id,
@@ -97,10 +111,12 @@ class Removal:
         """Parse and check the signature (who may remove what is the replica's decision)."""
         raw = _unpack_list(data, REMOVAL_TAG, 7)
         _, _, run_id, cid, reason, signer, signature = raw
-        _check(isinstance(run_id, str), REMOVAL_TAG, "run id is not a string")
-        _check(_is_hex64(cid), REMOVAL_TAG, "contribution id is not 64 hex digits")
-        _check(isinstance(reason, str) and len(reason) <= MAX_REASON_CHARS, REMOVAL_TAG, "bad reason")
-        _check(_is_key(signer) and isinstance(signature, bytes), REMOVAL_TAG, "bad signer key or signature")
+        _check(is_run_id(run_id), REMOVAL_TAG, "bad run id")
+        _check(is_hex64(cid), REMOVAL_TAG, "contribution id is not 64 hex digits")
+        _check(is_reason(reason), REMOVAL_TAG, f"reason is not 1-{MAX_REASON_CHARS} characters")
+        _check(
+            is_key_bytes(signer) and isinstance(signature, bytes), REMOVAL_TAG, "bad signer key or signature"
+        )
         removal = cls(run_id=run_id, contribution_id=cid, reason=reason, signer=signer, signature=signature)
         _verify(REMOVAL_TAG, signer, _pack(removal._body()), signature)
         return removal
@@ -109,25 +125,28 @@ class Removal:
 @dataclass(frozen=True, kw_only=True)
 class Seal:
     """An authority's signed statement that round `round`, built on `prev_hash`, folds exactly
-    `contribution_ids` (sorted) and yields weights whose `weights_hash` is given."""
+    `contribution_ids` (sorted) and yields weights whose `weights_hash` is given, after which the
+    replica window (module docstring) hashes to `window_hash`."""
 
     run_id: str
     round: int
     prev_hash: str
     contribution_ids: tuple[str, ...]
     weights_hash: str
+    window_hash: str
     authority: bytes
     signature: bytes
 
     def _body(self) -> list[Any]:
         return [
             SEAL_TAG,
-            VERSION,
+            SEAL_VERSION,
             self.run_id,
             self.round,
             self.prev_hash,
             list(self.contribution_ids),
             self.weights_hash,
+            self.window_hash,
             self.authority,
         ]
 
@@ -140,6 +159,7 @@ class Seal:
         prev_hash: str,
         contribution_ids: list[str],
         weights_hash: str,
+        window_hash: str,
         identity: Any,
     ) -> Seal:
         ids = tuple(sorted(contribution_ids))
@@ -149,6 +169,7 @@ class Seal:
             prev_hash=prev_hash,
             contribution_ids=ids,
             weights_hash=weights_hash,
+            window_hash=window_hash,
             authority=identity.public_key,
             signature=b"",
         )
@@ -169,20 +190,24 @@ class Seal:
     @classmethod
     def from_bytes(cls, data: bytes) -> Seal:
         """Parse and check the signature (whether the key is an authority is the replica's decision)."""
-        raw = _unpack_list(data, SEAL_TAG, 9)
-        _, _, run_id, rnd, prev_hash, ids, weights_hash, authority, signature = raw
-        _check(isinstance(run_id, str), SEAL_TAG, "run id is not a string")
-        _check(isinstance(rnd, int) and rnd >= 0, SEAL_TAG, "round is not a non-negative integer")
-        _check(_is_hex64(prev_hash) and _is_hex64(weights_hash), SEAL_TAG, "hashes are not 64 hex digits")
-        _check(isinstance(ids, list) and all(_is_hex64(i) for i in ids), SEAL_TAG, "bad contribution ids")
+        raw = _unpack_list(data, SEAL_TAG, 10, SEAL_VERSION)
+        _, _, run_id, rnd, prev_hash, ids, weights_hash, window, authority, signature = raw
+        _check(is_run_id(run_id), SEAL_TAG, "bad run id")
+        _check(is_count(rnd), SEAL_TAG, "round is not a non-negative integer")
+        hashes_ok = is_hex64(prev_hash) and is_hex64(weights_hash) and is_hex64(window)
+        _check(hashes_ok, SEAL_TAG, "hashes are not 64 hex digits")
+        _check(isinstance(ids, list) and all(is_hex64(i) for i in ids), SEAL_TAG, "bad contribution ids")
         _check(ids == sorted(set(ids)), SEAL_TAG, "contribution ids are not sorted and unique")
-        _check(_is_key(authority) and isinstance(signature, bytes), SEAL_TAG, "bad authority or signature")
+        _check(
+            is_key_bytes(authority) and isinstance(signature, bytes), SEAL_TAG, "bad authority or signature"
+        )
         seal = cls(
             run_id=run_id,
             round=rnd,
             prev_hash=prev_hash,
             contribution_ids=tuple(ids),
             weights_hash=weights_hash,
+            window_hash=window,
             authority=authority,
             signature=signature,
         )

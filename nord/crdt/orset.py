@@ -63,6 +63,7 @@ class ContributionSet:
         self.authorities = frozenset(authorities)
         self.envelopes: dict[str, Any] = {}
         self.dots: dict[Dot, set[str]] = {}
+        self.by_round: dict[int, set[str]] = {}  # round -> ids held for it (admission counts these)
         self.removals: dict[str, Removal] = {}  # removal id -> removal (authorised or still inert)
         self._removed_by: dict[str, set[str]] = {}  # contribution id -> ids of removals naming it
 
@@ -76,6 +77,7 @@ class ContributionSet:
         if cid in self.envelopes:
             return set()
         self.envelopes[cid] = envelope
+        self.by_round.setdefault(int(envelope.round), set()).add(cid)
         on_dot = self.dots.setdefault(self.dot(envelope), set())
         on_dot.add(cid)
         if len(on_dot) == 2:
@@ -143,10 +145,10 @@ class ContributionSet:
         for cid in cids:
             envelope = self.envelopes.pop(cid, None)
             if envelope is not None:
-                on_dot = self.dots[self.dot(envelope)]
-                on_dot.discard(cid)
-                if not on_dot:
-                    del self.dots[self.dot(envelope)]
+                for index, key in ((self.dots, self.dot(envelope)), (self.by_round, int(envelope.round))):
+                    index[key].discard(cid)
+                    if not index[key]:
+                        del index[key]
             for rid in list(self._removed_by.get(cid, ())):
                 self._forget_removal(rid)
 

@@ -19,8 +19,8 @@ import torch
 from nord.checkpoint import save_checkpoint
 from nord.crdt.config import MergeConfig
 from nord.crdt.log import Store
-from nord.crdt.messages import Removal, Seal
-from nord.crdt.orset import Dot
+from nord.crdt.messages import Removal, Seal, window_hash
+from nord.crdt.orset import ContributionSet, Dot
 from nord.errors import CodecError, MergeError
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,22 @@ class Persistence:
     def _window(self, rnd: int) -> tuple[dict[str, int], set[Dot], dict[int, str]]:
         """What a base at round `rnd` must remember: ids and dots folded before it, and base hashes,
         for the rounds a contribution could still claim (>= rnd - max_staleness)."""
+        return self._trimmed_window(rnd, *self._folded_before(rnd))
+
+    def _window_after(self, rnd: int, ids: Sequence[str]) -> tuple[dict[str, int], set[Dot], dict[int, str]]:
+        """The window of a base at round `rnd` + 1 once round `rnd` (on this chain) folds `ids`: what its
+        seal's `window_hash` covers."""
+        folded, dots = self._folded_before(rnd)
+        for cid in ids:
+            dot = ContributionSet.dot(self._set.envelopes[cid])
+            folded[cid] = dot[1]
+            dots.add(dot)
+        return self._trimmed_window(rnd + 1, folded, dots)
+
+    def _trimmed_window(
+        self, rnd: int, ids: dict[str, int], dots: set[Dot]
+    ) -> tuple[dict[str, int], set[Dot], dict[int, str]]:
         oldest = rnd - self.merge.max_staleness
-        ids, dots = self._folded_before(rnd)
         folded = {c: q for c, q in ids.items() if q >= oldest}
         dots = {d for d in dots if d[1] >= oldest}
         hashes = {q: h for q in range(oldest, rnd) if (h := self._hash_at(q)) is not None}
@@ -120,13 +134,17 @@ class Persistence:
         spec: Mapping[str, tuple[int, ...]],
         merge: MergeConfig,
         authorities: Sequence[bytes],
+        genesis_hash: str | None,
         log_dir: str | Path | None = None,
         sparse_sums: bool = False,
     ) -> Any:
         """A replica starting at a snapshot (from `save_snapshot` via `load_checkpoint`, or compaction).
 
-        A snapshot past round 0 must carry the authority seal that produced its weights: the weights
-        hash and round must match it, so a peer cannot hand out weights no authority sealed.
+        Nothing in it is taken on the sender's word (MergeError otherwise): a round-0 snapshot must hold
+        the run's genesis weights (`genesis_hash`, from the signed run config; None only for this
+        replica's own directory) and no window; a later one must carry a seal by one of `authorities`
+        for this run and the round before it whose weights hash is the snapshot's and whose window
+        hash covers its metadata (folded contributions and dots, round hashes).
         """
         try:
             run_id = meta["run_id"]
@@ -145,15 +163,29 @@ class Persistence:
             authorities=authorities,
             sparse_sums=sparse_sums,
         )
-        if base_round > 0 and seal is None:
+        if base_round < 0:
+            raise MergeError(f"snapshot of round {base_round}: rounds start at 0")
+        if base_round == 0:
+            if seal is not None or folded or dots or hashes:
+                raise MergeError("a round-0 snapshot carries a seal or folded contributions: it has none")
+            if genesis_hash is not None and replica.base_hash != genesis_hash:
+                raise MergeError(
+                    f"round-0 snapshot weights {replica.base_hash[:16]}… are not the run's genesis "
+                    f"weights {genesis_hash[:16]}…"
+                )
+        elif seal is None:
             raise MergeError(f"snapshot of round {base_round} carries no seal")
-        if seal is not None and not (
+        elif not (
             seal.authority in replica.authorities
             and seal.run_id == run_id
             and seal.round == base_round - 1
             and seal.weights_hash == replica.base_hash
         ):
             raise MergeError("snapshot weights are not the ones its authority seal certifies")
+        elif seal.window_hash != window_hash(folded, dots, hashes):
+            raise MergeError(
+                "snapshot metadata (folded contributions, round hashes) is not what its seal covers"
+            )
         replica._base_seal = seal
         replica._reset_base(replica._base, base_round, folded=folded, folded_dots=dots, hashes=hashes)
         if log_dir is not None:
@@ -178,7 +210,13 @@ class Persistence:
         store = Store(log_dir)
         tensors, meta, records = store.load()
         replica = cls.from_snapshot(
-            tensors, meta, spec=spec, merge=merge, authorities=authorities, sparse_sums=sparse_sums
+            tensors,
+            meta,
+            spec=spec,
+            merge=merge,
+            authorities=authorities,
+            genesis_hash=None,  # our own directory: its round-0 base was checked when it was created
+            sparse_sums=sparse_sums,
         )
         for kind, data in records:
             try:

@@ -12,18 +12,25 @@ e.base_hash = base of e.round, e and its dot not folded}. It is a pure function 
 chain), so replicas with the same contributions, removals and seals hold the same pool, the same int64
 sums, and the same weights = base + η·S/C bit for bit (see accumulator.py).
 
-Seals. An authority signs (round, prev_hash, sorted contribution ids, weights_hash). A replica accepts
-a seal only by recomputing it: the listed contributions must be known and foldable at that round, and
-folding exactly them into the previous weights must give `weights_hash`. The seal is authoritative over
-its list (removals and equivocation govern only the open pool and what an honest authority lists).
-Competing seals for one round: the one with the most contributions wins, then the lowest seal id; a
-replica that learns of a better verified seal rolls back to that round and replays. Rounds are final
-once compacted.
+Admission. Per round q a replica holds at most `merge.max_contributions` unfolded contributions, and the
+pool holds at most that many: in both cases the smallest contribution ids (a newcomer with a smaller id
+evicts the largest held one; contributions a held seal lists are exempt). The admitted sets are thus a
+function of the contributions seen, not of the order they arrived in.
+
+Seals. An authority signs (round, prev_hash, sorted contribution ids, weights_hash, window_hash). A
+replica accepts a seal only by recomputing it: the listed contributions must be known and foldable at
+that round, folding exactly them into the previous weights must give `weights_hash`, and the window a
+replica based on those weights must remember (`Persistence._window`) must hash to `window_hash`.
+The seal is authoritative over its list (removals and equivocation govern only the open pool and what
+an honest authority lists). Competing seals for one round: the one with the most contributions wins,
+then the lowest seal id; a replica that learns of a better verified seal rolls back to that round and
+replays. Rounds are final once compacted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -41,7 +48,7 @@ from nord.crdt.accumulator import (
 from nord.crdt.antientropy import AntiEntropy
 from nord.crdt.config import MergeConfig
 from nord.crdt.log import Store
-from nord.crdt.messages import Removal, Seal
+from nord.crdt.messages import Removal, Seal, window_hash
 from nord.crdt.orset import ContributionSet, Dot, Equivocation
 from nord.crdt.persistence import Persistence
 from nord.errors import ConfigError, MergeError
@@ -174,6 +181,8 @@ class Replica(AntiEntropy, Persistence):
         folded, dots = self._folded_before(self.round)
         self._folded_ids, self._folded_dots = folded, dots
         self._pool: set[str] = set()
+        self._candidates: set[str] = set()  # eligible ids; the pool is the smallest max_contributions
+        self._pool_capped = False
         self._acc = self._new_accumulator()
         self._sync(self._set.envelopes)
 
@@ -184,18 +193,29 @@ class Replica(AntiEntropy, Persistence):
     def _eligible(self, cid: str) -> bool:
         return self._set.live(cid) and self._foldable(cid, self.round, self._folded_ids, self._folded_dots)
 
-    def _sync(self, cids: Iterable[str], deltas: Mapping[str, Any] | None = None) -> None:
-        """Bring pool membership (and the incremental sums) in line with `_eligible` for `cids`."""
-        for cid in sorted(cids):
-            eligible = self._eligible(cid)
-            if eligible == (cid in self._pool):
-                continue
+    def _sync(
+        self, cids: Iterable[str], deltas: Mapping[str, Any] | None = None, drop: frozenset[str] = frozenset()
+    ) -> None:
+        """Bring the pool (and the incremental sums) in line with `_eligible` for `cids` (those in `drop`
+        are leaving the set), keeping only the max_contributions smallest eligible ids."""
+        cids = set(cids)
+        for cid in cids:
+            eligible = cid not in drop and self._eligible(cid)
+            (self._candidates.add if eligible else self._candidates.discard)(cid)
+        cap = self.merge.max_contributions
+        capped = len(self._candidates) > cap
+        target = set(heapq.nsmallest(cap, self._candidates)) if capped else self._candidates
+        scope = self._pool | target if capped or self._pool_capped else cids
+        self._pool_capped = capped
+        leaving = sorted(c for c in scope if c in self._pool and c not in target)
+        joining = sorted(c for c in scope if c in target and c not in self._pool)
+        for cid, sign in [(c, -1) for c in leaving] + [(c, 1) for c in joining]:
             if not self.merge.median_norm_clip:  # with median clipping the pool is summed at read time
                 delta = (deltas or {}).get(cid)
-                if delta is None and (eligible or not self.sparse_sums):  # sparse sums drop by key
+                if delta is None and (sign == 1 or not self.sparse_sums):  # sparse sums drop by key
                     delta = self._set.envelopes[cid].delta()
-                self._acc.add(delta, key=cid, sign=1 if eligible else -1, checked=True)
-            (self._pool.add if eligible else self._pool.discard)(cid)
+                self._acc.add(delta, key=cid, sign=sign, checked=True)
+            (self._pool.add if sign == 1 else self._pool.discard)(cid)
 
     # ----------------------------------------------------------------------------------- mutations
     def add(self, envelope: Any) -> bool:
@@ -215,11 +235,10 @@ class Replica(AntiEntropy, Persistence):
             open_round=r,
             base_at_round=self._hash_at(q) if q <= r else None,
             max_staleness=s,
-            pooled=len(self._pool),
-            capacity=self.merge.capacity,
         )
         if refused:
             raise MergeError(refused)
+        evict = self._room_for(cid, q)  # raises if the round is full of smaller ids
         delta = envelope.delta()
         self._acc.check(delta)  # every held contribution passed this: later sums skip it
         if self.merge.median_norm_clip:
@@ -227,10 +246,39 @@ class Replica(AntiEntropy, Persistence):
         self._persist("add", envelope.to_bytes())
         # Hold a copy without the decoded-delta cache (12 bytes per nonzero); it is decoded again only
         # when a sum must be rebuilt (a roll-over, a seal listing another set, median clipping).
+        if evict is not None:
+            self._evict(evict)
         self._sync(self._set.add(dataclasses.replace(envelope)), {cid: delta})
-        if any(cid in seal.contribution_ids for seals in self._seals.values() for seal in seals.values()):
+        if cid in self._listed():
             self._settle()
         return True
+
+    def _listed(self) -> set[str]:
+        """Contribution ids named by held seals."""
+        return {c for seals in self._seals.values() for seal in seals.values() for c in seal.contribution_ids}
+
+    def _room_for(self, cid: str, q: int) -> str | None:
+        """Admission (module docstring): None if round `q` has room for `cid`, else the held id it
+        evicts; MergeError if the round is full of smaller (or folded, or sealed) ids."""
+        cap = self.merge.max_contributions
+        if len(self._set.by_round.get(q, ())) < cap:
+            return None
+        held = self._set.by_round[q] - self._folded_ids.keys()
+        if len(held) < cap:
+            return None
+        listed = self._listed()
+        if cid in listed:
+            return None
+        largest = max(held - self._folded_ids.keys() - listed, default=None)
+        if largest is None or cid > largest:
+            raise MergeError(f"round {q} is full ({cap} contributions, smaller ids)")
+        return largest
+
+    def _evict(self, cid: str) -> None:
+        """Forget a held contribution that admission displaced (offered again, it is refused)."""
+        self._sync([cid], drop=frozenset([cid]))
+        self._set.discard([cid])
+        self._norms.pop(cid, None)
 
     def remove(self, contribution_id: str, *, reason: str, identity: Any) -> Removal:
         """Sign, apply and return a removal (for gossip). Authorities may remove anything, peers their own."""
@@ -269,8 +317,8 @@ class Replica(AntiEntropy, Persistence):
         sid = seal.seal_id
         if sid in self._seals.get(seal.round, {}):
             return False
-        if len(seal.contribution_ids) > self.merge.capacity:
-            raise MergeError(f"seal lists {len(seal.contribution_ids)} contributions, over round capacity")
+        if len(seal.contribution_ids) > self.merge.max_contributions:
+            raise MergeError(f"seal lists {len(seal.contribution_ids)} contributions, over max_contributions")
         ready = all(c in self._set.envelopes for c in seal.contribution_ids)
         if ready and seal.prev_hash == self._hash_at(seal.round) and sid not in self._verified:
             self._verify(seal, self._weights_at(seal.round))  # raises if forged
@@ -287,12 +335,14 @@ class Replica(AntiEntropy, Persistence):
         if identity.public_key not in self.authorities:
             raise MergeError("only a run authority can seal a round")
         weights = self.weights()
+        ids = sorted(self._pool)
         seal = Seal.create(
             run_id=self.run_id,
             round=self.round,
             prev_hash=self.base_hash,
-            contribution_ids=sorted(self._pool),
+            contribution_ids=ids,
             weights_hash=weights_hash(weights),
+            window_hash=window_hash(*self._window_after(self.round, ids)),
             identity=identity,
         )
         self._verified.add(seal.seal_id)  # computed here from the same pool
@@ -339,6 +389,8 @@ class Replica(AntiEntropy, Persistence):
         weights = self._fold(prev, seal.contribution_ids)
         if weights_hash(weights) != seal.weights_hash:
             raise MergeError(f"seal for round {seal.round} is forged: its weights hash does not recompute")
+        if window_hash(*self._window_after(seal.round, seal.contribution_ids)) != seal.window_hash:
+            raise MergeError(f"seal for round {seal.round} is forged: its window hash does not recompute")
         self._verified.add(seal.seal_id)
         self._last_verified = (seal.seal_id, weights)
         return weights

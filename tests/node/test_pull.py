@@ -82,6 +82,7 @@ class Coordinator:
             prev_hash="0" * 64,
             contribution_ids=[],
             weights_hash=digest,
+            window_hash="0" * 64,
             identity=identity,
         ).to_bytes()
 

@@ -246,6 +246,7 @@ def test_seal_is_verified_by_recomputation():
         prev_hash=honest.prev_hash,
         contribution_ids=list(honest.contribution_ids),
         weights_hash="0" * 64,
+        window_hash=honest.window_hash,
         identity=AUTHORITY,
     )
     with pytest.raises(MergeError, match="forged"):
@@ -256,6 +257,7 @@ def test_seal_is_verified_by_recomputation():
         prev_hash=honest.prev_hash,
         contribution_ids=list(honest.contribution_ids),
         weights_hash=honest.weights_hash,
+        window_hash=honest.window_hash,
         identity=STRANGER,
     )
     with pytest.raises(MergeError, match="not an authority"):

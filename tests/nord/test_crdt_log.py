@@ -172,7 +172,13 @@ def test_a_peer_behind_the_compaction_point_catches_up_from_a_snapshot(tmp_path)
     hub.save_snapshot(tmp_path / "snap.safetensors")
     tensors, meta = load_checkpoint(tmp_path / "snap.safetensors")
     fresh = Replica.from_snapshot(
-        tensors, meta, spec=SPEC, merge=MergeConfig(), authorities=KEYS, log_dir=tmp_path / "r"
+        tensors,
+        meta,
+        spec=SPEC,
+        merge=MergeConfig(),
+        authorities=KEYS,
+        genesis_hash=None,
+        log_dir=tmp_path / "r",
     )
     assert fresh.round == hub.round == 2 and fresh.base_hash == hub.base_hash
     assert not fresh.add(late_twin)  # folded before the snapshot: still recognised as a duplicate
@@ -190,18 +196,37 @@ def test_a_snapshot_must_match_its_authority_seal(tmp_path):
     run_two_rounds(hub)
     hub.save_snapshot(tmp_path / "snap.safetensors")
     tensors, meta = load_checkpoint(tmp_path / "snap.safetensors")
-    assert Replica.from_snapshot(tensors, meta, spec=SPEC, merge=MergeConfig(), authorities=KEYS).round == 1
+    assert (
+        Replica.from_snapshot(
+            tensors, meta, spec=SPEC, merge=MergeConfig(), authorities=KEYS, genesis_hash=None
+        ).round
+        == 1
+    )
     tampered = {name: t.clone() for name, t in tensors.items()}
     tampered["block.bias"][0] += 1.0
     with pytest.raises(MergeError, match="seal certifies"):
-        Replica.from_snapshot(tampered, meta, spec=SPEC, merge=MergeConfig(), authorities=KEYS)
+        Replica.from_snapshot(
+            tampered, meta, spec=SPEC, merge=MergeConfig(), authorities=KEYS, genesis_hash=None
+        )
     with pytest.raises(MergeError, match="no seal"):
-        Replica.from_snapshot(tensors, {**meta, "seal": ""}, spec=SPEC, merge=MergeConfig(), authorities=KEYS)
+        Replica.from_snapshot(
+            tensors, {**meta, "seal": ""}, spec=SPEC, merge=MergeConfig(), authorities=KEYS, genesis_hash=None
+        )
     with pytest.raises(MergeError, match="seal certifies"):  # a seal from a key this run does not trust
         Replica.from_snapshot(
-            tensors, meta, spec=SPEC, merge=MergeConfig(), authorities=[PEERS[0].public_key]
+            tensors,
+            meta,
+            spec=SPEC,
+            merge=MergeConfig(),
+            authorities=[PEERS[0].public_key],
+            genesis_hash=None,
         )
     with pytest.raises(MergeError, match="malformed"):
         Replica.from_snapshot(
-            tensors, {**meta, "folded": "[1"}, spec=SPEC, merge=MergeConfig(), authorities=KEYS
+            tensors,
+            {**meta, "folded": "[1"},
+            spec=SPEC,
+            merge=MergeConfig(),
+            authorities=KEYS,
+            genesis_hash=None,
         )
