@@ -49,6 +49,8 @@ class Gossip:
         tokenizer_path: tokenizer.json to serve, if this peer has one.
         on_update: called (without the lock) after anything new was accepted from a peer.
         presence: extra fields of this peer's presence record, e.g. {"key": signing key hex, "device": ...}.
+        on_heard: called with the peer id of every request received, before it is handled (may be set
+            after construction; the coordinator's liveness uses it).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class Gossip:
         tokenizer_path: str | Path | None = None,
         on_update: Callable[[], None] | None = None,
         presence: dict[str, Any] | None = None,
+        on_heard: Callable[[str], None] | None = None,
     ) -> None:
         self.transport = transport
         self.replica = replica
@@ -72,6 +75,7 @@ class Gossip:
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
         self.on_update = on_update
         self.presence = dict(presence or {})
+        self.on_heard = on_heard
         self.lock = threading.RLock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="nord-gossip")
         self._snapshot_cache: tuple[str, bytes] | None = None
@@ -92,8 +96,16 @@ class Gossip:
             "tokenizer": (self._on_tokenizer, SMALL_REQUEST_BYTES),
         }
         for name, (fn, max_bytes) in handlers.items():
-            self.transport.add_handler(name, fn, max_request_bytes=max_bytes)
+            self.transport.add_handler(name, self._noting_sender(fn), max_request_bytes=max_bytes)
         self.heartbeat()
+
+    def _noting_sender(self, fn: Callable[[str, bytes], bytes]) -> Callable[[str, bytes], bytes]:
+        def handler(peer: str, body: bytes) -> bytes:
+            if self.on_heard is not None:
+                self.on_heard(peer)
+            return fn(peer, body)
+
+        return handler
 
     def _request_of(self, body: bytes, name: str) -> dict[str, Any]:
         req = unpack(body, f"{name} request")
