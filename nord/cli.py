@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "nord.evaluate",
     "bench": "nord.bench",
     "demo": "nord.demo",
+    "simulate": "nord.sim.cli",
 }
 
 

@@ -1,0 +1,202 @@
+"""Peer processes: a volunteer's round (train, publish, anti-entropy until the seal) and a relay's loop.
+
+The steps are `nord.gossip.Gossip`'s, with its decisions taken by the same functions (nord.protocol):
+`publish` pushes to every reachable peer; `anti_entropy` pulls what the DHT announces from the holder
+of most of it (`next_fetch` over the public holders: client-mode ones are never tried), then syncs
+with `sync_partners(reachable(...), fanout)`: digest one way, what we lack back (in replies of at most
+SYNC_BUDGET_BYTES of envelopes, `budgeted_count`), then a push of what the partner lacks. A peer that
+fails a request (a withholding peer, or one gone offline) is skipped for BACKOFF_S.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nord.protocol import budgeted_count, next_fetch, reachable, sync_partners
+from nord.sim import costs
+from nord.sim.world import World
+
+BACKOFF_S = 15.0  # nord.gossip.wire.BACKOFF_S
+SYNC_BUDGET_BYTES = 32 << 20  # nord.gossip.wire.SYNC_BUDGET_BYTES
+DHT_HOPS_RTT = 3  # a DHT get takes about this many round trips
+
+
+def serves(world: World, node: int) -> bool:
+    """Whether `node` answers requests now (online, and not withholding)."""
+    return world.online[node] and world.hostile[node] != "withhold"
+
+
+def held_dots(world: World, node: int, now: float) -> int:
+    """Dots in `node`'s digest window (one per held contribution there)."""
+    return sum(
+        int(np.count_nonzero(world.rounds[q].held[node, : world.rounds[q].n] <= now))
+        for q in world.window(node)
+        if q in world.rounds
+    )
+
+
+def send_envelopes(world: World, src: int, dst: int, q: int, cols: np.ndarray, now: float) -> float:
+    """Envelopes from src to dst in messages of at most SYNC_BUDGET_BYTES each; the arrival time."""
+    sizes = world.rounds[q].nbytes[cols].tolist()
+    t, start = now, 0
+    while start < len(sizes):
+        k = budgeted_count(sizes[start:], SYNC_BUDGET_BYTES)
+        t = world.net.request(dst, src, costs.SMALL_MESSAGE_BYTES, sum(sizes[start : start + k]), t)
+        start += k
+    world.deliver(dst, q, cols, t)
+    return t
+
+
+def publish(world: World, node: int, q: int, cols: list[int], now: float) -> None:
+    """`Gossip.publish`: announce, then push each envelope to every reachable peer (an equivocator
+    sends its two payloads to two halves of them)."""
+    world.net.bytes_up[node] += world.dht.announce(q, len(cols))
+    targets = reachable(world.live_public, world.backoff[node], now)
+    targets = [t for t in targets if t != node]
+    rs = world.rounds[q]
+    for k, col in enumerate(cols):
+        share = targets[k :: len(cols)]
+        for target in share:
+            done = world.net.send(node, target, int(rs.nbytes[col]) + costs.SMALL_MESSAGE_BYTES, now)
+            if world.online[target]:
+                world.deliver(target, q, np.array([col]), done)
+
+
+def pull_announced(world: World, node: int, now: float) -> float:
+    """`Gossip.pull_announced` over the node's window; the time it is done."""
+    t = now
+    tried = {p for p, until in world.backoff[node].items() if until > now}
+    public = np.fromiter(world.live_public, dtype=np.int64)
+    for q in world.window(node):
+        if q not in world.rounds:
+            continue
+        ok, nbytes = world.dht.get(q)
+        t += DHT_HOPS_RTT * 2 * world.net.latency_s[node]
+        world.net.bytes_down[node] += nbytes
+        if not ok:
+            continue
+        rs = world.rounds[q]
+        lack = np.flatnonzero(world.lacking(node, q, t))
+        if not len(lack) or not len(public):
+            continue
+        holds = rs.held[np.ix_(public, lack)] <= t  # announced holders (public: the others are never tried)
+        remaining = {
+            int(c): {int(public[i]) for i in np.flatnonzero(holds[:, j])} for j, c in enumerate(lack)
+        }
+        remaining = {c: h for c, h in remaining.items() if h}
+        while remaining:
+            step = next_fetch(remaining, tried | {node})
+            if step is None:
+                break
+            holder, ids = step
+            tried.add(holder)
+            if not serves(world, holder):
+                t = world.net.request(node, holder, costs.SMALL_MESSAGE_BYTES, costs.SMALL_MESSAGE_BYTES, t)
+                world.backoff[node][holder] = t + BACKOFF_S
+                world.count("failed_requests")
+                continue
+            request = costs.FETCH_BYTES_PER_ID * len(ids)
+            sizes = rs.nbytes[ids].tolist()
+            k = budgeted_count(sizes, SYNC_BUDGET_BYTES)  # `_on_fetch` answers within the budget
+            got = np.array(ids[:k], dtype=np.int64)
+            t = world.net.request(node, holder, request, sum(sizes[:k]), t)
+            world.deliver(node, q, got, t)
+            for c in ids[:k]:
+                remaining.pop(c, None)
+    return t
+
+
+def sync_with(world: World, node: int, peer: int, now: float) -> float:
+    """`Gossip.sync_with`: digest → what we lack (+ seals), then push what the peer lacks."""
+    digest = costs.digest_bytes(held_dots(world, node, now))
+    if not serves(world, peer):
+        t = world.net.request(node, peer, digest, costs.SMALL_MESSAGE_BYTES, now)
+        world.backoff[node][peer] = t + BACKOFF_S
+        world.count("failed_requests")
+        return t
+    reply_digest = costs.digest_bytes(held_dots(world, peer, now))
+    t = world.net.request(node, peer, digest, reply_digest, now)
+    for r in range(world.round_of[node], world.round_of[peer]):  # seals the peer has that we lack
+        seal = world.seals.get(r)
+        if seal is not None and world.seal_held[peer, r] <= now and world.seal_held[node, r] > now:
+            arrive = world.net.send(peer, node, seal.nbytes, t)
+            world.seal_held[node, r] = min(world.seal_held[node, r], arrive)
+    end = t
+    for q in world.window(node):
+        if q not in world.rounds:
+            continue
+        rs = world.rounds[q]
+        have_peer, have_me = rs.held[peer, : rs.n] <= now, rs.held[node, : rs.n] <= now
+        give = np.flatnonzero(have_peer & ~have_me)
+        if len(give):
+            end = max(end, send_envelopes(world, peer, node, q, give, t))
+        take = np.flatnonzero(have_me & ~have_peer)
+        if len(take) and world.online[peer]:
+            end = max(end, send_envelopes(world, node, peer, q, take, t))
+    return end
+
+
+def anti_entropy(world: World, node: int, fanout: int):
+    """One `Gossip.anti_entropy` pass (a SimPy process step: yields until it is done)."""
+    now = world.env.now
+    t = pull_announced(world, node, now)
+    candidates = [p for p in reachable(world.live_public, world.backoff[node], t) if p != node]
+    for peer in sync_partners(candidates, fanout, world.rng):
+        t = sync_with(world, node, peer, t)
+    world.try_advance(node, t)
+    if t > world.env.now:
+        yield world.env.timeout(t - world.env.now)
+
+
+def relay(world: World, node: int):
+    """A public peer that only serves gossip (and keeps itself current with one partner a pass)."""
+    world.set_online(node, True)
+    while not world.finished.triggered:
+        yield from anti_entropy(world, node, 1)
+        yield world.env.timeout(world.cfg.poll_s)
+
+
+def catch_up(world: World, node: int, now: float) -> float:
+    """A rejoining volunteer whose round was compacted away restarts from a snapshot (`_catch_up`)."""
+    oldest = min(world.rounds, default=world.round_of[node])
+    if world.round_of[node] >= oldest:
+        return now
+    sources = [p for p in reachable(world.live_public, world.backoff[node], now) if serves(world, p)]
+    if not sources:
+        return now
+    source = world.rng.choice(sources)
+    t = world.net.request(node, source, costs.SMALL_MESSAGE_BYTES, world.sizes.snapshot_bytes, now)
+    world.round_of[node] = world.round_of[source]
+    world.count("snapshots")
+    return t
+
+
+def volunteer(world: World, node: int):
+    """`nord-node join` over the volunteer's sessions: train H steps, publish, anti-entropy to the seal."""
+    env, cfg = world.env, world.cfg
+    traits = world.volunteers[node - world.first_volunteer]
+    contributed: set[int] = set()
+    for start, end in traits.sessions:
+        if start > env.now:
+            yield env.timeout(start - env.now)
+        if world.finished.triggered:
+            return
+        world.set_online(node, True)
+        t = catch_up(world, node, env.now)
+        if t > env.now:
+            yield env.timeout(t - env.now)
+        while env.now < end and not world.finished.triggered:
+            r = world.round_of[node]
+            if r not in contributed:
+                if env.now + traits.train_s > end:  # preempted mid-round: the work is lost
+                    world.count("preempted_rounds")
+                    yield env.timeout(end - env.now)
+                    break
+                yield env.timeout(traits.train_s)
+                contributed.add(r)
+                cols = world.add_contribution(node, r, traits.hostile, env.now, traits.train_s)
+                publish(world, node, r, cols, env.now)
+            yield from anti_entropy(world, node, cfg.fanout)
+            if world.round_of[node] == r:
+                yield env.timeout(cfg.poll_s)
+        world.set_online(node, False)

@@ -1,0 +1,198 @@
+"""The simulated swarm's shared state: who holds which contribution and seal since when.
+
+Nodes are numbered: 0 is the coordinator, 1..relays the relay peers, then the volunteers. For each
+round q still in play, `held[q][node, c]` is the simulated time at which `node` holds contribution c of
+round q (inf: never). Writes may lie in the future: a transfer decided now lands when its bytes have
+arrived, and every reader compares with its own clock, so nobody sees a payload before it lands.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from nord.protocol import admission_error
+from nord.sim import costs
+from nord.sim.inputs import SimConfig, Traits
+from nord.sim.network import Dht, Network
+
+COORDINATOR = 0
+INF = np.float32(np.inf)
+
+
+@dataclass
+class Round:
+    """Contributions of one round, as columns of `held`."""
+
+    held: np.ndarray  # (nodes, capacity) float32 arrival times
+    nbytes: np.ndarray  # (capacity,) int64 envelope bytes
+    author: list[int] = field(default_factory=list)
+    kind: list[str] = field(default_factory=list)  # "", "poison", "equivocate"
+    published: list[float] = field(default_factory=list)
+    train_s: list[float] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.author)
+
+
+@dataclass
+class SealInfo:
+    round: int
+    listed: dict[int, list[int]]  # contribution round -> columns
+    nbytes: int
+    at: float
+    reason: str
+
+
+class World:
+    """State and bookkeeping shared by the volunteer, relay and coordinator processes."""
+
+    def __init__(
+        self, cfg: SimConfig, volunteers: list[Traits], sizes: costs.Sizes, coordinator_link
+    ) -> None:
+        self.cfg, self.sizes, self.volunteers = cfg, sizes, volunteers
+        self.env = simpy.Environment()
+        self.rng = random.Random(cfg.seed + 1)
+        self.first_volunteer = 1 + cfg.relays
+        self.n_nodes = self.first_volunteer + len(volunteers)
+        down, up = coordinator_link
+        lat = cfg.rtt_ms / 2e3
+        self.net = Network(
+            up_bps=[up] * self.first_volunteer + [v.up_bps for v in volunteers],
+            down_bps=[down] * self.first_volunteer + [v.down_bps for v in volunteers],
+            latency_s=[lat] * self.first_volunteer + [v.latency_s for v in volunteers],
+        )
+        self.dht = Dht(record_bytes=costs.record_bytes())
+        self.client = [False] * self.first_volunteer + [v.client_mode for v in volunteers]
+        self.hostile = [""] * self.first_volunteer + [v.hostile for v in volunteers]
+        self.online = [True] * self.first_volunteer + [False] * len(volunteers)
+        self.live_public: dict[int, bool] = {i: False for i in range(self.first_volunteer)}
+        self.round_of = [0] * self.n_nodes  # each node's open round
+        self.adopted: dict[int, dict[int, float]] = {}  # round -> node -> when it adopted that seal
+        self.backoff = [dict() for _ in range(self.n_nodes)]
+        self.capacity = len(volunteers) + sum(v.hostile == "equivocate" for v in volunteers)
+        self.rounds: dict[int, Round] = {}
+        self.seals: dict[int, SealInfo] = {}
+        self.seal_held = np.full((self.n_nodes, cfg.rounds + 1), INF, dtype=np.float32)
+        self.rejected: set[tuple[int, int]] = set()  # (round, column) removed by the authority
+        self.retired: list[dict] = []  # per-contribution spread metrics of rounds out of play
+        self.counters: dict[str, int] = {}
+        self.useful_train_s = 0.0
+        self.finished = self.env.event()
+
+    # ---- bookkeeping --------------------------------------------------------------------------------
+    def count(self, what: str, n: int = 1) -> None:
+        self.counters[what] = self.counters.get(what, 0) + n
+
+    def round_state(self, q: int) -> Round:
+        if q not in self.rounds:
+            held = np.full((self.n_nodes, self.capacity), INF, dtype=np.float32)
+            self.rounds[q] = Round(held=held, nbytes=np.zeros(self.capacity, dtype=np.int64))
+        return self.rounds[q]
+
+    def window(self, node: int) -> range:
+        r, s = self.round_of[node], self.cfg.max_staleness
+        return range(max(0, r - s), r + s + 1)
+
+    def set_online(self, node: int, online: bool) -> None:
+        self.online[node] = online
+        if not self.client[node]:
+            if online:
+                self.live_public[node] = False
+            else:
+                self.live_public.pop(node, None)
+
+    # ---- holding ------------------------------------------------------------------------------------
+    def deliver(self, node: int, q: int, cols: np.ndarray, at: float) -> np.ndarray:
+        """`node` holds columns `cols` of round q from `at` on, if its replica admits them; the admitted."""
+        refused = admission_error(
+            round=q,
+            base_hash="sealed",
+            open_round=self.round_of[node],
+            base_at_round="sealed",
+            max_staleness=self.cfg.max_staleness,
+            pooled=0,
+            capacity=self.capacity,
+        )
+        if refused or not len(cols):
+            if refused:
+                self.count("refused_by_replica", len(cols))
+            return cols[:0]
+        rs = self.rounds[q]
+        total = int(rs.nbytes[cols].sum())
+        work = len(cols) * costs.MERGE_S_FIXED + costs.MERGE_S_PER_BYTE * total  # costs.merge_s, summed
+        done = self.net.compute(node, self.cfg.cost_scale * work, at)
+        row = rs.held[node]
+        row[cols] = np.minimum(row[cols], np.float32(done))
+        self.net.bytes_up[node] += self.dht.announce(q, len(cols))  # `_announce_holder`
+        return cols
+
+    def add_contribution(self, node: int, q: int, hostile: str, now: float, train_s: float) -> list[int]:
+        """A volunteer's round-q contribution (two payloads for an equivocator), held by it from `now`."""
+        rs = self.round_state(q)
+        cols = []
+        for _ in range(2 if hostile == "equivocate" else 1):
+            c = rs.n
+            rs.author.append(node)
+            rs.nbytes[c] = self.sizes.envelope_bytes(q)
+            rs.kind.append(hostile if hostile in ("poison", "equivocate") else "")
+            rs.published.append(now)
+            rs.train_s.append(train_s)
+            rs.held[node, c] = now
+            cols.append(c)
+        return cols
+
+    def lacking(self, node: int, q: int, now: float) -> np.ndarray:
+        rs = self.rounds[q]
+        return rs.held[node, : rs.n] > now
+
+    def try_advance(self, node: int, now: float) -> None:
+        """Adopt every seal `node` holds whose listed contributions it holds too (fold cost each)."""
+        while True:
+            r = self.round_of[node]
+            seal = self.seals.get(r)
+            if seal is None or self.seal_held[node, r] > now:
+                return
+            ready = float(self.seal_held[node, r])
+            for q, cols in seal.listed.items():
+                if cols:
+                    if q not in self.rounds:  # retired: this node lags, it restarts from a snapshot
+                        return
+                    ready = max(ready, float(self.rounds[q].held[node, cols].max()))
+            if ready > now:
+                return
+            done = self.net.compute(node, self.cfg.cost_scale * costs.fold_s(self.sizes.params), ready)
+            self.round_of[node] = r + 1
+            self.adopted.setdefault(r, {})[node] = done
+
+    def retire_before(self, q_min: int) -> None:
+        """Summarise and drop rounds below `q_min` (no replica can fold them any more)."""
+        for q in sorted(k for k in self.rounds if k < q_min):
+            rs = self.rounds.pop(q)
+            if not rs.n:
+                continue
+            vols = np.arange(self.first_volunteer, self.n_nodes)
+            t_mid = float(np.median(rs.published))  # one online mask per round keeps this O(N)
+            watch = vols[[self.hostile[i] == "" and self.was_online(int(i), t_mid) for i in vols]]
+            times = rs.held[watch, : rs.n].astype(np.float64) - np.asarray(rs.published)[None, :]
+            t50, t99 = column_quantile(times, 0.5), column_quantile(times, 0.99)
+            for c in range(rs.n):
+                self.retired.append(
+                    {"round": q, "kind": rs.kind[c], "bytes": int(rs.nbytes[c]), "t50": t50[c], "t99": t99[c]}
+                )
+
+    def was_online(self, volunteer_node: int, t: float) -> bool:
+        sessions = self.volunteers[volunteer_node - self.first_volunteer].sessions
+        return any(a <= t < b for a, b in sessions)
+
+
+def column_quantile(times: np.ndarray, q: float) -> list[float]:
+    """The q-quantile of each column, inf counting as never (inf when more than 1 − q never got it)."""
+    if not times.shape[0]:
+        return [math.nan] * times.shape[1]
+    return [float(v) for v in np.quantile(times, q, axis=0, method="higher")]
