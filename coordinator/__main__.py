@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _init(args: argparse.Namespace) -> int:
+    from node.session import genesis_weights
+    from nord.checkpoint import weights_hash
     from nord.config import RoundConfig, RunConfig, TrainConfig
     from nord.data import DataConfig, prepare
     from nord.errors import ConfigError
@@ -113,11 +115,16 @@ def _init(args: argparse.Namespace) -> int:
         authorities=tuple(k.lower() for k in args.authority),
     )
     corpus = prepare(run.data, Path(args.data_dir).expanduser() if args.data_dir else None, progress=True)
-    run = dataclasses.replace(run, data=dataclasses.replace(run.data, tokenizer_sha256=corpus.tokenizer_hash))
+    run = dataclasses.replace(
+        run,
+        data=dataclasses.replace(run.data, tokenizer_sha256=corpus.tokenizer_hash),
+        genesis_hash=weights_hash(genesis_weights(run)),  # round 0's weights, vouched for by the signature
+    )
     atomic_write_bytes(out, (run.to_json() + "\n").encode("utf-8"))
     print(
         f"wrote {out}: run {run.run_id}, model {args.model} (vocab {model.vocab_size}), "
-        f"quorum {args.quorum}, deadline {args.deadline:g} s, H={args.inner_steps}"
+        f"quorum {args.quorum}, deadline {args.deadline:g} s, H={args.inner_steps}, "
+        f"genesis weights {run.genesis_hash[:16]}…"
     )
     return 0
 

@@ -28,6 +28,7 @@ from coordinator.authority import Authority
 from coordinator.history import History
 from coordinator.validate import ValidationConfig, Validator
 from node.bootstrap import serving_run
+from node.session import authorize_run
 from node.state import StateDir
 from nord.checkpoint import read_metadata
 from nord.config import RunConfig
@@ -80,7 +81,7 @@ def load_run(path: str, identity: Identity) -> RunConfig:
             f"{path} lists authorities that do not include this coordinator's key {identity.public_hex}: "
             "add it, or start with the state dir that holds one of them"
         )
-    return run
+    return authorize_run(run, identity)  # genesis hash recorded, signed: what workers pin and verify
 
 
 class UvicornThread:
@@ -170,9 +171,9 @@ def serve(args) -> int:
 
 
 def print_ready(run: RunConfig, identity: Identity, multiaddrs: list[str], dashboard_url: str) -> None:
-    print(f"run {run.run_id}: coordinator ready (authority {identity.public_hex[:16]}…)", flush=True)
-    print("volunteers join with:", flush=True)
-    print(f"  {join_command(multiaddrs, run.run_id)}", flush=True)
+    print(f"run {run.run_id}: coordinator ready (authority fingerprint {identity.fingerprint})", flush=True)
+    print("volunteers join with (--authority pins this coordinator's key: others are refused):", flush=True)
+    print(f"  {join_command(multiaddrs, run.run_id)} --authority {identity.fingerprint}", flush=True)
     for addr in multiaddrs[1:]:
         print(f"  (or --initial-peers {addr})", flush=True)
     print(f"dashboard: {dashboard_url}", flush=True)

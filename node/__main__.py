@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common_peer_flags(join)
     join.add_argument("--run", required=True, help="the run id")
     join.add_argument(
+        "--authority",
+        metavar="HEX",
+        help="the run's authority fingerprint (printed by the coordinator): a run config signed by any "
+        "other key is refused; default: the one stored at this state dir's first join",
+    )
+    join.add_argument(
         "--state-dir", help="identity, replica log, residual, optimizer (default ~/.nord/<run>)"
     )
     join.add_argument("--data-dir", help="where prepared corpora go (default $NORD_DATA_DIR or ~/.nord/data)")
@@ -90,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pull.add_argument("--out", required=True, metavar="FILE", help="where to write model.safetensors")
     pull.add_argument("--run", help="the run id (needed over P2P)")
+    pull.add_argument(
+        "--authority",
+        metavar="HEX",
+        help="the run's authority fingerprint: weights sealed by any other key are refused "
+        "(without it or --state-dir, the server is trusted on first use and its fingerprint printed)",
+    )
+    pull.add_argument("--state-dir", help="a worker's state dir: check against the authority it pinned")
     pull.add_argument("--timeout-s", type=float, default=600.0)
     pull.set_defaults(func=_pull, client_mode=True)
 

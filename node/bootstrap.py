@@ -19,9 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
-from node.session import model_spec, start_transport
+from node.session import authorize_run, genesis_weights, model_spec, start_transport
 from node.state import StateDir
 from nord.config import RoundConfig, RunConfig, TrainConfig
 from nord.crdt import Replica
@@ -29,7 +27,6 @@ from nord.crdt.log import Store
 from nord.data import Corpus, DataConfig, prepare
 from nord.gossip import PEER_TTL_S, Gossip
 from nord.identity import Identity
-from nord.model import NordLM
 from nord.recipes import get_config
 from nord.transport import Transport
 
@@ -39,7 +36,7 @@ log = logging.getLogger(__name__)
 def create_run(args, identity: Identity, data_root: Path | None) -> RunConfig:
     data = DataConfig(source=args.data_source, vocab_size=get_config(args.recipe).vocab_size)
     corpus = prepare(data, data_root, progress=True)
-    return RunConfig(
+    run = RunConfig(
         run_id=args.run,
         model=get_config(args.recipe),
         data=dataclasses.replace(data, tokenizer_sha256=corpus.tokenizer_hash),
@@ -47,6 +44,7 @@ def create_run(args, identity: Identity, data_root: Path | None) -> RunConfig:
         rounds=RoundConfig(quorum=args.quorum, deadline_s=args.deadline_s),
         authorities=(identity.public_hex,),
     )
+    return authorize_run(run, identity)
 
 
 def open_run_replica(run: RunConfig, state: StateDir) -> Replica:
@@ -54,9 +52,7 @@ def open_run_replica(run: RunConfig, state: StateDir) -> Replica:
     authorities = [bytes.fromhex(k) for k in run.authorities]
     if Store(state.replica_dir).exists:
         return Replica.open(state.replica_dir, spec=spec, merge=run.merge, authorities=authorities)
-    torch.manual_seed(run.train.seed)
-    model = NordLM(run.model)
-    base = {name: p.detach() for name, p in model.named_parameters()}
+    base = genesis_weights(run)
     return Replica(
         run_id=run.run_id,
         spec=spec,
@@ -106,7 +102,9 @@ def bootstrap(args) -> int:
     data_root = Path(args.data_dir).expanduser() if args.data_dir else None
     identity = Identity.load_or_create(state.identity_key)
     run = (
-        RunConfig.load(state.run_json) if state.run_json.is_file() else create_run(args, identity, data_root)
+        authorize_run(RunConfig.load(state.run_json), identity)
+        if state.run_json.is_file()
+        else create_run(args, identity, data_root)
     )
     state.check_run(run.to_json())
     corpus = prepare(run.data, data_root, progress=False)

@@ -7,11 +7,14 @@
     --from /ip4/.../p2p/<peer id> --run RUN   the peer's sealed snapshot over P2P (its seal travels in the
                                           snapshot's metadata), the run config and the tokenizer
 
-Either way the tensors are hashed again here (`weights_hash`) and must equal the stated hash and the
-weights hash of an authority seal: signed by one of the run config's authority keys, for this run, for
-round N - 1 of checkpoint N. Nothing is written on a mismatch. The tokenizer is saved beside the
-checkpoint (sha256 checked against the run config) and recorded in it, so `nord generate OUT` needs no
---tokenizer.
+Either way the run config must be signed by its authority, and by the pinned one: `--authority HEX`,
+or the fingerprint a worker's `--state-dir` stored at its first join; with neither, the source is
+trusted on first use and the fingerprint printed to check. The tensors are hashed again here
+(`weights_hash`) and must equal the stated hash and the weights hash of an authority seal: signed by one
+of the run config's authority keys, for this run, for round N - 1 of checkpoint N; checkpoint 0 must
+be the genesis weights the signed config records. Nothing is written on a mismatch. The tokenizer is
+saved beside the checkpoint (sha256 checked against the run config) and recorded in it, so
+`nord generate OUT` needs no --tokenizer.
 
 Rounds: checkpoint N holds the weights round N trains on, i.e. those sealed at the end of round N - 1
 (checkpoint 0: the run's initial weights). Both ways report it in those words.
@@ -33,13 +36,14 @@ from email.message import Message
 from pathlib import Path
 from typing import TypeVar
 
-from node.session import fetch_run, find_run, peer_ids, start_transport, with_retries
+from node.session import announce_trust, fetch_run, find_run, peer_ids, start_transport, with_retries
+from node.state import StateDir
 from nord.checkpoint import load_checkpoint, save_checkpoint, weights_hash
-from nord.config import RunConfig
+from nord.config import RunConfig, check_fingerprint
 from nord.crdt import Seal
 from nord.errors import CheckpointError, ConfigError, MergeError, TransportError
 from nord.fsutil import atomic_write_bytes
-from nord.gossip import fetch_snapshot, fetch_tokenizer, hello
+from nord.gossip import fetch_snapshot, fetch_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +56,38 @@ T = TypeVar("T")
 
 def pull(args) -> int:
     source = args.source
+    pinned = pull_pin(args.authority, args.state_dir)
     if source.startswith(("http://", "https://")):
-        digest, rnd = pull_http(source, Path(args.out), timeout_s=args.timeout_s)
+        digest, rnd = pull_http(source, Path(args.out), timeout_s=args.timeout_s, pinned=pinned)
     elif source.startswith("/"):
         if not args.run:
             raise ConfigError("pulling over P2P needs --run RUN")
-        digest, rnd = pull_p2p(args, Path(args.out))
+        digest, rnd = pull_p2p(args, Path(args.out), pinned)
     else:
         raise ConfigError(
             f"--from {source!r}: give the coordinator's http(s):// URL or a peer's /ip4/.../p2p/<id>"
         )
     print(f"wrote {args.out}: {describe_round(rnd)}, weights {digest}")
     return 0
+
+
+def pull_pin(authority: str | None, state_dir: str | None) -> str | None:
+    """The fingerprint to require: --authority, else the one a worker's --state-dir pinned."""
+    if authority:
+        return check_fingerprint(authority, "--authority")
+    if state_dir is None:
+        return None
+    path = Path(state_dir).expanduser()
+    pinned = StateDir(path).pinned_authority() if path.is_dir() else None
+    if pinned is None:
+        raise ConfigError(f"--state-dir {path} has pinned no authority (it never joined a run)")
+    return pinned
+
+
+def check_genesis(digest: str, run: RunConfig, where: str) -> None:
+    """Checkpoint 0 must be the genesis weights the (signed) run config records."""
+    if digest != run.genesis_hash:
+        raise CheckpointError(f"{where}: the initial weights are not the run's genesis weights")
 
 
 def describe_round(checkpoint_round: int) -> str:
@@ -138,13 +162,15 @@ def _read(response, url: str, read: Callable[[], T]) -> T:
         raise TransportError(f"{url}: the download broke off ({type(e).__name__})") from None
 
 
-def pull_http(source: str, out: Path, *, timeout_s: float) -> tuple[str, int]:
-    """Download, verify (stated hash, seal, tokenizer) and write the checkpoint; (weights hash, round)."""
+def pull_http(source: str, out: Path, *, timeout_s: float, pinned: str | None) -> tuple[str, int]:
+    """Download, verify (signed config, stated hash, seal or genesis, tokenizer) and write the
+    checkpoint; (weights hash, round)."""
     url, base = checkpoint_url(source), base_url(source)
     try:
         run = RunConfig.from_json(_get_small(f"{base}/api/run-config", timeout_s)[0].decode("utf-8"))
     except (ConfigError, UnicodeDecodeError) as e:
         raise TransportError(f"{base}/api/run-config is not a Nord run config ({e})") from None
+    announce_trust(run.verify(pinned), pinned, base)
     with tempfile.TemporaryDirectory(prefix="nord-pull-") as tmp:
         with _get(url, timeout_s) as response:
             stated = response.headers.get(HASH_HEADER)
@@ -163,7 +189,9 @@ def pull_http(source: str, out: Path, *, timeout_s: float) -> tuple[str, int]:
         digest = weights_hash(tensors)
         if digest != stated:
             raise CheckpointError(f"{url}: downloaded weights do not match the sealed hash {stated[:16]}…")
-        if rnd > 0:
+        if rnd == 0:
+            check_genesis(digest, run, url)
+        else:
             _check_http_seal(
                 f"{base}/checkpoints/{rnd}.seal",
                 run,
@@ -227,13 +255,13 @@ def _save_tokenizer(data: bytes | None, directory: Path) -> dict[str, str]:
 # ---- P2P --------------------------------------------------------------------------------------------
 
 
-def pull_p2p(args, out: Path) -> tuple[str, int]:
+def pull_p2p(args, out: Path, pinned: str | None) -> tuple[str, int]:
     args.initial_peers = [args.source, *(args.initial_peers or ())]
     transport = start_transport(args, None)
     try:
         peer = find_run(transport, peer_ids((args.source,)), args.run)
-        run, _ = fetch_run(transport, peer, args.run)
-        before = hello(transport, peer, args.run)["base_hash"]
+        run, _, signer = fetch_run(transport, peer, args.run, pinned)
+        announce_trust(signer, pinned, f"peer {peer[-8:]}")
         with tempfile.TemporaryDirectory(prefix="nord-pull-") as tmp:
             target = Path(tmp) / "snapshot.safetensors"
             path = with_retries(
@@ -250,9 +278,7 @@ def pull_p2p(args, out: Path) -> tuple[str, int]:
                 raise CheckpointError(f"{where} sent a snapshot whose seal is not hex") from None
             check_seal(seal, run, rnd, digest, where)
         else:
-            after = hello(transport, peer, args.run)["base_hash"]  # a seal may have landed in between
-            if digest not in (before, after):
-                raise CheckpointError(f"{where} sent weights that do not match its sealed hash")
+            check_genesis(digest, run, where)
         try:
             tokenizer = bytes(fetch_tokenizer(transport, peer, run.run_id))
         except TransportError as e:

@@ -1,10 +1,16 @@
 """Joining a run: start the peer, find a peer that serves the run, fetch its config, open the replica.
 
 Shared by `join` (workers), `pull` (over P2P) and `bootstrap` (the small authority peer for tests).
+
+Trust: a run config counts only when one of its authorities signed it (`RunConfig.verify`) and, once a
+fingerprint is pinned (`--authority`, or the one a worker stored at its first join), only when that
+authority did. The signed config records the genesis weights hash, so round 0's weights are vouched for
+too; every later state carries an authority seal (`Replica.from_snapshot`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -12,11 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from nord.checkpoint import load_checkpoint
-from nord.config import RunConfig
+from node.state import StateDir
+from nord.checkpoint import load_checkpoint, weights_hash
+from nord.checks import fingerprint
+from nord.config import RunConfig, check_fingerprint
 from nord.crdt import Replica
 from nord.crdt.log import Store
-from nord.errors import ConfigError, MergeError, TransportError
+from nord.errors import CheckpointError, ConfigError, MergeError, TransportError
 from nord.gossip import RunNotFound, fetch_run_config_json, fetch_snapshot, hello
 from nord.model import NordLM
 from nord.transport import Transport, TransportConfig, peer_id_of
@@ -77,8 +85,9 @@ def find_run(transport: Transport, candidates: tuple[str, ...], run_id: str) -> 
     raise TransportError(problems[0] if len(problems) == 1 else "; ".join(problems))
 
 
-def fetch_run(transport: Transport, peer: str, run_id: str) -> tuple[RunConfig, str]:
-    """The run's config (parsed and validated) and its JSON text as served."""
+def fetch_run(transport: Transport, peer: str, run_id: str, pinned: str | None) -> tuple[RunConfig, str, str]:
+    """The run's config (parsed, validated, signed by an authority matching `pinned` if given), its JSON
+    text as served, and the signing authority's key (hex)."""
     text = with_retries("fetching the run config", lambda: fetch_run_config_json(transport, peer, run_id))
     run = RunConfig.from_json(text)
     if run.run_id != run_id:
@@ -87,7 +96,53 @@ def fetch_run(transport: Transport, peer: str, run_id: str) -> tuple[RunConfig, 
         )
     if not run.authorities:
         raise ConfigError(f"run {run_id!r} names no authority keys: nobody could seal its rounds")
-    return run, text
+    return run, text, run.verify(pinned)
+
+
+def announce_trust(signer: str, pinned: str | None, source: str) -> None:
+    """Say which authority was trusted; without a pin, plainly that it was on first use."""
+    if pinned is None:
+        print(
+            f"trusting {source} on first use: the run's authority is {fingerprint(signer)}; check it "
+            f"with the run's operator (pass --authority {fingerprint(signer)} to require it)",
+            flush=True,
+        )
+
+
+def pinned_authority(flag: str | None, state: StateDir) -> str | None:
+    """--authority, else the fingerprint stored at the first join; ConfigError if they disagree."""
+    stored = state.pinned_authority()
+    given = check_fingerprint(flag, "--authority") if flag else None
+    if given and stored and not (given.startswith(stored) or stored.startswith(given)):
+        raise ConfigError(
+            f"--authority {given} differs from the authority {stored} this state dir joined with "
+            f"({state.authority_file}): use another --state-dir for another run"
+        )
+    return given or stored
+
+
+def genesis_weights(run: RunConfig) -> dict:
+    """The run's round-0 weights: the model initialised from `train.seed`; ConfigError if they are not
+    the ones the config's genesis hash records (another torch version may initialise differently)."""
+    import torch
+
+    torch.manual_seed(run.train.seed)
+    model = NordLM(run.model)
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    if run.genesis_hash and weights_hash(weights) != run.genesis_hash:
+        raise ConfigError(
+            f"this machine initialises run {run.run_id!r}'s model to weights {weights_hash(weights)[:16]}…, "
+            f"not the genesis weights {run.genesis_hash[:16]}… its config records (another torch version?)"
+        )
+    return weights
+
+
+def authorize_run(run: RunConfig, identity) -> RunConfig:
+    """`run` with its genesis weights hash recorded (computed if `init` did not) and signed by
+    `identity`, one of its authorities: what the coordinator and the bootstrap peer serve."""
+    if not run.genesis_hash:
+        run = dataclasses.replace(run, genesis_hash=weights_hash(genesis_weights(run)))
+    return run.signed(identity)
 
 
 def model_spec(run: RunConfig) -> dict[str, tuple[int, ...]]:
@@ -100,26 +155,44 @@ def model_spec(run: RunConfig) -> dict[str, tuple[int, ...]]:
 
 
 def open_replica(run: RunConfig, replica_dir: Path, *, transport: Transport, source: str) -> Replica:
-    """Resume the replica in `replica_dir`, or start one from `source`'s sealed snapshot."""
-    spec = model_spec(run)
-    authorities = [bytes.fromhex(k) for k in run.authorities]
+    """Resume the replica in `replica_dir`, or start one from `source`'s verified sealed snapshot."""
     if Store(replica_dir).exists:
-        replica = Replica.open(replica_dir, spec=spec, merge=run.merge, authorities=authorities)
+        replica = Replica.open(replica_dir, **replica_settings(run))
         if replica.run_id != run.run_id:
             raise ConfigError(f"{replica_dir} holds a replica of run {replica.run_id!r}, not {run.run_id!r}")
         log.info("resumed replica at round %d from %s", replica.round, replica_dir)
         return replica
+    replica = fetch_replica(run, transport, source, replica_dir)
+    log.info("started replica at round %d from peer %s's snapshot", replica.round, source[-8:])
+    return replica
+
+
+def replica_settings(run: RunConfig) -> dict:
+    return {
+        "spec": model_spec(run),
+        "merge": run.merge,
+        "authorities": [bytes.fromhex(k) for k in run.authorities],
+    }
+
+
+def fetch_replica(run: RunConfig, transport: Transport, peer: str, replica_dir: Path) -> Replica:
+    """A new replica in `replica_dir` from `peer`'s snapshot, written only once the snapshot verified
+    (genesis hash at round 0, else an authority seal covering weights and metadata); TransportError
+    naming the peer otherwise, with nothing left in `replica_dir`."""
     with tempfile.TemporaryDirectory(prefix="nord-snapshot-") as tmp:
         out = Path(tmp) / "snapshot.safetensors"
         path = with_retries(
-            "fetching the sealed snapshot", lambda: fetch_snapshot(transport, source, run.run_id, out)
+            "fetching the sealed snapshot", lambda: fetch_snapshot(transport, peer, run.run_id, out)
         )
-        tensors, meta = load_checkpoint(path)
+        try:
+            tensors, meta = load_checkpoint(path)
+        except CheckpointError as e:
+            raise TransportError(f"peer {peer[-8:]} sent an unreadable snapshot: {e}") from None
+    if meta.get("run_id") != run.run_id:
+        raise TransportError(f"peer {peer[-8:]} sent a snapshot of another run")
     try:
-        replica = Replica.from_snapshot(
-            tensors, meta, spec=spec, merge=run.merge, authorities=authorities, log_dir=replica_dir
+        return Replica.from_snapshot(
+            tensors, meta, **replica_settings(run), genesis_hash=run.genesis_hash, log_dir=replica_dir
         )
     except MergeError as e:
-        raise TransportError(f"peer {source[-8:]} sent an unusable snapshot: {e}") from None
-    log.info("started replica at round %d from peer %s's snapshot", replica.round, source[-8:])
-    return replica
+        raise TransportError(f"peer {peer[-8:]} sent an unusable snapshot: {e}") from None

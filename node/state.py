@@ -2,8 +2,11 @@
 
     p2p.key        libp2p private key: the peer id (nord.transport)
     identity.key   ed25519 key that signs contributions (nord.identity)
-    run.json       the run's RunConfig as fetched from the run's peers
+    run.json       the run's RunConfig as fetched from the run's peers (signed by its authority)
+    authority      the authority fingerprint pinned at the first join: a config signed by anyone else is
+                   refused from then on (`nord-node pull --state-dir` checks against it too)
     replica/       the CRDT replica: snapshot + append-only log (nord.crdt)
+    replica.new/   a verified replacement being swapped in (`swap_replica`); gone once it is `replica/`
     worker.pt      error-feedback residual, optimizer state, inner steps done, and the last contribution
     status.json    the last round's status (what the status line shows), for scripts and tests; `loss`
                    and `firing_rate` stay those of the last round this worker trained (`loss_round`)
@@ -25,9 +28,9 @@ from typing import Any
 
 import torch
 
-from nord.config import RunConfig
+from nord.config import RunConfig, check_fingerprint
 from nord.errors import ConfigError
-from nord.fsutil import atomic_write_bytes
+from nord.fsutil import atomic_write_bytes, fsync_dir
 
 FORMAT_VERSION = 1
 TRAINING_KEYS = ("loss", "firing_rate")  # a round's training numbers, kept until the next trained round
@@ -43,6 +46,9 @@ class StateDir:
         self.identity_key = self.path / "identity.key"
         self.run_json = self.path / "run.json"
         self.replica_dir = self.path / "replica"
+        self.incoming_replica_dir = self.path / "replica.new"
+        self.old_replica_dir = self.path / "replica.old"
+        self.authority_file = self.path / "authority"
         self.worker_file = self.path / "worker.pt"
         self.status_file = self.path / "status.json"
 
@@ -70,9 +76,35 @@ class StateDir:
                 return
         atomic_write_bytes(self.run_json, run_json.encode("utf-8"))
 
-    def reset_replica(self) -> None:
-        """Drop the replica (it fell behind every peer's compaction point and restarts from a snapshot)."""
-        shutil.rmtree(self.replica_dir, ignore_errors=True)
+    def pinned_authority(self) -> str | None:
+        """The authority fingerprint stored at the first join (None before it)."""
+        if not self.authority_file.is_file():
+            return None
+        return check_fingerprint(self.authority_file.read_text(encoding="utf-8"), str(self.authority_file))
+
+    def pin_authority(self, pinned: str) -> None:
+        if self.pinned_authority() != pinned:
+            atomic_write_bytes(self.authority_file, (pinned + "\n").encode("utf-8"))
+
+    def swap_replica(self) -> None:
+        """Make the verified replica in `incoming_replica_dir` the replica: replica → replica.old,
+        replica.new → replica, then drop replica.old. A crash anywhere leaves one complete replica
+        that `recover_replica` finds (the new one only once it was completely written)."""
+        shutil.rmtree(self.old_replica_dir, ignore_errors=True)
+        if self.replica_dir.exists():
+            os.replace(self.replica_dir, self.old_replica_dir)
+        os.replace(self.incoming_replica_dir, self.replica_dir)
+        fsync_dir(self.path)
+        shutil.rmtree(self.old_replica_dir, ignore_errors=True)
+
+    def recover_replica(self) -> None:
+        """Finish or undo a `swap_replica` a crash interrupted; drop an incomplete replacement."""
+        if not self.replica_dir.exists() and self.incoming_replica_dir.exists():
+            os.replace(self.incoming_replica_dir, self.replica_dir)
+        elif not self.replica_dir.exists() and self.old_replica_dir.exists():
+            os.replace(self.old_replica_dir, self.replica_dir)
+        shutil.rmtree(self.incoming_replica_dir, ignore_errors=True)
+        shutil.rmtree(self.old_replica_dir, ignore_errors=True)
 
     def save_worker(self, state: dict[str, Any]) -> None:
         buf = io.BytesIO()

@@ -10,6 +10,8 @@
 A restart with the same --state-dir resumes: same peer id, same signing key, the replica from its log,
 the residual and optimizer state, and, if round r was already contributed, that same envelope (never a
 second one: two envelopes of one peer and round would both be excluded as equivocation).
+
+Falling behind: a peer's `behind` flag is a claim, checked before anything is replaced (node.catchup).
 """
 
 from __future__ import annotations
@@ -24,8 +26,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from node.session import fetch_run, find_run, model_spec, open_replica, peer_ids, start_transport
+from node.catchup import CatchUp
+from node.session import (
+    announce_trust,
+    fetch_run,
+    find_run,
+    model_spec,
+    open_replica,
+    peer_ids,
+    pinned_authority,
+    start_transport,
+)
 from node.state import StateDir
+from nord.checks import fingerprint
 from nord.codec import DeltaEncoder, decode_envelope
 from nord.config import RunConfig
 from nord.crdt import Replica
@@ -114,6 +127,7 @@ class Worker:
         self.inner_steps_done = 0
         self.resumed_round: int | None = None  # open round whose saved contribution _restore re-sent
         self._last_heartbeat = 0.0
+        self.catch_up = CatchUp(run, transport, state)
         self._restore()
         seed_material = hashlib.sha256(f"{run.train.seed}:{transport.peer_id}".encode()).digest()
         seed = (int.from_bytes(seed_material[:4], "big") + self.inner_steps_done) % 2**32
@@ -308,23 +322,20 @@ class Worker:
             time.sleep(self.poll_s)
 
     def _catch_up(self) -> None:
-        """One anti-entropy pass; restart from a snapshot if every peer has compacted past us."""
+        """One anti-entropy pass; if a peer says we lag its compaction point, look for a newer verified
+        state (node.catchup), at most once per backoff period."""
         if time.monotonic() - self._last_heartbeat > PEER_TTL_S / 3:
             self.gossip.heartbeat()
             self._last_heartbeat = time.monotonic()
         _, behind = self.gossip.anti_entropy(fanout=2)
-        if behind:
-            log.warning(
-                "this replica is older than the peers' compaction point: restarting it from a snapshot"
-            )
-            source = find_run(self.transport, self.gossip.reachable_peers(), self.run.run_id)
+        if behind and self.catch_up.due():
             with self.gossip.lock:
-                self.replica.close()
-                self.state.reset_replica()
-                self.replica = open_replica(
-                    self.run, self.state.replica_dir, transport=self.transport, source=source
-                )
-                self.gossip.replica = self.replica
+                mine = self.replica.round
+            if self.catch_up.fetch_newer(self.gossip.reachable_peers(), mine):
+                with self.gossip.lock:
+                    self.replica.close()
+                    self.replica = self.catch_up.swap_in()
+                    self.gossip.replica = self.replica
 
     # ---- reporting ---------------------------------------------------------------------------------
 
@@ -397,14 +408,18 @@ def shard_for(peer_id: str, override: str | None) -> tuple[int, int]:
 def join(args) -> int:
     """`nord-node join`: everything from flags to the training loop, with a clean shutdown on any exit."""
     state = StateDir(args.state_dir or Path.home() / ".nord" / args.run)
+    pinned = pinned_authority(args.authority, state)
     device = pick_device(args.device)
+    state.recover_replica()
     transport = start_transport(args, state.p2p_key)
     transport.install_signal_handlers()
     replica = None
     try:
         source = find_run(transport, peer_ids(tuple(args.initial_peers)), args.run)
-        run, run_json = fetch_run(transport, source, args.run)
+        run, run_json, signer = fetch_run(transport, source, args.run, pinned)
+        announce_trust(signer, pinned, f"peer {source[-8:]}")
         state.check_run(run_json)
+        state.pin_authority(pinned or fingerprint(signer))
         identity = Identity.load_or_create(state.identity_key)
         corpus = prepare(run.data, Path(args.data_dir).expanduser() if args.data_dir else None, progress=True)
         if corpus.vocab_size > run.model.vocab_size:

@@ -276,9 +276,11 @@ class Replica(AntiEntropy, Persistence):
 
     def _evict(self, cid: str) -> None:
         """Forget a held contribution that admission displaced (offered again, it is refused)."""
+        dot = ContributionSet.dot(self._set.envelopes[cid])
         self._sync([cid], drop=frozenset([cid]))
         self._set.discard([cid])
         self._norms.pop(cid, None)
+        self._sync(self._set.dots.get(dot, ()))  # a dot mate may no longer be equivocating
 
     def remove(self, contribution_id: str, *, reason: str, identity: Any) -> Removal:
         """Sign, apply and return a removal (for gossip). Authorities may remove anything, peers their own."""

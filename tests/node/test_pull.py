@@ -3,6 +3,7 @@ authority's seal, and the run's tokenizer is saved beside it so `nord generate` 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import threading
@@ -13,18 +14,20 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
-from node.pull import base_url, checkpoint_url, describe_round, pull_http
+from node.pull import base_url, checkpoint_url, describe_round, pull_http, pull_pin
+from node.state import StateDir
 from nord.checkpoint import load_checkpoint, save_checkpoint, weights_hash
 from nord.config import RunConfig
 from nord.crdt import Seal
 from nord.data import DataConfig
-from nord.errors import CheckpointError, TransportError
+from nord.errors import CheckpointError, ConfigError, TransportError
 from nord.evaluate import load_tokenizer
 from nord.identity import Identity
 from nord.recipes import get_config
 
 TOKENIZER = Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).to_str().encode()
 ROUND = 7  # the checkpoint's round: weights sealed at the end of round 6
+GENESIS = "9" * 64  # the run's round-0 weights hash (the tests' checkpoints are of round ROUND)
 
 
 class Server:
@@ -70,7 +73,8 @@ class Coordinator:
             model=get_config("tiny"),
             data=DataConfig(vocab_size=get_config("tiny").vocab_size, tokenizer_sha256=sha(TOKENIZER)),
             authorities=(self.authority.public_hex,),
-        )
+            genesis_hash=GENESIS,
+        ).signed(self.authority)
         self.seal = self.seal_of(self.authority, ROUND - 1, self.digest)
         self.headers = {"X-Nord-Weights-Hash": self.digest, "X-Nord-Round": str(ROUND)}
         self.tokenizer = TOKENIZER
@@ -94,10 +98,12 @@ class Coordinator:
             "/tokenizer.json": (200, {"X-Nord-Tokenizer-Sha256": sha(self.tokenizer)}, self.tokenizer),
         }
 
-    def pull(self, out: Path, url_suffix: str = ""):
+    def pull(self, out: Path, url_suffix: str = "", *, pinned: str | None | bool = True):
+        """Pull from a server of `routes()`; pinned=True pins this coordinator's own fingerprint."""
         server = Server(self.routes())
+        pin = self.authority.fingerprint if pinned is True else pinned
         try:
-            return pull_http(server.url + url_suffix, out, timeout_s=10)
+            return pull_http(server.url + url_suffix, out, timeout_s=10, pinned=pin)
         finally:
             server.close()
 
@@ -180,7 +186,7 @@ def test_pull_needs_the_hash_header_and_reports_http_errors(tmp_path, coordinato
     with pytest.raises(TransportError, match="HTTP 404 Not Found: not here"):
         coordinator.pull(tmp_path / "a.safetensors", "/checkpoints/3.safetensors")
     with pytest.raises(TransportError, match="cannot reach"):
-        pull_http("http://127.0.0.1:1", tmp_path / "a.safetensors", timeout_s=5)
+        pull_http("http://127.0.0.1:1", tmp_path / "a.safetensors", timeout_s=5, pinned=None)
 
 
 def test_urls_and_round_wording():
@@ -199,10 +205,62 @@ def test_the_latest_checkpoint_needs_its_seal_an_older_one_only_warns(tmp_path, 
     server = Server(routes)
     try:
         with pytest.raises(TransportError, match="HTTP 404"):
-            pull_http(server.url, tmp_path / "latest.safetensors", timeout_s=10)
+            pull_http(server.url, tmp_path / "latest.safetensors", timeout_s=10, pinned=None)
         assert not (tmp_path / "latest.safetensors").exists()
         url = f"{server.url}/checkpoints/{ROUND}.safetensors"
-        assert pull_http(url, tmp_path / "old.safetensors", timeout_s=10) == (coordinator.digest, ROUND)
+        assert pull_http(url, tmp_path / "old.safetensors", timeout_s=10, pinned=None) == (
+            coordinator.digest,
+            ROUND,
+        )
     finally:
         server.close()
     assert f"checkpoint {ROUND} is not checked against a seal" in caplog.text
+
+
+def test_a_server_that_signs_its_own_weights_is_refused_against_the_pinned_authority(tmp_path, coordinator):
+    """The man in the middle of #17: a server that serves a config naming its own key, and seals made
+    with it, passed before (the keys came from the same server); the pinned fingerprint refuses it."""
+    genuine = coordinator.authority.fingerprint
+    impostor = Identity.generate()
+    coordinator.run = coordinator.run.with_authorities((impostor.public_hex,)).signed(impostor)
+    coordinator.seal = coordinator.seal_of(impostor, ROUND - 1, coordinator.digest)
+    out = tmp_path / "model.safetensors"
+    with pytest.raises(
+        ConfigError, match=f"signed by authority {impostor.fingerprint}, not the pinned {genuine}"
+    ):
+        coordinator.pull(out, pinned=genuine)
+    assert not out.exists()
+
+
+def test_without_a_pin_pull_says_it_trusts_the_server_on_first_use(tmp_path, coordinator, capsys):
+    assert coordinator.pull(tmp_path / "model.safetensors", pinned=None) == (coordinator.digest, ROUND)
+    said = capsys.readouterr().out
+    assert "on first use" in said and f"--authority {coordinator.authority.fingerprint}" in said
+
+
+def test_an_unsigned_run_config_is_refused(tmp_path, coordinator):
+    coordinator.run = coordinator.run.with_authorities(coordinator.run.authorities)  # drops the signature
+    with pytest.raises(ConfigError, match="not signed"):
+        coordinator.pull(tmp_path / "model.safetensors", pinned=None)
+
+
+def test_checkpoint_zero_must_be_the_genesis_weights(tmp_path, coordinator):
+    """Round 0 carries no seal: before, any weights the server stated a hash for were taken."""
+    coordinator.headers["X-Nord-Round"] = "0"
+    with pytest.raises(CheckpointError, match="not the run's genesis weights"):
+        coordinator.pull(tmp_path / "model.safetensors")
+    coordinator.run = dataclasses.replace(coordinator.run, genesis_hash=coordinator.digest).signed(
+        coordinator.authority
+    )
+    assert coordinator.pull(tmp_path / "model.safetensors") == (coordinator.digest, 0)
+
+
+def test_pull_pins_the_authority_a_workers_state_dir_stored(tmp_path):
+    state = StateDir(tmp_path / "worker")
+    with pytest.raises(ConfigError, match="pinned no authority"):
+        pull_pin(None, str(state.path))
+    state.pin_authority("ab" * 10)
+    assert pull_pin(None, str(state.path)) == "ab" * 10
+    assert pull_pin("CD" * 8, str(state.path)) == "cd" * 8  # --authority wins
+    with pytest.raises(ConfigError, match="16-64 hex digits"):
+        pull_pin("abc", None)
