@@ -17,7 +17,8 @@ The same spiking model, corpus, token budget and seeds in every setup; peers' sh
     <d>-damped-c2     as <d>-damped with c0 = 2
     wu<R>-<d>         density warm-up (CodecConfig.warmup_rounds = R, warmup_density = 25%): round r < R
                       keeps 25% · (d / 25%)^(r / R), then d; damped mean c0 = 1 (R = 2, 4 or 8 at
-                      1.56%, R = 4 at 6.25%)
+                      1.56%, R = 4 at 6.25%; any wu<R>-<d>[-from<w>] runs with --setups, d and w in
+                      percent rounded to k/4096, e.g. wu16-0.39-from6.25)
 
 Peers run in one process (see bench/_decentralized_sim.py); setups run in parallel worker processes
 (--jobs), each with one torch thread.
@@ -38,6 +39,7 @@ import logging
 import math
 import multiprocessing as mp
 import platform
+import re
 import statistics
 import sys
 import time
@@ -84,13 +86,31 @@ def all_setups(ablation: str) -> dict[str, Setup]:
     ):
         name = f"{ablation}-{suffix}"
         setups[name] = Setup(name=name, kind="nord", density=d, **extra)
-    for label, warmup_rounds in (("1.56", 2), ("1.56", 4), ("1.56", 8), ("6.25", 4)):
-        name = f"wu{warmup_rounds}-{label}"
-        setups[name] = Setup(
-            name=name, kind="nord", density=DENSITIES[label], mean="damped", c0=1.0,
-            warmup_rounds=warmup_rounds, warmup_density=WARMUP_DENSITY,
-        )  # fmt: skip
+    for name in ("wu2-1.56", "wu4-1.56", "wu8-1.56", "wu4-6.25"):
+        setups[name] = warmup_setup(name)
     return setups
+
+
+def warmup_setup(name: str) -> Setup | None:
+    """`wu<R>-<d>[-from<w>]` (d, w in percent, rounded to k/4096): warm-up over R rounds from w (default
+    25%) to d, damped mean c0 = 1; None if `name` is not of that form."""
+    match = re.fullmatch(r"wu(\d+)-(\d+(?:\.\d+)?)(?:-from(\d+(?:\.\d+)?))?", name)
+    if match is None:
+        return None
+    rounds, final, start = match.groups()
+    density = _per_chunk(final)
+    warmup_density = _per_chunk(start) if start else WARMUP_DENSITY
+    if not 0 < density <= 1 or not 0 < warmup_density <= 1:
+        raise ConfigError(f"setup {name!r}: densities must be in (0, 100] percent of a 4096-chunk")
+    return Setup(
+        name=name, kind="nord", density=density, mean="damped", c0=1.0,
+        warmup_rounds=int(rounds), warmup_density=warmup_density,
+    )  # fmt: skip
+
+
+def _per_chunk(percent: str) -> float:
+    """A density label in percent as a whole number of values per 4096-chunk (1.56 -> 64/4096)."""
+    return round(float(percent) / 100 * 4096) / 4096
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -274,6 +294,9 @@ def main(argv=None) -> int:
     setups = all_setups(args.ablation_density)
     default = [name.format(ablation=args.ablation_density) for name in DEFAULT_SETUPS]
     names = list(setups) if args.setups == ["all"] else (args.setups or default)
+    for name in names:
+        if name not in setups and (parsed := warmup_setup(name)) is not None:
+            setups[name] = parsed
     unknown = [n for n in names if n not in setups]
     if unknown:
         raise ConfigError(f"unknown setup {unknown[0]!r}; choose from: {', '.join(setups)}")

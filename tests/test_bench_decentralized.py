@@ -26,6 +26,17 @@ def test_unknown_setup_is_a_config_error(tmp_path):
         _bench().main(["--quick", "--jobs", "1", "--setups", "nope", "--out", str(tmp_path / "r.json")])
 
 
+def test_any_warmup_setup_name_is_parsed_into_densities_per_chunk():
+    bench = _bench()
+    low = bench.warmup_setup("wu16-0.39-from6.25")
+    assert (low.density, low.warmup_density, low.warmup_rounds) == (16 / 4096, 256 / 4096, 16)
+    assert low.mean == "damped" and low.kind == "nord"
+    assert bench.warmup_setup("wu8-1.56") == bench.all_setups("1.56")["wu8-1.56"]  # the run default's row
+    assert bench.warmup_setup("wu8-1.56").warmup_density == 0.25 and bench.warmup_setup("dense") is None
+    with pytest.raises(ConfigError, match="densities must be in"):
+        bench.warmup_setup("wu4-0.001")
+
+
 @pytest.mark.slow
 def test_quick_run_trains_every_merge_path_and_counts_bytes(tmp_path):
     setups = ["central", "dense-nesterov", "nord-1.56", "1.56-damped", "wu4-1.56"]
