@@ -28,6 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from nord.checks import fingerprint
 from nord.demo.processes import (
     Child,
     leftover_processes,
@@ -254,7 +255,8 @@ def print_banner(cfg: DemoConfig, summary: dict) -> None:
     loopback_note = " (start the demo with --host 0.0.0.0 first)" if cfg.host == "127.0.0.1" else ""
     print(f"join from another machine{loopback_note}:")
     remote = [m for m in summary["multiaddrs"] if not m.startswith("/ip4/127.")] or summary["multiaddrs"]
-    print(f"  nord-node join --initial-peers {remote[0]} --run {RUN_ID}")
+    authority = f" --authority {fingerprint(summary['authority'])}" if summary.get("authority") else ""
+    print(f"  nord-node join --initial-peers {remote[0]} --run {RUN_ID}{authority}")
     print(f"{cfg.workers} worker(s) training {cfg.model} {rounds}; logs in {cfg.state_dir}", flush=True)
 
 
