@@ -3,6 +3,7 @@ stops it cleanly, and no process (worker, coordinator, DHT child, p2pd, p2pd wat
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -15,48 +16,38 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import Procs, alive, comm, descendants, still_running, wait_for
 
 from nord.cli import main
-from nord.demo import DemoConfig, free_port
-from nord.demo.processes import leftover_processes, spawn, stop_children, stop_signals_raise
+from nord.demo import DemoConfig, free_port, shut_down
+from nord.demo.processes import spawn, stop_children, stop_signals_raise
 from nord.errors import ConfigError
 
 
-def processes_naming(text: str) -> dict[int, list[str]]:
-    """pid -> argv of every live process with `text` inside one of its arguments (Linux /proc)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and any(text in a for a in argv):
-            found[int(entry.name)] = argv
-    return found
+def printed_pid(log: Path, timeout_s: float = 60.0) -> int:
+    """The pid a script prints as a line `pid N` (read from its log)."""
+    found = wait_for(lambda: re.search(r"^pid (\d+)$", log.read_text(), re.M), timeout_s, f"a pid in {log}")
+    return int(found.group(1))
 
 
-def is_alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def wait_until_gone(text: str, timeout_s: float = 10.0) -> dict[int, list[str]]:
+def assert_all_exit(started: dict[int, int], timeout_s: float = 60.0) -> None:
+    """Every process of `started` (pid -> start time) exits within `timeout_s` (tracked by PID)."""
     deadline = time.monotonic() + timeout_s
-    while (left := processes_naming(text)) and time.monotonic() < deadline:
+    while (left := still_running(started)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return left
+    assert not left, {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in left}
 
 
-def hivemind_processes(state_dir: Path) -> dict[int, list[str]]:
-    """p2pd daemons started with an identity under `state_dir`, and their watchdogs (which name their pid)."""
-    daemons = processes_naming(f"-id={state_dir}")
-    watchdogs = {pid: argv for d in daemons for pid, argv in processes_naming(str(d)).items() if "-c" in argv}
-    return {**daemons, **watchdogs}
+def untouched(proc: subprocess.Popen) -> bool:
+    """`proc` is running and no SIGKILL is pending for it (one sent just now may not have landed yet)."""
+    if proc.poll() is not None:
+        return False
+    try:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+    except OSError:
+        return False
+    pending = [int(ln.split()[1], 16) for ln in status.splitlines() if ln.startswith(("SigPnd:", "ShdPnd:"))]
+    return not any(mask >> (signal.SIGKILL - 1) & 1 for mask in pending)
 
 
 PEER_SCRIPT = textwrap.dedent(
@@ -72,47 +63,61 @@ PEER_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.p2p
-def test_a_child_that_ignores_sigterm_is_killed_with_its_dht_and_p2pd(tmp_path):
+def test_a_child_that_ignores_sigterm_is_killed_with_its_p2pd_and_watchdog(tmp_path):
     # (the clean-SIGTERM path is covered by the whole-demo tests below)
     key = tmp_path / "peer" / "p2p.key"
     key.parent.mkdir()
-    child = spawn(
-        "peer",
-        [sys.executable, "-c", PEER_SCRIPT, str(key)],
-        tmp_path / "peer.log",
-        dict(os.environ),
-    )
-    deadline = time.monotonic() + 60
-    while "peer-up" not in child.log_path.read_text() and time.monotonic() < deadline:
+    argv = [sys.executable, "-c", PEER_SCRIPT, str(key)]
+    child = spawn("peer", argv, tmp_path / "peer.log", dict(os.environ))
+    try:
+        wait_for(lambda: child.proc.poll() is not None or "peer-up" in child.log_path.read_text(), 120, "up")
         assert child.proc.poll() is None, child.last_words()
-        time.sleep(0.2)
-    started = hivemind_processes(tmp_path)
-    assert any("p2pd" in argv[0] for argv in started.values()), "the peer did not start a p2pd"
+        started = descendants(child.proc.pid)
+        assert any(comm(pid) == "p2pd" for pid in started), "the peer did not start a p2pd"
 
-    killed = stop_children([child], timeout_s=3.0)
+        killed = stop_children([child], timeout_s=3.0)
 
-    assert child.proc.returncode == -signal.SIGKILL
-    assert killed == ["peer"]
-    assert not wait_until_gone(str(tmp_path)), "a process naming the state dir survived"
-    deadline = time.monotonic() + 10  # the watchdog notices its parent's death and exits by itself
-    while (alive := [pid for pid in started if is_alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not alive, {pid: started[pid] for pid in alive}
+        assert child.proc.returncode == -signal.SIGKILL
+        assert killed == ["peer"]
+        assert_all_exit(started)  # p2pd with its group; the watchdog notices its node's death and exits
+    finally:
+        stop_children([child], timeout_s=1.0)
 
 
 def test_stopping_kills_group_members_that_outlive_their_leader(tmp_path):
-    marker = f"nord-demo-orphan-{os.getpid()}"
-    script = f"exec -a {marker} sleep 300 & echo started; exit 0"
-    child = spawn("shell", ["bash", "-c", script], tmp_path / "shell.log", dict(os.environ))
-    child.proc.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while not processes_naming(marker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert processes_naming(marker), "the orphan did not start"
+    argv = ["bash", "-c", "sleep 300 & echo pid $!; exit 0"]
+    child = spawn("shell", argv, tmp_path / "shell.log", dict(os.environ))
+    child.proc.wait(timeout=60)
+    orphan = printed_pid(child.log_path)
+    assert alive(orphan), "the orphan did not start"
 
     stop_children([child], timeout_s=2.0)
 
-    assert not wait_until_gone(marker, timeout_s=5.0)
+    wait_for(lambda: not alive(orphan), 30, "the orphan to be killed with its group")
+
+
+ORPHANING_PARENT = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from nord.demo.processes import spawn
+    argv = [sys.executable, "-c", "import time; time.sleep(600)"]
+    child = spawn("sleeper", argv, Path(sys.argv[1]), dict(os.environ))
+    print("pid", child.proc.pid, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_children_die_when_the_process_that_spawned_them_is_sigkilled(tmp_path):
+    with Procs(tmp_path) as procs:
+        parent = procs.start("parent", sys.executable, "-c", ORPHANING_PARENT, str(tmp_path / "sleeper.log"))
+        child = printed_pid(tmp_path / "parent.log")
+        assert parent.poll() is None, procs.log("parent")
+        assert alive(child)
+        parent.kill()
+        parent.wait()
+        wait_for(lambda: not alive(child), 30, "the orphaned child to be killed by the kernel")
 
 
 @pytest.mark.parametrize(
@@ -144,29 +149,21 @@ def test_sigterm_is_handled_like_ctrl_c():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def wait_until_exec(*children: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """Until a child has exec'd, /proc shows the parent's (pytest's) command line instead of its own."""
-    deadline = time.monotonic() + timeout_s
-    for child in children:
-        while b"time.sleep" not in Path(f"/proc/{child.pid}/cmdline").read_bytes():
-            assert time.monotonic() < deadline, "child did not start"
-            time.sleep(0.01)
+def test_stopping_the_demo_spares_processes_it_did_not_start_even_if_they_name_its_files(tmp_path):
+    cfg = DemoConfig(state_dir=tmp_path)
+    log = tmp_path / "worker-0.log"
+    worker = spawn("worker-0", [sys.executable, "-c", "import time; time.sleep(600)"], log, dict(os.environ))
+    with Procs(tmp_path) as users:
+        tail = users.start("tail", "tail", "-f", str(log))  # a user's tail of the demo's log
+        by_hand = users.start(  # a worker the user started by hand with its data dir inside the state dir
+            "by-hand", sys.executable, "-c", "import time; time.sleep(600)", "--data-dir", f"{tmp_path}/mine"
+        )
+        wait_for(lambda: b"--data-dir" in Path(f"/proc/{by_hand.pid}/cmdline").read_bytes(), 30, "exec")
 
+        assert shut_down(cfg, dict(os.environ), None, [worker]) is None
 
-def test_leftover_sweep_kills_only_processes_naming_paths_inside_the_state_dir(tmp_path):
-    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    naming_root = subprocess.Popen([*sleeper, str(tmp_path)])  # like the `nord demo --state-dir X` itself
-    naming_child = subprocess.Popen([*sleeper, f"-id={tmp_path}/worker-0/p2p.key"])  # like a stray p2pd
-    try:
-        wait_until_exec(naming_root, naming_child)
-        killed = leftover_processes(tmp_path)
-        assert [k.split()[0] for k in killed] == [str(naming_child.pid)]
-        assert naming_child.wait(timeout=10) == -signal.SIGKILL
-        assert naming_root.poll() is None
-    finally:
-        naming_root.kill()
-        naming_child.kill()
-        naming_root.wait()
+        assert worker.proc.returncode is not None
+        assert untouched(tail) and untouched(by_hand)
 
 
 # ------------------------------------------------------------------------------------- the whole demo
@@ -183,30 +180,53 @@ def prepared_corpus(tmp_path_factory):
     return root
 
 
-def start_demo(state_dir: Path, corpus: Path, *flags: str) -> tuple[subprocess.Popen, Path]:
-    shutil.copytree(corpus, state_dir / "data")
-    (state_dir / ".nord-demo").touch()
-    out = state_dir.parent / f"{state_dir.name}.out"
-    argv = [
-        sys.executable,
-        "-m",
-        "nord.cli",
-        "demo",
-        "--model",
-        "tiny",
-        "--workers",
-        "2",
-        "--inner-steps",
-        "5",
-    ]
-    argv += ["--state-dir", str(state_dir), "--http", f"127.0.0.1:{free_port('127.0.0.1')}", *flags]
-    with open(out, "w") as f:
-        return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, text=True), out
+class Demo:
+    """`nord demo` (tiny, 2 workers) as a subprocess of the test, and every process below it, sampled
+    while it runs (PID -> start time), to check that none outlives it."""
+
+    def __init__(self, procs: Procs, state_dir: Path, corpus: Path, *flags: str) -> None:
+        shutil.copytree(corpus, state_dir / "data")
+        (state_dir / ".nord-demo").touch()
+        self.state_dir, self.procs = state_dir, procs
+        argv = ["-m", "nord.cli", "demo", "--model", "tiny", "--workers", "2", "--inner-steps", "5"]
+        argv += ["--state-dir", str(state_dir), "--http", f"127.0.0.1:{free_port('127.0.0.1')}", *flags]
+        self.proc = procs.start("demo", sys.executable, *argv)
+        self.seen: dict[int, int] = {}
+
+    def output(self) -> str:
+        return self.procs.log("demo", tail=20_000)
+
+    def wait_for(self, cond, timeout_s: float, what: str):
+        """Until `cond()` holds, recording the demo's descendants; fail at once if the demo exits."""
+
+        def check():
+            assert self.proc.poll() is None, f"the demo exited early:\n{self.output()}"
+            self.seen |= descendants(self.proc.pid)
+            return cond()
+
+        return wait_for(check, timeout_s, what)
+
+    def daemons(self) -> int:
+        return sum(comm(pid) == "p2pd" for pid in still_running(self.seen))
+
+    def exit_code(self, timeout_s: float = 300.0) -> int:
+        """Wait for the demo to exit (recording its descendants meanwhile); its exit code."""
+        deadline = time.monotonic() + timeout_s
+        while self.proc.poll() is None:
+            assert time.monotonic() < deadline, f"the demo did not exit:\n{self.output()}"
+            self.seen |= descendants(self.proc.pid)
+            time.sleep(0.2)
+        return self.proc.returncode
+
+    def assert_nothing_left(self) -> None:
+        assert len(self.seen) >= 5, self.seen  # coordinator, 2 workers and their p2pd at least
+        assert_all_exit(self.seen)
 
 
-def assert_nothing_left(state_dir: Path) -> None:
-    left = wait_until_gone(str(state_dir) + "/", timeout_s=10.0)
-    assert not left, f"processes outlived the demo: {left}"
+def worker_training(state_dir: Path) -> bool:
+    return any(
+        json.loads(p.read_text()).get("phase") == "training" for p in state_dir.glob("worker-*/status.json")
+    )
 
 
 @pytest.mark.slow
@@ -214,14 +234,12 @@ def assert_nothing_left(state_dir: Path) -> None:
 def test_demo_runs_a_round_and_leaves_a_checkpoint_nord_generate_loads(tmp_path, prepared_corpus):
     state = tmp_path / "demo"
     state.mkdir()
-    demo, out = start_demo(state, prepared_corpus, "--rounds", "1")
-    try:
-        assert demo.wait(timeout=240) == 0, out.read_text()
-    finally:
-        demo.kill()
-    text = out.read_text()
+    with Procs(tmp_path) as procs:
+        demo = Demo(procs, state, prepared_corpus, "--rounds", "1")
+        assert demo.exit_code() == 0, demo.output()
+        text = demo.output()
+        demo.assert_nothing_left()
     assert "round   0 sealed | val loss" in text
-    assert_nothing_left(state)
 
     # the pull, checked against the seal (a second round may have sealed before it)
     assert re.search(r"weights sealed in round (\d+) \(the base of round \d+\)", text)
@@ -233,7 +251,7 @@ def test_demo_runs_a_round_and_leaves_a_checkpoint_nord_generate_loads(tmp_path,
         [sys.executable, "-m", "nord.cli", *argv[1:], "--tokens", "8", "--seed", "0"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.startswith("ROMEO:")
@@ -241,22 +259,32 @@ def test_demo_runs_a_round_and_leaves_a_checkpoint_nord_generate_loads(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.p2p
-def test_ctrl_c_mid_round_exits_cleanly_with_nothing_left(tmp_path, prepared_corpus):
-    signum, when = signal.SIGINT, "worker(s) training"
+def test_ctrl_c_mid_round_exits_cleanly_with_nothing_left_but_a_users_tail_of_its_log(
+    tmp_path, prepared_corpus
+):
     state = tmp_path / "demo"
     state.mkdir()
-    demo, out = start_demo(state, prepared_corpus)
-    try:
-        deadline = time.monotonic() + 120
-        while when not in out.read_text() and time.monotonic() < deadline:
-            assert demo.poll() is None, out.read_text()
-            time.sleep(0.2)
-        assert when in out.read_text()
-        time.sleep(3)  # mid-round: the workers are training
-        demo.send_signal(signum)
-        code = demo.wait(timeout=90)
-    finally:
-        demo.kill()
-    assert code == 130, out.read_text()
-    assert "interrupted" in out.read_text()
-    assert_nothing_left(state)
+    with Procs(tmp_path) as procs:
+        demo = Demo(procs, state, prepared_corpus)
+        demo.wait_for(lambda: worker_training(state), 300, "a worker training")
+        tail = procs.start("tail", "tail", "-f", str(state / "worker-0.log"))
+        demo.proc.send_signal(signal.SIGINT)
+        assert demo.exit_code() == 130, demo.output()
+        assert "interrupted" in demo.output()
+        demo.assert_nothing_left()
+        assert untouched(tail), "the demo killed a process it did not start"
+
+
+@pytest.mark.slow
+@pytest.mark.p2p
+def test_sigkill_of_the_demo_takes_everything_it_started_with_it(tmp_path, prepared_corpus):
+    state = tmp_path / "demo"
+    state.mkdir()
+    with Procs(tmp_path) as procs:
+        demo = Demo(procs, state, prepared_corpus)
+        demo.wait_for(lambda: demo.daemons() >= 3, 300, "the p2pd of the coordinator and both workers")
+        tail = procs.start("tail", "tail", "-f", str(state / "coordinator.log"))
+        demo.proc.kill()
+        demo.proc.wait()
+        demo.assert_nothing_left()
+        assert untouched(tail)

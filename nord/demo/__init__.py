@@ -8,8 +8,9 @@ HTTP, exactly as a user would (weights checked against the authority's seal, the
 them), and prints the `nord generate` command that loads it.
 
 Every child runs in its own process group (session), so Ctrl-C in the terminal reaches only the demo,
-which then stops the children in order: SIGTERM to each group, SIGKILL to what is left after a timeout
-(this also catches the hivemind DHT process and its Go `p2pd` daemon, which share the group).
+which then stops the children it started, by process group: SIGTERM to each group, SIGKILL to what is
+left after a timeout (this also catches each child's Go `p2pd` daemon, which shares its group). If the
+demo is killed outright, the kernel kills its children with it (nord.demo.processes).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 from nord.checks import fingerprint
 from nord.demo.processes import (
     Child,
-    leftover_processes,
+    die_with_parent,
     signals_ignored_while_stopping,
     spawn,
     stop_children,
@@ -224,7 +225,7 @@ def ensure_run_config(cfg: DemoConfig, env: dict[str, str]) -> Path:
         argv += ["--deadline", str(ROUND_DEADLINE_S), "--inner-steps", str(cfg.inner_steps)]
         argv += ["--seq-len", str(min(DEMO_SEQ_LEN, get_config(cfg.model).max_seq_len))]
         print(f"preparing the corpus and the run config ({cfg.model} model)…", flush=True)
-        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL)
+        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent())
         if done.returncode != 0 or not run_json.is_file():
             raise NordError(
                 f"`nord-coordinator init` failed (exit code {done.returncode}); see its output above"
@@ -268,7 +269,9 @@ def pull_checkpoint(cfg: DemoConfig, env: dict[str, str]) -> Path | None:
     out = cfg.state_dir / "checkpoint.safetensors"
     argv = [sys.executable, "-m", "node", "pull", "--from", cfg.dashboard_url, "--out", str(out)]
     try:
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=120, preexec_fn=die_with_parent()
+        )
     except subprocess.TimeoutExpired:
         log.warning("pulling the checkpoint from %s timed out", cfg.dashboard_url)
         return None
@@ -296,17 +299,14 @@ def worker_argv(cfg: DemoConfig, index: int, bootstrap: list[str]) -> list[str]:
 def shut_down(
     cfg: DemoConfig, env: dict[str, str], coordinator: Child | None, workers: list[Child]
 ) -> Path | None:
-    """Pull the merged checkpoint while the coordinator still serves it, stop every child at once, then
-    sweep for strays. Returns the checkpoint (None if no round was sealed)."""
+    """Pull the merged checkpoint while the coordinator still serves it, then stop every child at once.
+    Returns the checkpoint (None if no round was sealed)."""
     checkpoint = None
     if coordinator is not None and coordinator.proc.poll() is None:
         checkpoint = pull_checkpoint(cfg, env)
     started = time.monotonic()
     stop_children([*workers, *([coordinator] if coordinator else [])])
     log.info("stopped %d process group(s) in %.1f s", len(workers) + 1, time.monotonic() - started)
-    leftovers = leftover_processes(cfg.state_dir)
-    if leftovers:
-        log.warning("killed %d process(es) that outlived their group: %s", len(leftovers), leftovers)
     return checkpoint
 
 

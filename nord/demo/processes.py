@@ -1,20 +1,25 @@
 """Child processes of `nord demo`: each in its own session, stopped group by group, nothing left behind.
 
-A child started with `start_new_session` leads its own process group; the hivemind DHT process and its
-Go `p2pd` daemon it starts join that group. Stopping sends SIGTERM to the group, waits, then SIGKILLs
-what is left — including members that outlived the leader. Any process still naming the demo's state
-dir afterwards (p2pd runs with `-id=<state>/p2p.key`) is killed as a last resort.
+The demo stops only what it started, tracked by PID: a child started with `start_new_session` leads its
+own process group, and the Go `p2pd` daemon it starts joins that group. Stopping sends SIGTERM to each
+group, waits, then SIGKILLs what is left — including members that outlived their leader. Nothing is
+ever found or killed by name or by a path on its command line (a user's `tail -f` of a log is theirs).
+
+If the demo itself dies without stopping them (SIGKILL, a crash), the kernel kills every child it
+started (`PR_SET_PDEATHSIG`, Linux), and each child's p2pd follows through its own watchdog
+(`nord.transport`); coordinator and workers are crash-safe, so that loses nothing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 20.0  # SIGTERM grace period per process group before SIGKILL (a worker needs 2-5 s)
+PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when the thread that made it dies
 
 
 @dataclass
@@ -41,8 +47,29 @@ class Child:
         return f"{lines[-1] if lines else 'no output'} (log: {self.log_path})"
 
 
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel SIGKILL the child when this process dies, however it dies
+    (Linux; None elsewhere). SIGKILL, not SIGTERM: nobody is left to escalate if a child hangs stopping.
+
+    Call it in the thread that starts the child and outlives it (the main thread): the signal follows
+    the death of that thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
 def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> Child:
-    """Start `argv` in a new session (its own process group) with stdout+stderr appended to `log_path`."""
+    """Start `argv` in a new session (its own process group) with stdout+stderr appended to `log_path`;
+    it dies with this process."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         out.write(f"\n$ {' '.join(argv)}\n".encode())
@@ -54,6 +81,7 @@ def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> Ch
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
     log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
     return Child(name=name, proc=proc, log_path=log_path)
@@ -111,16 +139,18 @@ def stop_children(children: list[Child], timeout_s: float = STOP_TIMEOUT_S) -> l
 
 @contextmanager
 def stop_signals_raise() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt (like Ctrl-C) for the duration, so both clean up the same way."""
+    """Turn SIGTERM and SIGHUP (the terminal closed) into KeyboardInterrupt (like Ctrl-C) for the
+    duration, so all of them clean up the same way."""
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {s: signal.signal(s, on_term) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @contextmanager
@@ -135,44 +165,3 @@ def signals_ignored_while_stopping() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def ancestors() -> set[int]:
-    """This process and every process above it (never ours to kill, even if they name the state dir)."""
-    pids, pid = set(), os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            break
-    return pids
-
-
-def leftover_processes(state_dir: Path) -> list[str]:
-    """SIGKILL any process that still names a path *inside* the state dir (the children's own state dirs,
-    or a p2pd started with `-id=<state>/<child>/p2p.key`); the demo's own command line names only the
-    state dir itself, and its ancestors are skipped anyway.
-
-    Linux only (reads /proc); elsewhere the process groups are all there is.
-    """
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    inside = str(state_dir).rstrip("/") + "/"
-    spared = ancestors()
-    killed = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) in spared:
-            continue
-        try:
-            argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
-        except OSError:
-            continue
-        if any(a.removeprefix("-id=").startswith(inside) for a in argv):
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            killed.append(f"{entry.name} {argv[0]}")
-    return killed
