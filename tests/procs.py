@@ -108,9 +108,14 @@ def wait_for(cond, timeout_s: float, what: str):
 
 
 def signal_group(proc: subprocess.Popen, signum: int) -> None:
-    """Signal `proc`'s process group (it leads one: started with start_new_session)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    """Signal `proc`'s process group if it leads one (started with start_new_session), else `proc`."""
+    try:
         os.killpg(proc.pid, signum)
+    except ProcessLookupError:  # no such group: it does not lead one, or everything in it is gone
+        if proc.poll() is None:
+            proc.send_signal(signum)
+    except PermissionError:
+        pass
 
 
 def stop_processes(procs: list[subprocess.Popen], timeout_s: float = STOP_TIMEOUT_S) -> None:
