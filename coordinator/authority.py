@@ -136,8 +136,8 @@ class Authority:
         with self.lock:
             chain = self.replica.seals()
         for seal in chain:
-            known = [r for r in self.history.rounds() if r["round"] == seal.round]
-            if known and known[0]["weights_hash"] == seal.weights_hash:
+            known = self.history.round(seal.round)
+            if known and known["weights_hash"] == seal.weights_hash:
                 continue
             if not known:
                 self.history.open_round(seal.round, base_hash=seal.prev_hash, at=self.clock())

@@ -1,10 +1,20 @@
 """Run history in SQLite: peers, rounds, contributions, metrics, seals, revocations, bans, checkpoints.
 
-The coordinator is the only writer (one connection, WAL journal, a lock around every statement); the
-HTTP API reads through the same object. Every write is its own transaction (WAL with synchronous=NORMAL: a
-committed transaction survives a `kill -9` of the process, a power cut may lose the last few), so a crash
-loses at most the statement in flight, and a restart resumes from here plus the replica's own log.
-Peer counters (accepted, rejected, bytes) are computed from the contributions table, never stored twice.
+Two ways in, both over one WAL file (schema and indexes: coordinator/history_schema.py):
+
+    History         the authority's writer: one connection and a lock around every statement; every
+                    write is its own transaction (WAL, synchronous=NORMAL: a committed transaction
+                    survives a `kill -9`, a power cut may lose the last few)
+    HistoryReader   the HTTP API's: a read-only connection per serving thread, each request one read
+                    transaction; it never waits for the writer's lock (WAL readers see the last commit)
+
+A crash loses at most the statement in flight, and a restart resumes from here plus the replica's own log.
+Per-round and per-peer counters (accepted, rejected, bytes, tokens) live in totals tables kept by triggers
+on the contributions table, so no read scans the contributions.
+
+A peer's `last_seen` is the last time it was heard from: a request from it (coordinator.liveness), its
+presence record in the DHT, or a contribution of it arriving; holding its contributions is not hearing
+from it.
 """
 
 from __future__ import annotations
@@ -18,64 +28,168 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS peers (
-    peer TEXT PRIMARY KEY, mode TEXT, device TEXT, first_seen REAL NOT NULL, last_seen REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY, opened_at REAL NOT NULL, sealed_at REAL, seal_reason TEXT,
-    weights_hash TEXT, base_hash TEXT
-);
-CREATE TABLE IF NOT EXISTS contributions (
-    id TEXT PRIMARY KEY, round INTEGER NOT NULL, peer TEXT NOT NULL, received_at REAL NOT NULL,
-    bytes INTEGER NOT NULL, tokens INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
-    reason TEXT, loss_before REAL, loss_after REAL, norm REAL, sealed_in INTEGER
-);
-CREATE INDEX IF NOT EXISTS contributions_round ON contributions(round);
-CREATE INDEX IF NOT EXISTS contributions_peer ON contributions(peer);
-CREATE TABLE IF NOT EXISTS metrics (
-    round INTEGER NOT NULL, name TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (round, name)
-);
-CREATE TABLE IF NOT EXISTS revocations (
-    contribution_id TEXT PRIMARY KEY, round INTEGER, peer TEXT, reason TEXT NOT NULL, by TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS bans (
-    peer TEXT PRIMARY KEY, reason TEXT NOT NULL, by TEXT NOT NULL, at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    round INTEGER PRIMARY KEY, file TEXT NOT NULL, weights_hash TEXT NOT NULL, bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL, deleted INTEGER NOT NULL DEFAULT 0
-);
-"""
+from coordinator.history_schema import migrate
 
 STATUSES = ("pending", "accepted", "rejected", "revoked")
+_ROUND_ROW = (
+    "SELECT r.*, COALESCE(t.accepted, 0) AS accepted, COALESCE(t.rejected, 0) AS rejected, "
+    "COALESCE(t.pending, 0) AS pending, COALESCE(t.bytes, 0) AS bytes, COALESCE(t.tokens, 0) AS tokens "
+    "FROM rounds r LEFT JOIN round_totals t ON t.round = r.round"
+)
+_PEER_ROW = (
+    "SELECT p.peer, p.name, p.mode, p.device, p.first_seen, p.last_seen, "
+    "COALESCE(t.accepted, 0) AS accepted, COALESCE(t.rejected, 0) AS rejected, COALESCE(t.pending, 0) AS pending, "
+    "COALESCE(t.bytes, 0) AS bytes, COALESCE(t.tokens, 0) AS tokens, b.reason AS ban_reason "
+    "FROM peers p LEFT JOIN peer_totals t ON t.peer = p.peer LEFT JOIN bans b ON b.peer = p.peer"
+)
 
 
-class History:
-    """The run's durable record. Thread-safe; use `History.open(path)` and `close()`."""
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+    conn.row_factory = sqlite3.Row
+    return conn
 
-    def __init__(self, conn: sqlite3.Connection):
+
+class HistoryQueries:
+    """The reads both sides make; `_rows(sql, params)` runs one query on the side's own connection."""
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _one(self, sql: str, params: tuple = ()) -> dict[str, Any] | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    # ---- peers -----------------------------------------------------------------------------------
+
+    def peers(self, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """Peers with their counters (accepted, rejected or revoked, pending, bytes, tokens, ban), most
+        recently heard from first."""
+        return self._rows(_PEER_ROW + " ORDER BY p.last_seen DESC LIMIT ?", (_no_limit(limit),))
+
+    def peer_counts(self, *, heard_since: float) -> tuple[int, int]:
+        """(peers ever seen, peers heard from at or after `heard_since`)."""
+        total = self._one("SELECT COUNT(*) AS n FROM peers")["n"]
+        online = self._one("SELECT COUNT(*) AS n FROM peers WHERE last_seen >= ?", (heard_since,))["n"]
+        return int(total), int(online)
+
+    def is_banned(self, peer: str) -> bool:
+        return self._one("SELECT 1 FROM bans WHERE peer = ?", (peer,)) is not None
+
+    def bans(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM bans ORDER BY at DESC")
+
+    # ---- contributions ---------------------------------------------------------------------------
+
+    def contribution(self, contribution_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM contributions WHERE id = ?", (contribution_id,))
+
+    def contributions(self, *, round: int | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        """Contributions of `round` and/or with `status` (all without either), in arrival order."""
+        sql, params = "SELECT * FROM contributions WHERE 1", []
+        if round is not None:
+            sql += " AND round = ?"
+            params.append(round)
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        return self._rows(sql + " ORDER BY received_at, id", tuple(params))
+
+    def rejections(self, peer: str) -> int:
+        row = self._one(
+            "SELECT COUNT(*) AS n FROM contributions WHERE peer = ? AND status IN ('rejected', 'revoked')",
+            (peer,),
+        )
+        return int(row["n"])
+
+    def revocations(self, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` revocations (all without a limit), newest first."""
+        return self._rows("SELECT * FROM revocations ORDER BY at DESC LIMIT ?", (_no_limit(limit),))
+
+    # ---- rounds and metrics ----------------------------------------------------------------------
+
+    def current_round(self) -> dict[str, Any] | None:
+        """The latest round (open or sealed), or None before the first one."""
+        return self._one("SELECT * FROM rounds WHERE round = (SELECT MAX(round) FROM rounds)")
+
+    def round(self, round: int) -> dict[str, Any] | None:
+        """One round with its counters (as in `rounds`), or None if it was never opened."""
+        return self._one(_ROUND_ROW + " WHERE r.round = ?", (round,))
+
+    def rounds(
+        self, *, before: int | None = None, limit: int | None = None, sealed_only: bool = False
+    ) -> list[dict[str, Any]]:
+        """Rounds in ascending order with the contributions each sealed (accepted, tokens), the ones
+        rejected or pending while it was open, and the bytes of all: a contribution counts in the round it
+        was sealed into, else its own. With `before`/`limit`: the last `limit` rounds below `before`."""
+        where = " WHERE r.round < ?" + (" AND r.sealed_at IS NOT NULL" if sealed_only else "")
+        rows = self._rows(
+            _ROUND_ROW + where + " ORDER BY r.round DESC LIMIT ?",
+            (_BEFORE_ALL if before is None else before, _no_limit(limit)),
+        )
+        return rows[::-1]
+
+    def sealed_rounds(self) -> tuple[int, str | None]:
+        """(rounds sealed so far, the weights hash of the latest seal)."""
+        count = self._one("SELECT COUNT(*) AS n FROM rounds WHERE sealed_at IS NOT NULL")["n"]
+        latest = self._one(
+            "SELECT weights_hash FROM rounds WHERE sealed_at IS NOT NULL ORDER BY round DESC LIMIT 1"
+        )
+        return int(count), latest["weights_hash"] if latest else None
+
+    def metrics(self, *, first: int | None = None, last: int | None = None) -> dict[int, dict[str, float]]:
+        """round -> {metric name -> value}, for the rounds in [first, last] (all by default)."""
+        rows = self._rows(
+            "SELECT round, name, value FROM metrics WHERE round BETWEEN ? AND ? ORDER BY round, name",
+            (-_BEFORE_ALL if first is None else first, _BEFORE_ALL if last is None else last),
+        )
+        out: dict[int, dict[str, float]] = {}
+        for row in rows:
+            out.setdefault(row["round"], {})[row["name"]] = row["value"]
+        return out
+
+    def tokens_seen(self) -> int:
+        row = self._one("SELECT tokens FROM run_totals WHERE run = 0")
+        return int(row["tokens"]) if row else 0
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """Checkpoints still kept (not deleted), oldest first."""
+        return self._rows("SELECT * FROM checkpoints WHERE deleted = 0 ORDER BY round")
+
+    def checkpoint(self, round: int) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM checkpoints WHERE round = ? AND deleted = 0", (round,))
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM checkpoints WHERE deleted = 0 ORDER BY round DESC LIMIT 1")
+
+
+_BEFORE_ALL = 1 << 62  # above any round number SQLite stores
+
+
+def _no_limit(limit: int | None) -> int:
+    return -1 if limit is None else limit  # SQLite: LIMIT -1 is no limit
+
+
+class History(HistoryQueries):
+    """The run's durable record, written by the authority. Thread-safe; `History.open(path)`, `close()`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
         self._conn = conn
+        self.path = path
         self._lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> History:
+        """Open (or create) the history at `path`, migrating an older file in place."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(p), check_same_thread=False, isolation_level=None, timeout=30)
-        conn.row_factory = sqlite3.Row
+        conn = _connect(p)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL: survives kill -9; a power cut may lose the last tx
-        conn.executescript(SCHEMA)
-        history = cls(conn)
-        history._conn.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-        )
-        return history
+        migrate(conn, str(p))
+        return cls(conn, p)
 
     def close(self) -> None:
         with self._lock:
@@ -96,44 +210,32 @@ class History:
         with self._lock:
             return [dict(r) for r in self._conn.execute(sql, params).fetchall()]
 
-    # ---- meta ------------------------------------------------------------------------------------
-
     def set_meta(self, key: str, value: str) -> None:
         with self._tx() as c:
             c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
-    def meta(self, key: str, default: str | None = None) -> str | None:
-        rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
-        return rows[0]["value"] if rows else default
-
     # ---- peers -----------------------------------------------------------------------------------
 
     def touch_peer(
-        self, peer: str, *, mode: str | None = None, device: str | None = None, at: float | None = None
+        self,
+        peer: str,
+        *,
+        mode: str | None = None,
+        device: str | None = None,
+        name: str | None = None,
+        at: float | None = None,
     ) -> None:
-        """Record that `peer` was seen now; `mode` ('public'/'client') and `device` update when given."""
-        now = time.time() if at is None else at
+        """Record that `peer` was heard from at `at` (now by default); `mode` ('public'/'client'),
+        `device` and display `name` update when given."""
         with self._tx() as c:
-            c.execute(
-                "INSERT INTO peers(peer, mode, device, first_seen, last_seen) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(peer) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen), "
-                "mode = COALESCE(excluded.mode, mode), device = COALESCE(excluded.device, device)",
-                (peer, mode, device, now, now),
-            )
+            _touch(c, peer, time.time() if at is None else at, mode=mode, device=device, name=name)
 
-    def peers(self) -> list[dict[str, Any]]:
-        """Every peer with its counters: accepted, rejected (or revoked), pending, bytes, tokens, ban."""
-        return self._rows(
-            "SELECT p.peer, p.mode, p.device, p.first_seen, p.last_seen, "
-            "COALESCE(SUM(c.status = 'accepted'), 0) AS accepted, "
-            "COALESCE(SUM(c.status IN ('rejected', 'revoked')), 0) AS rejected, "
-            "COALESCE(SUM(c.status = 'pending'), 0) AS pending, "
-            "COALESCE(SUM(c.bytes), 0) AS bytes, "
-            "COALESCE(SUM(CASE WHEN c.sealed_in IS NOT NULL THEN c.tokens ELSE 0 END), 0) AS tokens, "
-            "b.reason AS ban_reason "
-            "FROM peers p LEFT JOIN contributions c ON c.peer = p.peer LEFT JOIN bans b ON b.peer = p.peer "
-            "GROUP BY p.peer ORDER BY p.last_seen DESC"
-        )
+    def touch_peers(self, heard: Mapping[str, float]) -> None:
+        """Record when each peer (key -> time) was heard from, in one transaction."""
+        if heard:
+            with self._tx() as c:
+                for peer, at in heard.items():
+                    _touch(c, peer, at)
 
     # ---- contributions ---------------------------------------------------------------------------
 
@@ -147,15 +249,19 @@ class History:
         tokens: int,
         at: float | None = None,
     ) -> bool:
-        """Record a newly seen contribution (pending); return False if it was already known."""
+        """Record a newly seen contribution (pending) and that its peer was heard from; return False, and
+        change nothing, if it was already known."""
+        if self.contribution(contribution_id) is not None:
+            return False
         now = time.time() if at is None else at
-        self.touch_peer(peer, at=now)
         with self._tx() as c:
             cur = c.execute(
                 "INSERT OR IGNORE INTO contributions(id, round, peer, received_at, bytes, tokens) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (contribution_id, round, peer, now, nbytes, tokens),
             )
+            if cur.rowcount == 1:
+                _touch(c, peer, now)
             return cur.rowcount == 1
 
     def set_verdict(
@@ -184,27 +290,6 @@ class History:
                 ),
             )
 
-    def contribution(self, contribution_id: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM contributions WHERE id = ?", (contribution_id,))
-        return rows[0] if rows else None
-
-    def contributions(self, *, round: int | None = None, status: str | None = None) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM contributions WHERE 1", []
-        if round is not None:
-            sql += " AND round = ?"
-            params.append(round)
-        if status is not None:
-            sql += " AND status = ?"
-            params.append(status)
-        return self._rows(sql + " ORDER BY received_at, id", tuple(params))
-
-    def rejections(self, peer: str) -> int:
-        rows = self._rows(
-            "SELECT COUNT(*) AS n FROM contributions WHERE peer = ? AND status IN ('rejected', 'revoked')",
-            (peer,),
-        )
-        return int(rows[0]["n"])
-
     # ---- revocations and bans --------------------------------------------------------------------
 
     def record_revocation(
@@ -228,31 +313,24 @@ class History:
                 (reason, contribution_id),
             )
 
-    def revocations(self) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM revocations ORDER BY at DESC")
-
-    def revoked_ids(self) -> set[str]:
-        return {r["contribution_id"] for r in self._rows("SELECT contribution_id FROM revocations")}
-
     def ban(self, peer: str, *, reason: str, by: str, at: float | None = None) -> None:
+        """Ban `peer` (listed among the peers even if it never contributed)."""
         now = time.time() if at is None else at
-        self.touch_peer(peer, at=now)
         with self._tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO peers(peer, first_seen, last_seen) VALUES (?, ?, ?)", (peer, now, 0.0)
+            )
             c.execute(
                 "INSERT OR IGNORE INTO bans(peer, reason, by, at) VALUES (?, ?, ?, ?)",
                 (peer, reason, by, now),
             )
 
-    def bans(self) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM bans ORDER BY at DESC")
-
-    def is_banned(self, peer: str) -> bool:
-        return bool(self._rows("SELECT 1 FROM bans WHERE peer = ?", (peer,)))
-
     # ---- rounds and metrics ----------------------------------------------------------------------
 
     def open_round(self, round: int, *, base_hash: str, at: float | None = None) -> None:
         """Open `round` on top of weights `base_hash` (idempotent: a restart keeps the original time)."""
+        if self._one("SELECT 1 FROM rounds WHERE round = ?", (round,)) is not None:
+            return  # the authority calls this every tick: a read, no write transaction
         now = time.time() if at is None else at
         with self._tx() as c:
             c.execute(
@@ -285,45 +363,13 @@ class History:
                         (round, name, value),
                     )
 
-    def current_round(self) -> dict[str, Any] | None:
-        """The latest round (open or sealed), or None before the first one."""
-        rows = self._rows("SELECT * FROM rounds ORDER BY round DESC LIMIT 1")
-        return rows[0] if rows else None
-
-    def rounds(self) -> list[dict[str, Any]]:
-        """Every round with the contributions it sealed (accepted, tokens), the ones rejected while it was
-        open, and the bytes of both: a contribution counts in the round it was sealed into, else its own."""
-        return self._rows(
-            "SELECT r.*, "
-            "COALESCE(SUM(c.sealed_in IS NOT NULL), 0) AS accepted, "
-            "COALESCE(SUM(c.status IN ('rejected', 'revoked')), 0) AS rejected, "
-            "COALESCE(SUM(c.status = 'pending'), 0) AS pending, "
-            "COALESCE(SUM(c.bytes), 0) AS bytes, "
-            "COALESCE(SUM(CASE WHEN c.sealed_in IS NOT NULL THEN c.tokens ELSE 0 END), 0) AS tokens "
-            "FROM rounds r LEFT JOIN contributions c ON COALESCE(c.sealed_in, c.round) = r.round "
-            "GROUP BY r.round ORDER BY r.round"
-        )
-
     def mark_sealed(self, contribution_ids: list[str], round: int) -> None:
         """Record that `round`'s seal folded these contributions (they count as accepted there)."""
         with self._tx() as c:
-            for cid in contribution_ids:
-                c.execute(
-                    "UPDATE contributions SET sealed_in = ?, status = 'accepted' WHERE id = ?", (round, cid)
-                )
-
-    def metrics(self) -> dict[int, dict[str, float]]:
-        """round -> {metric name -> value}."""
-        out: dict[int, dict[str, float]] = {}
-        for row in self._rows("SELECT round, name, value FROM metrics ORDER BY round, name"):
-            out.setdefault(row["round"], {})[row["name"]] = row["value"]
-        return out
-
-    def tokens_seen(self) -> int:
-        rows = self._rows(
-            "SELECT COALESCE(SUM(tokens), 0) AS n FROM contributions WHERE sealed_in IS NOT NULL"
-        )
-        return int(rows[0]["n"])
+            c.executemany(
+                "UPDATE contributions SET sealed_in = ?, status = 'accepted' WHERE id = ?",
+                [(round, cid) for cid in contribution_ids],
+            )
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
@@ -342,17 +388,69 @@ class History:
         with self._tx() as c:
             c.execute("UPDATE checkpoints SET deleted = 1 WHERE round = ?", (round,))
 
-    def checkpoints(self, *, include_deleted: bool = False) -> list[dict[str, Any]]:
-        where = "" if include_deleted else " WHERE deleted = 0"
-        return self._rows(f"SELECT * FROM checkpoints{where} ORDER BY round")
 
-    def checkpoint(self, round: int) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM checkpoints WHERE round = ? AND deleted = 0", (round,))
-        return rows[0] if rows else None
+class HistoryReader(HistoryQueries):
+    """Read-only access for the HTTP API: a connection per thread, never the writer's lock.
 
-    def latest_checkpoint(self) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM checkpoints WHERE deleted = 0 ORDER BY round DESC LIMIT 1")
-        return rows[0] if rows else None
+    `snapshot()` makes the reads inside it one read transaction (a consistent view across queries).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no history at {self.path}: open it with History.open first")
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            conn.execute("PRAGMA query_only = ON")
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._conn().execute(sql, params).fetchall()]
+
+    @contextmanager
+    def snapshot(self) -> Iterator[HistoryReader]:
+        conn = self._conn()
+        if conn.in_transaction:  # nested: the outer snapshot already holds the view
+            yield self
+            return
+        conn.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+
+def _touch(
+    c: sqlite3.Connection,
+    peer: str,
+    at: float,
+    *,
+    mode: str | None = None,
+    device: str | None = None,
+    name: str | None = None,
+) -> None:
+    c.execute(
+        "INSERT INTO peers(peer, mode, device, name, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(peer) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen), "
+        "first_seen = MIN(first_seen, excluded.first_seen), mode = COALESCE(excluded.mode, mode), "
+        "device = COALESCE(excluded.device, device), name = COALESCE(excluded.name, name)",
+        (peer, mode, device, name, at, at),
+    )
 
 
 def _finite_or_none(value: float | None) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 
 from conftest import PEERS, seed_history
@@ -76,4 +77,138 @@ def test_ban_is_remembered(tmp_path):
     history.ban(PEERS[2], reason="3 contributions rejected", by="validator")
     assert history.is_banned(PEERS[2]) and not history.is_banned(PEERS[1])
     assert history.peers()[0]["ban_reason"] == "3 contributions rejected"
+    history.close()
+
+
+def test_a_known_contribution_does_not_touch_its_peer_again(tmp_path):
+    """The authority sees held contributions again and again: only the first sighting is hearing from it."""
+    history = History.open(tmp_path / "h.sqlite")
+    history.open_round(0, base_hash="00" * 32, at=1.0)
+    history.record_contribution("c1", round=0, peer=PEERS[0], nbytes=100, tokens=10, at=100.0)
+    for later in (200.0, 300.0, 400.0):
+        history.record_contribution("c1", round=0, peer=PEERS[0], nbytes=100, tokens=10, at=later)
+    (peer,) = history.peers()
+    assert (peer["first_seen"], peer["last_seen"]) == (100.0, 100.0)
+    history.close()
+
+
+def test_rounds_are_paged_newest_last(tmp_path):
+    history = History.open(tmp_path / "h.sqlite")
+    seed_history(history, tmp_path)
+    assert [r["round"] for r in history.rounds(limit=3)] == [6, 7, 8]
+    assert [r["round"] for r in history.rounds(before=6, limit=3)] == [3, 4, 5]
+    assert [r["round"] for r in history.rounds(before=2, limit=3)] == [0, 1]
+    assert [r["round"] for r in history.rounds(limit=3, sealed_only=True)] == [5, 6, 7]
+    assert history.round(4) == history.rounds()[4] and history.round(99) is None
+    assert history.sealed_rounds() == (8, history.round(7)["weights_hash"])
+    history.close()
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE peers (
+    peer TEXT PRIMARY KEY, mode TEXT, device TEXT, first_seen REAL NOT NULL, last_seen REAL NOT NULL);
+CREATE TABLE rounds (
+    round INTEGER PRIMARY KEY, opened_at REAL NOT NULL, sealed_at REAL, seal_reason TEXT,
+    weights_hash TEXT, base_hash TEXT);
+CREATE TABLE contributions (
+    id TEXT PRIMARY KEY, round INTEGER NOT NULL, peer TEXT NOT NULL, received_at REAL NOT NULL,
+    bytes INTEGER NOT NULL, tokens INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
+    reason TEXT, loss_before REAL, loss_after REAL, norm REAL, sealed_in INTEGER);
+CREATE INDEX contributions_round ON contributions(round);
+CREATE INDEX contributions_peer ON contributions(peer);
+CREATE TABLE metrics (
+    round INTEGER NOT NULL, name TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (round, name));
+CREATE TABLE revocations (
+    contribution_id TEXT PRIMARY KEY, round INTEGER, peer TEXT, reason TEXT NOT NULL, by TEXT NOT NULL,
+    at REAL NOT NULL);
+CREATE TABLE bans (peer TEXT PRIMARY KEY, reason TEXT NOT NULL, by TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE checkpoints (
+    round INTEGER PRIMARY KEY, file TEXT NOT NULL, weights_hash TEXT NOT NULL, bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL, deleted INTEGER NOT NULL DEFAULT 0);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO peers VALUES ('{p0}', 'public', 'cpu', 1.0, 9.0), ('{p1}', NULL, NULL, 2.0, 8.0);
+INSERT INTO rounds VALUES (0, 1.0, 5.0, 'quorum', '{h1}', '{h0}'), (1, 5.0, NULL, NULL, NULL, '{h1}');
+INSERT INTO contributions(id, round, peer, received_at, bytes, tokens, status, sealed_in) VALUES
+    ('a', 0, '{p0}', 2.0, 100, 10, 'accepted', 0),
+    ('b', 0, '{p1}', 3.0, 50, 10, 'rejected', NULL),
+    ('c', 0, '{p1}', 4.0, 70, 10, 'accepted', 1),
+    ('d', 1, '{p0}', 6.0, 30, 10, 'pending', NULL);
+"""
+
+
+def test_a_version_1_history_is_migrated_with_its_counters(tmp_path):
+    """A state dir written by the previous release opens with the same numbers the old joins gave."""
+    path = tmp_path / "history.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_SCHEMA.format(p0=PEERS[0], p1=PEERS[1], h0="00" * 32, h1="11" * 32))
+    conn.close()
+    history = History.open(path)
+    rounds = {r["round"]: r for r in history.rounds()}
+    assert [rounds[0][k] for k in ("accepted", "rejected", "pending", "bytes", "tokens")] == [
+        1,
+        1,
+        0,
+        150,
+        10,
+    ]
+    assert [rounds[1][k] for k in ("accepted", "rejected", "pending", "bytes", "tokens")] == [
+        1,
+        0,
+        1,
+        100,
+        10,
+    ]
+    peers = {p["peer"]: p for p in history.peers()}
+    assert [peers[PEERS[1]][k] for k in ("accepted", "rejected", "bytes", "tokens")] == [1, 1, 120, 10]
+    assert history.tokens_seen() == 20
+    history.mark_sealed(["d"], 1)  # later writes keep the migrated counters current
+    assert history.round(1)["accepted"] == 2 and history.tokens_seen() == 30
+    history.close()
+    version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema_version'")
+    assert version.fetchone()[0] == "2"
+
+
+def _plans(history: History, calls) -> dict[str, list[str]]:
+    """EXPLAIN QUERY PLAN of every statement `calls(history)` runs (as SQLite saw it, values bound)."""
+    statements: list[str] = []
+    history._conn.set_trace_callback(statements.append)
+    calls(history)
+    history._conn.set_trace_callback(None)
+    reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert reads, "no query ran"
+    return {sql: [row[3] for row in history._conn.execute("EXPLAIN QUERY PLAN " + sql)] for sql in reads}
+
+
+def _hot_queries(history: History) -> None:
+    """What the authority runs every tick and what each API page reads."""
+    history.contribution(hashlib.sha256(b"x").hexdigest())
+    history.record_contribution(
+        hashlib.sha256(f"{PEERS[0]}3".encode()).hexdigest(), round=3, peer=PEERS[0], nbytes=1, tokens=1
+    )
+    history.open_round(8, base_hash="00" * 32)
+    history.current_round()
+    history.round(5)
+    history.rejections(PEERS[3])
+    history.is_banned(PEERS[3])
+    history.checkpoint(3)
+    history.checkpoints()
+    history.contributions(round=5)
+    history.rounds(before=6, limit=3)
+    history.rounds(limit=3, sealed_only=True)
+    history.sealed_rounds()
+    history.tokens_seen()
+    history.metrics(first=2, last=5)
+    history.peers(limit=10)
+    history.peer_counts(heard_since=0.0)
+    history.revocations(limit=10)
+
+
+def test_hot_queries_use_indexes_and_never_sort_or_scan_a_table(tmp_path):
+    history = History.open(tmp_path / "h.sqlite")
+    seed_history(history, tmp_path)
+    for sql, plan in _plans(history, _hot_queries).items():
+        for step in plan:
+            bare_scan = step.startswith("SCAN") and "INDEX" not in step
+            assert not bare_scan and "TEMP B-TREE" not in step, f"{sql}\n  {step}"
     history.close()
