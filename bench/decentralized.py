@@ -17,8 +17,8 @@ The same spiking model, corpus, token budget and seeds in every setup; peers' sh
     <d>-damped-c2     as <d>-damped with c0 = 2
     wu<R>-<d>         density warm-up (CodecConfig.warmup_rounds = R, warmup_density = 25%): round r < R
                       keeps 25% · (d / 25%)^(r / R), then d; damped mean c0 = 1 (R = 2, 4 or 8 at
-                      1.56%, R = 4 at 6.25%; any wu<R>-<d>[-from<w>] runs with --setups, d and w in
-                      percent rounded to k/4096, e.g. wu16-0.39-from6.25)
+                      1.56%, R = 4 at 6.25%; any wu<R>-<d>[-from<w>][-lr<η>] runs with --setups, d and w
+                      in percent rounded to k/4096, η the outer lr, e.g. wu16-0.39-from6.25-lr1.5)
 
 Peers run in one process (see bench/_decentralized_sim.py); setups run in parallel worker processes
 (--jobs), each with one torch thread.
@@ -92,19 +92,20 @@ def all_setups(ablation: str) -> dict[str, Setup]:
 
 
 def warmup_setup(name: str) -> Setup | None:
-    """`wu<R>-<d>[-from<w>]` (d, w in percent, rounded to k/4096): warm-up over R rounds from w (default
-    25%) to d, damped mean c0 = 1; None if `name` is not of that form."""
-    match = re.fullmatch(r"wu(\d+)-(\d+(?:\.\d+)?)(?:-from(\d+(?:\.\d+)?))?", name)
+    """`wu<R>-<d>[-from<w>][-lr<η>]` (d, w in percent, rounded to k/4096): warm-up over R rounds from w
+    (default 25%) to d, damped mean c0 = 1, outer lr η (default 1); None if `name` is not of that form."""
+    number = r"(\d+(?:\.\d+)?)"
+    match = re.fullmatch(rf"wu(\d+)-{number}(?:-from{number})?(?:-lr{number})?", name)
     if match is None:
         return None
-    rounds, final, start = match.groups()
+    rounds, final, start, outer_lr = match.groups()
     density = _per_chunk(final)
     warmup_density = _per_chunk(start) if start else WARMUP_DENSITY
     if not 0 < density <= 1 or not 0 < warmup_density <= 1:
         raise ConfigError(f"setup {name!r}: densities must be in (0, 100] percent of a 4096-chunk")
     return Setup(
         name=name, kind="nord", density=density, mean="damped", c0=1.0,
-        warmup_rounds=int(rounds), warmup_density=warmup_density,
+        warmup_rounds=int(rounds), warmup_density=warmup_density, outer_lr=float(outer_lr or 1.0),
     )  # fmt: skip
 
 

@@ -30,7 +30,8 @@ def test_any_warmup_setup_name_is_parsed_into_densities_per_chunk():
     bench = _bench()
     low = bench.warmup_setup("wu16-0.39-from6.25")
     assert (low.density, low.warmup_density, low.warmup_rounds) == (16 / 4096, 256 / 4096, 16)
-    assert low.mean == "damped" and low.kind == "nord"
+    assert low.mean == "damped" and low.kind == "nord" and low.outer_lr == 1.0
+    assert bench.warmup_setup("wu16-0.39-from6.25-lr1.5").outer_lr == 1.5
     assert bench.warmup_setup("wu8-1.56") == bench.all_setups("1.56")["wu8-1.56"]  # the run default's row
     assert bench.warmup_setup("wu8-1.56").warmup_density == 0.25 and bench.warmup_setup("dense") is None
     with pytest.raises(ConfigError, match="densities must be in"):
