@@ -8,10 +8,14 @@ the replica's log and the history resumes the same rounds, checkpoints and hashe
 from __future__ import annotations
 
 import random
+import sys
+import textwrap
 import threading
+import time
 
 import pytest
 import torch
+from procs import Procs, wait_for
 
 from coordinator.authority import Authority
 from coordinator.history import History
@@ -23,8 +27,11 @@ from nord.config import RoundConfig, RunConfig, TrainConfig
 from nord.crdt import Replica, Seal
 from nord.data import DataConfig, prepare
 from nord.errors import MergeError
+from nord.gossip import Gossip
+from nord.gossip.wire import PUSH_TIMEOUT_S
 from nord.identity import Identity
 from nord.model import ModelConfig, NordLM
+from nord.transport import Transport, TransportConfig
 
 AUTHORITY = Identity.from_private_bytes(bytes([1]) * 32)
 WORKERS = [Identity.from_private_bytes(bytes([20 + i]) * 32) for i in range(4)]
@@ -78,9 +85,10 @@ def open_replica(run, path):
     )
 
 
-def make_authority(run, corpus, path, clock, validation=None, **kw):
+def make_authority(run, corpus, path, clock, validation=None, replica=None, **kw):
     validation = validation or ValidationConfig(batches=1, batch_size=2)
-    replica = open_replica(run, path)
+    replica = replica or open_replica(run, path)
+    kw.setdefault("lock", threading.RLock())
     history = History.open(path / "history.sqlite")
     authority = Authority(
         run=run,
@@ -90,7 +98,6 @@ def make_authority(run, corpus, path, clock, validation=None, **kw):
         validator=Validator(run, corpus, validation),
         checkpoint_dir=path / "checkpoints",
         validation=validation,
-        lock=threading.RLock(),
         clock=clock,
         **kw,
     )
@@ -287,3 +294,72 @@ def test_seal_missing_from_history_is_recovered_from_the_replica_log(corpus, tmp
     assert row["weights_hash"] == seal.weights_hash and row["seal_reason"] == "recovered"
     assert again.history.checkpoint(1)["weights_hash"] == seal.weights_hash
     close(again)
+
+
+STALLING_PEER = textwrap.dedent(
+    """
+    import sys, time
+    from nord.transport import Transport, TransportConfig
+    run_id, bootstrap = sys.argv[1], sys.argv[2]
+    transport = Transport.start(TransportConfig(initial_peers=(bootstrap,), local_only=True))
+    def take_and_stall(peer, body):
+        print("push" + "-taken", flush=True)  # spelled apart: the log also echoes this script
+        time.sleep(3600)  # reads the push, never answers
+    transport.add_handler("push", take_and_stall, max_request_bytes=1 << 30)
+    record = {"role": "worker", "client_mode": False}
+    transport.store_record(f"nord/{run_id}/peers", transport.peer_id, record, 600)
+    print("stall" + "-ready", flush=True)
+    time.sleep(3600)
+    """
+)
+SEAL_BUDGET_S = 20.0  # one step of this model takes well under a second; generous for a loaded machine
+
+
+@pytest.mark.p2p
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_peer_that_takes_a_push_and_never_answers_does_not_delay_sealing(corpus, tmp_path):
+    assert PUSH_TIMEOUT_S >= 1.5 * SEAL_BUDGET_S  # else the old, blocking publish would pass too
+    run = make_run(quorum=1)
+    replica = open_replica(run, tmp_path)
+    transport = Transport.start(TransportConfig(local_only=True))
+    gossip = Gossip(transport, replica, run.to_json(), role="coordinator")
+    gossip.serve()
+    auth = make_authority(
+        run, corpus, tmp_path, time.time, replica=replica, lock=gossip.lock,
+        publish_seal=gossip.publish_seal, publish_removal=gossip.publish_removal,
+    )  # fmt: skip
+    stop = threading.Event()
+
+    def serve_loop():  # as `nord-coordinator serve` does
+        while not stop.is_set():
+            auth.step()
+            time.sleep(0.1)
+
+    loop = threading.Thread(target=serve_loop, daemon=True)
+    try:
+        with Procs(tmp_path) as procs:
+            procs.start(
+                "stall", sys.executable, "-c", STALLING_PEER, run.run_id, transport.visible_maddrs()[0]
+            )
+            wait_for(lambda: "stall-ready" in procs.log("stall"), 120, "the stalling peer")
+            wait_for(gossip.reachable_peers, 60, "the stalling peer's presence record")
+            loop.start()
+            with gossip.lock:  # as a worker's push is taken
+                contribute(auth, 0, 1e-4, seed=1)
+            wait_for(lambda: "push-taken" in procs.log("stall"), 60, "round 0's seal pushed to the peer")
+
+            stalled_at = time.monotonic()
+            with gossip.lock:
+                contribute(auth, 1, 1e-4, seed=2)
+            wait_for(lambda: auth.replica.round >= 2, 2 * PUSH_TIMEOUT_S, "round 1 sealed")
+            waited = time.monotonic() - stalled_at
+            assert waited < SEAL_BUDGET_S, f"round 1 sealed {waited:.1f} s after the stall began"
+            assert auth.history.rounds()[1]["weights_hash"] == auth.replica.base_hash
+    finally:
+        stop.set()
+        if loop.is_alive():
+            loop.join(timeout=2 * PUSH_TIMEOUT_S)
+        gossip.close()
+        transport.shutdown()
+        close(auth)
