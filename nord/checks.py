@@ -17,6 +17,7 @@ PUBLIC_KEY_BYTES = 32
 MAX_REASON_CHARS = 500  # why a contribution was removed or a peer banned: signed and stored in full
 FINGERPRINT_MIN_HEX = 16  # shortest authority fingerprint a user may pin (64 bits of the key)
 FINGERPRINT_HEX = 20  # what Nord prints (80 bits): second-preimage grinding of ed25519 keys is out of reach
+MAX_NAME_CHARS = 32  # a volunteer's display name (`nord-node join --name`)
 
 
 def is_run_id(value: Any) -> bool:
@@ -45,6 +46,16 @@ def is_reason(value: Any) -> bool:
 def is_count(value: Any) -> bool:
     """A non-negative int (not a bool): rounds, sizes."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_display_name(value: Any) -> bool:
+    """1-MAX_NAME_CHARS printable characters (no control or line-breaking ones), not blank, no edge spaces."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_NAME_CHARS
+        and value == value.strip()
+        and value.isprintable()
+    )
 
 
 def fingerprint(key_hex: str) -> str:
