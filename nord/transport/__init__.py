@@ -12,6 +12,12 @@ thread ("async inside, blocking outside"). It offers three things:
    before handing the body on; a peer of another `PROTOCOL_VERSION` gets (or reports) one clear line.
    Replies are frames of kind OK (the handler's bytes) or ERROR (a UTF-8 line).
 
+   Every remote party is a stranger, so what it can make this peer spend is bounded (inbound.py): the
+   body buffer grows only with bytes that arrived; each read and write must progress within
+   `idle_timeout_s`; at most `max_streams_per_peer` / `max_streams` inbound streams are served at once
+   (more get an ERROR frame); handlers run in HANDLER_THREADS threads, at most HANDLER_CALLS_PER_PEER
+   for one peer; a request that times out is cancelled (its stream closed, its task ended).
+
 2. Small DHT records (`store_record` / `get_records`): contribution id, round, size, holder — never payloads
    (hivemind's DHT drops messages > 4 MiB silently and its store hangs above ~16 KiB; values are capped at
    MAX_RECORD_BYTES = 4 KiB).
@@ -25,7 +31,8 @@ thread ("async inside, blocking outside"). It offers three things:
 Public API (stable):
     PROTOCOL_VERSION, MAX_RECORD_BYTES, HANDLER_PREFIX
     TransportConfig(initial_peers, host_maddrs, announce_maddrs, client_mode, identity_path, local_only,
-                    startup_timeout_s, request_timeout_s)
+                    startup_timeout_s, request_timeout_s, idle_timeout_s, max_streams_per_peer,
+                    max_streams)
     peer_id_of(multiaddr) -> str                  the /p2p/<id> part (ConfigError if missing)
     Transport.start(config) -> Transport          (also a context manager; `shutdown()` is idempotent)
         .peer_id: str                             base58 libp2p peer id
@@ -39,6 +46,7 @@ Public API (stable):
         .get_records(key) -> dict[subkey, value]
         .connected_peers() -> list[str]
         .bytes_sent, .bytes_received: int         stream traffic so far (as caller and as server)
+        .inbound.open, .inbound.refused: int      inbound streams served now / refused over a cap so far
         .install_signal_handlers()                SIGINT/SIGTERM -> shutdown(), then KeyboardInterrupt
         .stopped_by_signal: int | None            which signal stopped it, if one did
         .shutdown()
@@ -51,8 +59,8 @@ Example:
         a.add_handler("echo", lambda peer, body: bytes(body), max_request_bytes=1024)
         assert b.request(a.peer_id, "echo", b"hi") == b"hi"
 
-Files: config.py (TransportConfig, peer_id_of), frames.py (the frame), daemon.py (process hygiene),
-peer.py (Transport).
+Files: config.py (TransportConfig, peer_id_of), frames.py (the frame), inbound.py (stream caps),
+daemon.py (process hygiene), peer.py (Transport).
 """
 
 from nord.transport.config import TransportConfig, peer_id_of

@@ -23,6 +23,11 @@ class TransportConfig:
     local_only: bool = False  # tests: loopback only, no UPnP / NAT-PMP / AutoNAT / relays
     startup_timeout_s: float = 30.0
     request_timeout_s: float = 60.0
+    # a stream whose peer sends or reads nothing for this long (one chunk per read) is cut
+    idle_timeout_s: float = 30.0
+    # inbound streams served at once, per peer and in all; more are refused with an error frame
+    max_streams_per_peer: int = 8
+    max_streams: int = 128
 
     def __post_init__(self) -> None:
         for field_name in ("initial_peers", "host_maddrs", "announce_maddrs"):
@@ -31,8 +36,10 @@ class TransportConfig:
                     peer_id_of(addr)
                 else:
                     _parse(addr, field_name)
-        if not (self.startup_timeout_s > 0 and self.request_timeout_s > 0):
+        if not (self.startup_timeout_s > 0 and self.request_timeout_s > 0 and self.idle_timeout_s > 0):
             raise ConfigError("transport timeouts must be > 0")
+        if not 1 <= self.max_streams_per_peer <= self.max_streams:
+            raise ConfigError("transport stream caps: need 1 <= max_streams_per_peer <= max_streams")
 
     def resolved_host_maddrs(self) -> tuple[str, ...]:
         if self.host_maddrs:

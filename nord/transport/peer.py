@@ -33,6 +33,7 @@ from nord.transport.frames import (
     write_error,
     write_frame,
 )
+from nord.transport.inbound import Inbound, discard_until_closed
 
 logger = logging.getLogger("nord.transport")
 
@@ -42,6 +43,10 @@ DEFAULT_MAX_REPLY_BYTES = 1 << 30
 P2PD_EXIT_TIMEOUT_S = 3.0
 TASK_CANCEL_TIMEOUT_S = 1.0
 HANDLER_PREFIX = "nord/"
+# Handlers run in HANDLER_THREADS threads, at most HANDLER_CALLS_PER_PEER of them for one peer at a time
+# (its other streams wait without a thread): a slow or flooding peer cannot starve the others.
+HANDLER_THREADS = 16
+HANDLER_CALLS_PER_PEER = 2
 
 T = TypeVar("T")
 Handler = Callable[[str, bytes], bytes]
@@ -60,7 +65,12 @@ class Transport:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nord-transport", daemon=True)
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="nord-handler"
+            max_workers=HANDLER_THREADS, thread_name_prefix="nord-handler"
+        )
+        self.inbound = Inbound(
+            per_peer=config.max_streams_per_peer,
+            total=config.max_streams,
+            calls_per_peer=HANDLER_CALLS_PER_PEER,
         )
         self._p2p: P2P | None = None
         self._dht: DHTNode | None = None
@@ -212,11 +222,15 @@ class Transport:
         timeout_s: float | None = None,
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> bytes:
-        """Send `body` to `peer_id`'s handler `name`; return its verified reply or raise TransportError."""
+        """Send `body` to `peer_id`'s handler `name`; return its verified reply or raise TransportError.
+
+        A request that takes longer than `timeout_s` (default: the config's `request_timeout_s`) is
+        cancelled: its stream is closed and its task ends.
+        """
         timeout = timeout_s or self.config.request_timeout_s
         try:
             return self._run(self._request(peer_id, name, body, max_reply_bytes), timeout=timeout)
-        except (concurrent.futures.TimeoutError, asyncio.TimeoutError):
+        except concurrent.futures.TimeoutError:
             raise TransportError(
                 f"peer {short(peer_id)} did not answer {name!r} within {timeout:.0f} s"
             ) from None
@@ -237,13 +251,17 @@ class Transport:
             raise TransportError(
                 f"peer {short(peer_id)} unreachable for {name!r}: {daemon.first_line(e)}"
             ) from None
+        who, idle = f"peer {short(peer_id)}", self.config.idle_timeout_s
         try:
             try:
-                await write_frame(writer, KIND_REQUEST, body)
+                await write_frame(writer, KIND_REQUEST, body, idle_timeout_s=idle, who=who)
                 self.bytes_sent += OVERHEAD_BYTES + len(body)
-            except ConnectionError:
-                pass  # the peer refused early (e.g. too big); its reason may already wait in `reader`
-            kind, reply = await read_frame(reader, max_reply_bytes, who=f"peer {short(peer_id)}")
+            except (ConnectionError, TransportError):
+                pass  # the peer refused early (too big, too many streams); its reason may wait in `reader`
+            # the header may take as long as the peer works on it (bounded by the request's timeout)
+            kind, reply = await read_frame(
+                reader, max_reply_bytes, who=who, idle_timeout_s=idle, header_timeout_s=None
+            )
             self.bytes_received += OVERHEAD_BYTES + len(reply)
         except (ConnectionError, asyncio.IncompleteReadError) as e:
             raise TransportError(
@@ -263,31 +281,63 @@ class Transport:
         ) -> None:
             peer = stream_info.peer_id.to_base58()
             try:
-                try:
-                    _, body = await read_frame(reader, max_request_bytes, who=f"peer {short(peer)}")
-                    self.bytes_received += OVERHEAD_BYTES + len(body)
-                except TransportError as e:
-                    logger.info("rejected a request from %s: %s", short(peer), e)
-                    await write_error(writer, str(e))
-                    await _discard_until_closed(reader)
+                refusal = self.inbound.admit(peer, short(peer))
+                if refusal is not None:
+                    await write_error(writer, refusal, idle_timeout_s=self.config.idle_timeout_s)
+                    await discard_until_closed(reader)
                     return
                 try:
-                    reply = await self._loop.run_in_executor(self._executor, fn, peer, body)
-                except NordError as e:
-                    await write_error(writer, str(e))
-                    return
-                except Exception:
-                    logger.exception("handler %s failed on a request from %s", stream_info.proto, short(peer))
-                    await write_error(writer, "internal error in the peer's handler (see its log)")
-                    return
-                await write_frame(writer, KIND_OK, reply)
-                self.bytes_sent += OVERHEAD_BYTES + len(reply)
+                    await self._serve(fn, max_request_bytes, peer, stream_info.proto, reader, writer)
+                finally:
+                    self.inbound.release(peer)
+            except asyncio.CancelledError:
+                # Shutdown cancels every task. Ending this one quietly matters: Python 3.11's stream
+                # server calls task.exception() on it, which logs a CancelledError traceback.
+                pass
             except (ConnectionError, asyncio.IncompleteReadError) as e:
                 logger.debug("stream from %s ended early: %s", short(peer), e)
             finally:
                 writer.close()
 
         return handle
+
+    async def _serve(
+        self,
+        fn: Handler,
+        max_request_bytes: int,
+        peer: str,
+        proto: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """Read one request (idle timeout per read), run `fn` in a handler thread, write its reply."""
+        who, idle = f"peer {short(peer)}", self.config.idle_timeout_s
+        try:
+            _, body = await read_frame(reader, max_request_bytes, who=who, idle_timeout_s=idle)
+            self.bytes_received += OVERHEAD_BYTES + len(body)
+        except TransportError as e:
+            logger.info("rejected a request from %s: %s", short(peer), e)
+            await write_error(writer, str(e), idle_timeout_s=idle)
+            await discard_until_closed(reader)
+            return
+        try:
+            async with self.inbound.calls(peer):
+                reply = await self._loop.run_in_executor(self._executor, fn, peer, body)
+        except NordError as e:
+            await write_error(writer, str(e), idle_timeout_s=idle)
+            return
+        except Exception:
+            logger.exception("handler %s failed on a request from %s", proto, short(peer))
+            await write_error(
+                writer, "internal error in the peer's handler (see its log)", idle_timeout_s=idle
+            )
+            return
+        try:
+            await write_frame(writer, KIND_OK, reply, idle_timeout_s=idle, who=who)
+        except TransportError as e:
+            logger.info("reply to %s not delivered: %s", short(peer), e)
+            return
+        self.bytes_sent += OVERHEAD_BYTES + len(reply)
 
     # ---- DHT records -------------------------------------------------------------------------------------
 
@@ -310,22 +360,15 @@ class Transport:
     # ---- plumbing ----------------------------------------------------------------------------------------
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coro` on the loop; on `timeout` cancel it (its streams close) and raise TimeoutError."""
         if self._closed and not coro.__qualname__.endswith("_shutdown"):
             coro.close()
             raise TransportError("the transport is shut down")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-
-async def _discard_until_closed(reader: asyncio.StreamReader, timeout_s: float = 2.0) -> None:
-    """After refusing a request unread, let the caller read why before the stream goes away.
-
-    Closing with unread incoming bytes can reset the stream and lose the error frame already sent; so
-    read and drop what still arrives until the caller hangs up, for at most `timeout_s`.
-    """
-
-    async def drain() -> None:
-        while await reader.read(1 << 20):
-            pass
-
-    with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-        await asyncio.wait_for(drain(), timeout_s)
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+        except concurrent.futures.CancelledError:
+            raise TransportError("the transport shut down while this call was in flight") from None

@@ -1,4 +1,5 @@
-"""nord.transport on 127.0.0.1: framed request/reply, limits, protocol versions, DHT records, hygiene."""
+"""nord.transport on 127.0.0.1: framed request/reply, limits, protocol versions, DHT records, hygiene,
+stream caps, cancelled timeouts, handlers no peer can starve."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from procs import wait_for
 
 from nord.errors import CodecError, ConfigError, TransportError
 from nord.transport import HANDLER_PREFIX, Transport, TransportConfig
@@ -179,6 +182,133 @@ def test_caller_reports_a_reply_in_another_protocol_version(pair):
     server._run(server._p2p.add_binary_stream_handler(HANDLER_PREFIX + "future", future_peer))
     with pytest.raises(TransportError, match="speaks Nord protocol v7, this node speaks v1"):
         client.request(server.peer_id, "future", b"hi")
+
+
+def test_a_request_that_times_out_is_cancelled_and_its_stream_closed(pair):
+    server, client = pair
+    hung_up = threading.Event()
+
+    async def silent(info, reader, writer):
+        while await reader.read(1 << 16):  # never answers; returns once the caller closes the stream
+            pass
+        hung_up.set()
+        writer.close()
+
+    server._run(server._p2p.add_binary_stream_handler(HANDLER_PREFIX + "silent", silent))
+    with pytest.raises(TransportError, match="did not answer 'silent' within 1 s"):
+        client.request(server.peer_id, "silent", b"x", timeout_s=1)
+    assert hung_up.wait(timeout=30), "the timed-out request's stream was left open"
+
+
+@pytest.fixture
+def stalling_server(pair):
+    """A peer whose `stall` handler blocks until released, capped at 3 streams per peer."""
+    _, client = pair
+    server = Transport.start(
+        TransportConfig(local_only=True, initial_peers=tuple(client.visible_maddrs()), max_streams_per_peer=3)
+    )
+    release, entered = threading.Event(), []
+
+    def stall(peer: str, body: bytes) -> bytes:
+        entered.append(peer)
+        release.wait(timeout=60)
+        return b"done"
+
+    server.add_handler("stall", stall, max_request_bytes=1024)
+    server.add_handler("echo", lambda peer, body: bytes(body), max_request_bytes=1024)
+    yield server, release, entered
+    release.set()
+    server.shutdown()
+
+
+def test_a_flooding_peer_is_refused_over_its_cap_and_cannot_starve_other_peers(pair, stalling_server):
+    server, release, entered = stalling_server
+    _, flooder = pair
+    outcomes: list[object] = []
+
+    def call() -> None:
+        try:
+            outcomes.append(flooder.request(server.peer_id, "stall", b"x", timeout_s=120))
+        except TransportError as e:
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        refused = lambda: [o for o in outcomes if "too many concurrent streams" in str(o)]  # noqa: E731
+        wait_for(lambda: len(refused()) == 3, 60, "3 of 6 streams refused over the per-peer cap of 3")
+        wait_for(lambda: len(entered) >= 2, 60, "the flooder's handler calls to start")
+        with Transport.start(
+            TransportConfig(local_only=True, initial_peers=tuple(server.visible_maddrs()))
+        ) as other:
+            assert other.request(server.peer_id, "echo", b"still served", timeout_s=30) == b"still served"
+        assert len(entered) == 2, "one peer ran more than its 2 handler calls at once"
+    finally:
+        release.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert [bytes(o) for o in outcomes if not isinstance(o, TransportError)] == [b"done"] * 3
+    assert server.inbound.refused == 3 and server.inbound.open == 0
+
+
+STALLED_PEER_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading, time
+    from nord.transport import Transport, TransportConfig
+    t = Transport.start(TransportConfig(local_only=True, initial_peers=tuple(sys.argv[1:])))
+    t.install_signal_handlers()
+    def stall(peer, body):
+        print("busy", flush=True)
+        threading.Event().wait(3)  # still running when SIGTERM comes; the exit waits for it
+        return body
+    t.add_handler("stall", stall, max_request_bytes=1024)
+    print(t.visible_maddrs()[0], flush=True)
+    try:
+        while True:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    """
+)
+
+
+def _error_of(transport: Transport, peer_id: str, name: str) -> Exception | None:
+    try:
+        transport.request(peer_id, name, b"x")
+    except Exception as e:
+        return e
+    return None
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_request_in_flight_logs_no_traceback(pair):
+    """Python 3.11's stream server logs a CancelledError traceback for a handler task that ends cancelled,
+    as shutdown used to leave the task serving an in-flight request."""
+    _, client = pair
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALLED_PEER_SCRIPT, *client.visible_maddrs()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        from nord.transport import peer_id_of
+
+        addr = proc.stdout.readline().strip()
+        errors = []
+        caller = threading.Thread(target=lambda: errors.append(_error_of(client, peer_id_of(addr), "stall")))
+        caller.start()
+        assert proc.stdout.readline().strip() == "busy"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        caller.join(timeout=60)
+        assert out.strip() == "stopped" and proc.returncode == 0
+        assert "Traceback" not in err and "CancelledError" not in err, err
+        assert isinstance(errors[0], TransportError)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_dht_records_are_shared_and_capped(pair):
