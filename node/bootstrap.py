@@ -11,6 +11,7 @@ Restarting with the same --state-dir resumes the run (same peer id, key, config 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -22,7 +23,7 @@ from pathlib import Path
 from node.session import authorize_run, genesis_weights, model_spec, start_transport
 from node.state import StateDir
 from nord.config import RoundConfig, RunConfig, TrainConfig
-from nord.crdt import Replica
+from nord.crdt import Replica, Seal
 from nord.crdt.log import Store
 from nord.data import Corpus, DataConfig, prepare
 from nord.gossip import PEER_TTL_S, Gossip
@@ -31,6 +32,9 @@ from nord.recipes import get_config
 from nord.transport import Transport
 
 log = logging.getLogger(__name__)
+
+RECENT_SEALS = 16  # seals listed in status.json (the replica's log and snapshot hold the rest)
+COMPACT_KEEP_ROUNDS = 1  # as the coordinator: the last sealed round stays unfolded (a rival seal may win)
 
 
 def create_run(args, identity: Identity, data_root: Path | None) -> RunConfig:
@@ -121,7 +125,7 @@ def bootstrap(args) -> int:
 def seal_loop(run: RunConfig, replica: Replica, gossip: Gossip, identity: Identity, state: StateDir) -> None:
     """Seal rounds by quorum or deadline, forever (until SIGINT/SIGTERM)."""
     opened_round, opened_at, last_heartbeat, last_sync = -1, time.monotonic(), 0.0, 0.0
-    history: list[dict] = []
+    recent: collections.deque[dict] = collections.deque(maxlen=RECENT_SEALS)
     while True:
         now = time.monotonic()
         with gossip.lock:
@@ -129,23 +133,17 @@ def seal_loop(run: RunConfig, replica: Replica, gossip: Gossip, identity: Identi
         if rnd != opened_round:
             opened_round, opened_at = rnd, now
         if len(pool) >= run.rounds.quorum or (pool and now - opened_at >= run.rounds.deadline_s):
-            with gossip.lock:
-                seal = replica.seal(identity)
-                held = dict(replica.contributions())
-                authors = sorted(held[c].peer_key.hex() for c in seal.contribution_ids if c in held)
-            history.append({"round": seal.round, "contributors": authors, "ids": list(seal.contribution_ids)})
-            state.write_status(
-                {"open_round": seal.round + 1, "sealed_weights_hash": seal.weights_hash, "seals": history}
-            )
+            seal = seal_open_round(replica, identity, gossip.lock, state, recent)
             reached = gossip.publish_seal(seal)
             log.info(
                 "sealed round %d with %d contribution(s); pushed to %d peer(s)",
                 seal.round,
-                len(pool),
+                len(seal.contribution_ids),
                 reached,
             )
             print(
-                f"sealed round {seal.round}: {len(pool)} contribution(s), weights {seal.weights_hash[:12]}",
+                f"sealed round {seal.round}: {len(seal.contribution_ids)} contribution(s), "
+                f"weights {seal.weights_hash[:12]}",
                 flush=True,
             )
         if now - last_heartbeat > PEER_TTL_S / 3:
@@ -155,3 +153,20 @@ def seal_loop(run: RunConfig, replica: Replica, gossip: Gossip, identity: Identi
             gossip.anti_entropy(fanout=1)
             last_sync = now
         time.sleep(0.2)
+
+
+def seal_open_round(
+    replica: Replica, identity: Identity, lock, state: StateDir, recent: collections.deque
+) -> Seal:
+    """Seal the open round, compact the replica (memory and state dir stay bounded however long the run),
+    and list the seal in status.json among the `recent` ones."""
+    with lock:
+        seal = replica.seal(identity)
+        held = dict(replica.contributions())
+        authors = sorted(held[c].peer_key.hex() for c in seal.contribution_ids if c in held)
+        replica.compact(keep_rounds=COMPACT_KEEP_ROUNDS)
+    recent.append({"round": seal.round, "contributors": authors, "ids": list(seal.contribution_ids)})
+    state.write_status(
+        {"open_round": seal.round + 1, "sealed_weights_hash": seal.weights_hash, "seals": list(recent)}
+    )
+    return seal
