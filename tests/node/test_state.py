@@ -96,3 +96,50 @@ def test_status_keeps_the_last_trained_rounds_loss_while_the_next_round_runs(tmp
     assert state.read_status()["loss"] == 3.5 and state.read_status()["loss_round"] == 4
     state.write_status({"round": 6, "phase": "sealed", "loss": 3.1, "firing_rate": 0.1})
     assert (state.read_status()["loss"], state.read_status()["loss_round"]) == (3.1, 6)
+
+
+def make_replica_dir(path, marker: str) -> None:
+    path.mkdir(parents=True)
+    (path / "CURRENT").write_text(marker)
+
+
+def test_a_verified_replica_is_swapped_in_whole(tmp_path):
+    state = StateDir(tmp_path)
+    make_replica_dir(state.replica_dir, "old")
+    make_replica_dir(state.incoming_replica_dir, "new")
+    state.swap_replica()
+    assert (state.replica_dir / "CURRENT").read_text() == "new"
+    assert not state.incoming_replica_dir.exists() and not state.old_replica_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "left, expected",
+    [
+        ({"replica": "old", "replica.new": "partial"}, "old"),  # crashed while fetching: keep the old one
+        ({"replica.old": "old", "replica.new": "new"}, "new"),  # crashed between the two renames
+        ({"replica.old": "old"}, "old"),
+        ({"replica": "new", "replica.old": "old"}, "new"),  # crashed before dropping the old one
+    ],
+)
+def test_a_crash_during_a_swap_leaves_one_whole_replica(tmp_path, left, expected):
+    state = StateDir(tmp_path)
+    for name, marker in left.items():
+        make_replica_dir(tmp_path / name, marker)
+    state.recover_replica()
+    assert (state.replica_dir / "CURRENT").read_text() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replica"]
+
+
+def test_the_pinned_authority_is_stored_and_checked(tmp_path):
+    from node.session import pinned_authority
+
+    state = StateDir(tmp_path)
+    assert state.pinned_authority() is None and pinned_authority(None, state) is None
+    state.pin_authority("ab" * 10)
+    assert pinned_authority(None, state) == "ab" * 10
+    assert pinned_authority("AB" * 8, state) == "ab" * 8  # a shorter prefix of the same key
+    with pytest.raises(ConfigError, match="differs from the authority"):
+        pinned_authority("cd" * 10, state)
+    state.authority_file.write_text("not hex\n")
+    with pytest.raises(ConfigError, match="16-64 hex digits"):
+        state.pinned_authority()

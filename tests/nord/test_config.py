@@ -47,3 +47,77 @@ def test_invalid_json_and_missing_file(tmp_path):
         RunConfig.from_json("{")
     with pytest.raises(ConfigError, match="not found"):
         RunConfig.load(tmp_path / "nope.json")
+
+
+# ---- the trust anchor: a run config is signed by its authority and pinned by fingerprint (#17) ----
+
+
+def signed_pair():
+    from nord.identity import Identity
+
+    authority, impostor = Identity.from_private_bytes(b"\x05" * 32), Identity.from_private_bytes(b"\x06" * 32)
+    run = RunConfig.from_dict({**minimal(), "authorities": [authority.public_hex], "genesis_hash": "a" * 64})
+    return run.signed(authority), authority, impostor
+
+
+def test_a_signed_config_verifies_against_its_pinned_authority_only():
+    run, authority, impostor = signed_pair()
+    again = RunConfig.from_json(run.to_json())  # as served and fetched
+    assert again.verify(authority.fingerprint) == authority.public_hex
+    assert again.verify(None) == authority.public_hex  # trust on first use: still must be self-consistent
+    with pytest.raises(ConfigError, match=f"signed by authority {authority.fingerprint}, not the pinned"):
+        again.verify(impostor.fingerprint)
+    claimed = again.with_authorities((impostor.public_hex,)).signed(impostor)
+    with pytest.raises(ConfigError, match="not the pinned"):
+        claimed.verify(authority.fingerprint)
+
+
+def test_any_change_to_a_signed_config_breaks_its_signature():
+    import dataclasses
+
+    run, authority, _ = signed_pair()
+    for changed in (
+        dataclasses.replace(run, genesis_hash="b" * 64),
+        dataclasses.replace(run, train=TrainConfig(inner_steps=99)),
+        RunConfig.from_json(run.to_json().replace('"quorum": 3', '"quorum": 1')),
+    ):
+        with pytest.raises(ConfigError, match="signature by none of its authorities"):
+            changed.verify(authority.fingerprint)
+    with pytest.raises(ConfigError, match="not signed"):
+        run.with_authorities(run.authorities).verify(None)
+
+
+def test_signing_needs_an_authority_key_and_a_genesis_hash():
+    import dataclasses
+
+    run, authority, impostor = signed_pair()
+    with pytest.raises(ConfigError, match="is not an authority"):
+        run.signed(impostor)
+    with pytest.raises(ConfigError, match="no genesis_hash"):
+        dataclasses.replace(run, genesis_hash="").signed(authority)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("genesis_hash", "xyz", "genesis_hash"),
+        ("signature", "00", "signature"),
+        ("signature", 5, "must be strings"),
+        ("run_id", "bad\n", "invalid"),  # the old pattern's `$` let a trailing newline through
+    ],
+)
+def test_trust_fields_are_validated(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict({**minimal(), field: value})
+
+
+def test_fingerprints_are_checked():
+    from nord.checks import matches_fingerprint
+    from nord.config import check_fingerprint
+
+    key = "0123456789abcdef" * 4
+    assert check_fingerprint(" 0123456789ABCDEF0123 ", "--authority") == "0123456789abcdef0123"
+    assert matches_fingerprint(key, "0123456789abcdef") and not matches_fingerprint(key, "1123456789abcdef")
+    for bad in ("0123", "xyz0123456789abcdef", "0" * 65):
+        with pytest.raises(ConfigError, match="16-64 hex digits"):
+            check_fingerprint(bad, "--authority")
