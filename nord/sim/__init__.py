@@ -21,20 +21,27 @@ from collections.abc import Callable
 
 from nord.sim.inputs import LINKS, SimConfig, draw_volunteers
 
-__all__ = ["SimConfig", "simulate"]
+__all__ = ["SimConfig", "run_world", "simulate"]
 
 HORIZON_S = 14 * 24 * 3600.0  # sessions are drawn this far ahead; runs stop at their last seal
 
 
 def simulate(cfg: SimConfig, on_seal: Callable[[int], None] | None = None) -> dict:
     """Run one simulation until `cfg.rounds` rounds are sealed; the summary (metrics.summarize)."""
+    from nord.sim.metrics import summarize
+
+    started = time.perf_counter()
+    world, authority = run_world(cfg, on_seal)
+    return summarize(world, authority, time.perf_counter() - started)
+
+
+def run_world(cfg: SimConfig, on_seal: Callable[[int], None] | None = None):
+    """Build the swarm, run it until `cfg.rounds` seals; (World, Authority) for inspection."""
     from nord.sim import costs
     from nord.sim.coordinator import Authority, coordinator
-    from nord.sim.metrics import summarize
     from nord.sim.peers import relay, volunteer
     from nord.sim.world import World
 
-    started = time.perf_counter()
     sizes = costs.measure_sizes(cfg.model)
     volunteers = draw_volunteers(cfg, sizes.params, HORIZON_S)
     dc = LINKS["datacenter"]
@@ -46,4 +53,4 @@ def simulate(cfg: SimConfig, on_seal: Callable[[int], None] | None = None) -> di
     for node in range(world.first_volunteer, world.n_nodes):
         world.env.process(volunteer(world, node))
     world.env.run(until=world.finished)
-    return summarize(world, authority, time.perf_counter() - started)
+    return world, authority

@@ -183,7 +183,15 @@ class World:
             t50, t99 = column_quantile(times, 0.5), column_quantile(times, 0.99)
             for c in range(rs.n):
                 self.retired.append(
-                    {"round": q, "kind": rs.kind[c], "bytes": int(rs.nbytes[c]), "t50": t50[c], "t99": t99[c]}
+                    {
+                        "round": q,
+                        "col": c,
+                        "author": rs.author[c],
+                        "kind": rs.kind[c],
+                        "bytes": int(rs.nbytes[c]),
+                        "t50": t50[c],
+                        "t99": t99[c],
+                    }
                 )
 
     def was_online(self, volunteer_node: int, t: float) -> bool:
