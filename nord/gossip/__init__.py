@@ -9,9 +9,12 @@ and every request names its run, so a peer of another run answers "run ... not f
                envelopes; `more` says to ask again), digest: the server's digest, behind: caller is older
                than the server's compaction point (fetch a snapshot)}
     push       {run_id, delta} -> {accepted}
-    fetch      {run_id, ids} -> {delta: those contributions}
+    fetch      {run_id, ids: at most MAX_FETCH_IDS contribution ids} -> {delta: those contributions}
     snapshot   {run_id} -> safetensors bytes of the sealed tip (`Replica.save_snapshot`)
     tokenizer  {run_id} -> tokenizer.json bytes
+
+Every field of every request is checked (type, shape, list lengths) before use: a malformed request
+gets a one-line error that names the field, and only NordError leaves a handler.
 
 One exchange with peer P, started by either side (so client-mode peers, which nobody can dial, take
 part): `sync` brings what P has and we lack, then `push` sends what P lacks by P's digest. New

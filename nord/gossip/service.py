@@ -15,19 +15,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nord.checks import is_hex64
 from nord.crdt import Delta, Removal, Replica, Seal
 from nord.errors import MergeError, NordError, TransportError
 from nord.gossip.wire import (
     BACKOFF_S,
     MAX_DELTA_BYTES,
+    MAX_FETCH_IDS,
     PEER_TTL_S,
     PUSH_TIMEOUT_S,
     RECORD_TTL_S,
     SMALL_REQUEST_BYTES,
     SYNC_BUDGET_BYTES,
-    RunNotFound,
     delta_from,
+    fetch_ids,
     pack,
+    request_of,
     unpack,
     within_budget,
 )
@@ -108,12 +111,7 @@ class Gossip:
         return handler
 
     def _request_of(self, body: bytes, name: str) -> dict[str, Any]:
-        req = unpack(body, f"{name} request")
-        if req.get("run_id") != self.run_id:
-            raise RunNotFound(
-                f"run {req.get('run_id')!r} not found on this peer (it serves run {self.run_id!r})"
-            )
-        return req
+        return request_of(body, name, self.run_id)
 
     def _on_hello(self, peer: str, body: bytes) -> bytes:
         self._request_of(body, "hello")
@@ -149,7 +147,7 @@ class Gossip:
         return pack({"accepted": accepted})
 
     def _on_fetch(self, peer: str, body: bytes) -> bytes:
-        ids = set(self._request_of(body, "fetch").get("ids") or ())
+        ids = fetch_ids(self._request_of(body, "fetch"))
         with self.lock:
             held = [e.to_bytes() for cid, e in self.replica.contributions() if cid in ids]
         delta, _ = within_budget(Delta(envelopes=tuple(held)), SYNC_BUDGET_BYTES)
@@ -309,8 +307,8 @@ class Gossip:
                 records = self.transport.get_records(f"nord/{self.run_id}/contrib/{rnd}")
             except TransportError:
                 continue
-            for record in records.values():
-                if isinstance(record, dict) and isinstance(record.get("cid"), str):
+            for record in records.values():  # anyone can write these: a bad id would spoil a fetch
+                if isinstance(record, dict) and is_hex64(record.get("cid")):
                     wanted.setdefault(record["cid"], []).append(str(record.get("holder")))
         me = self.transport.peer_id
         with self.lock:
@@ -323,6 +321,7 @@ class Gossip:
             if step is None:
                 break
             holder, ids = step
+            ids = ids[:MAX_FETCH_IDS]  # the rest in the next anti-entropy pass
             tried.add(holder)
             try:
                 reply = unpack(

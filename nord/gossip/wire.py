@@ -2,6 +2,10 @@
 
 Requests and replies are msgpack maps naming the run; deltas travel as `nord.crdt.Delta` bytes, at most
 SYNC_BUDGET_BYTES of envelopes per message (the caller asks again while the reply says `more`).
+
+Every field of a request is checked for type and shape here before a handler uses it (`request_of`,
+`fetch_ids`; digests and deltas by nord.crdt), so a malformed request gets a one-line error naming the
+field, never an "internal error".
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Any
 
 import msgpack
 
+from nord.checks import is_hex64, is_run_id
 from nord.codec import CodecConfig
 from nord.crdt import Delta
 from nord.errors import MergeError, TransportError
@@ -27,6 +32,7 @@ SMALL_REQUEST_BYTES = 1 << 20
 MAX_DELTA_BYTES = SYNC_BUDGET_BYTES + CodecConfig().max_payload_bytes + SMALL_REQUEST_BYTES
 MAX_SNAPSHOT_BYTES = 16 << 30
 MAX_TOKENIZER_BYTES = 64 << 20
+MAX_FETCH_IDS = 4096  # contribution ids in one fetch request (≈ 270 KB); pull_announced asks in several
 
 
 class RunNotFound(TransportError):
@@ -45,6 +51,36 @@ def unpack(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise TransportError(f"{what}: expected a map")
     return obj
+
+
+def request_of(body: bytes, name: str, run_id: str) -> dict[str, Any]:
+    """The msgpack map of a `name` request for `run_id`; TransportError if malformed, RunNotFound if it
+    names another run."""
+    req = unpack(body, f"{name} request")
+    asked = req.get("run_id")
+    if not is_run_id(asked):
+        raise TransportError(f"{name} request: run_id is not a run id (got {_kind(asked)})")
+    if asked != run_id:
+        raise RunNotFound(f"run {asked!r} not found on this peer (it serves run {run_id!r})")
+    return req
+
+
+def fetch_ids(req: dict[str, Any]) -> set[str]:
+    """The contribution ids a fetch request asks for: a list of at most MAX_FETCH_IDS 64-hex-digit ids."""
+    ids = req.get("ids")
+    if not isinstance(ids, list) or len(ids) > MAX_FETCH_IDS or not all(is_hex64(i) for i in ids):
+        raise TransportError(
+            f"fetch request: ids must be a list of at most {MAX_FETCH_IDS} contribution ids "
+            f"(64 lowercase hex digits each), got {_kind(ids)}"
+        )
+    return set(ids)
+
+
+def _kind(value: Any) -> str:
+    """What a malformed field was, in a few words (never its possibly huge content)."""
+    if isinstance(value, (list, dict, str, bytes)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return type(value).__name__ if value is not None else "nothing"
 
 
 def delta_from(data: Any) -> Delta:
@@ -81,7 +117,10 @@ def fetch_run_config_json(transport: Transport, peer_id: str, run_id: str) -> st
     reply = transport.request(
         peer_id, "config", pack({"run_id": run_id}), max_reply_bytes=SMALL_REQUEST_BYTES
     )
-    return reply.decode("utf-8")
+    try:
+        return reply.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TransportError(f"peer {peer_id[-8:]} sent a run config that is not UTF-8 text") from None
 
 
 def fetch_snapshot(transport: Transport, peer_id: str, run_id: str, out_path: str | Path) -> Path:

@@ -112,3 +112,26 @@ def test_garbage_and_forged_pushes_are_rejected_without_harm(swarm):
     assert reply == {"accepted": 0}
     assert boot.replica.contributions() == []
     assert PEERS  # the identities used above are the shared fixtures'
+
+
+TYPE_CONFUSED = [  # (handler, request, what the error says)
+    ("fetch", {"run_id": RUN, "ids": 5}, "ids must be a list of at most 4096 contribution ids"),
+    ("fetch", {"run_id": RUN, "ids": True}, "got bool"),
+    ("fetch", {"run_id": RUN, "ids": [[1]]}, "got a list of length 1"),
+    ("fetch", {"run_id": RUN, "ids": ["0" * 64] * 4097}, "got a list of length 4097"),
+    ("fetch", {"run_id": RUN}, "got nothing"),
+    ("hello", {"run_id": [RUN]}, "hello request: run_id is not a run id"),
+    ("sync", {"run_id": RUN, "digest": {"round": "x"}}, "malformed anti-entropy digest"),
+    ("push", {"run_id": RUN, "delta": 7}, "message carries no delta"),
+    ("push", {"run_id": RUN, "delta": b"\x93\x01"}, "nord.delta"),
+]
+
+
+def test_type_confused_requests_get_a_specific_error(swarm, caplog):
+    """The issue's probe was `fetch` with ids = 5, true or [[1]]: an internal error and a traceback."""
+    boot, public_a = swarm[0], swarm[1]
+    for name, fields, message in TYPE_CONFUSED:
+        with pytest.raises(TransportError, match=message) as refused:
+            public_a.transport.request(boot.transport.peer_id, name, msgpack.packb(fields, use_bin_type=True))
+        assert "internal error" not in str(refused.value)
+    assert not [r for r in caplog.records if r.exc_info], "a handler let a non-NordError escape"
