@@ -27,21 +27,25 @@ def _machine() -> dict:
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "load": os.getloadavg()}
 
 
-def _lstsq(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
-    """(intercept, slope, max relative residual) of ys ≈ a + b·xs."""
+def _lstsq(xs: list, ys: list[float]) -> tuple[float, float | list[float], float]:
+    """(intercept, slope or slopes, max relative residual) of ys ≈ a + b·xs (xs: numbers or rows)."""
     import numpy as np
 
-    a_mat = np.stack([np.ones(len(xs)), np.asarray(xs, dtype=np.float64)], axis=1)
-    (a, b), *_ = np.linalg.lstsq(a_mat, np.asarray(ys, dtype=np.float64), rcond=None)
-    worst = max(abs(a + b * x - y) / y for x, y in zip(xs, ys, strict=True))
-    return float(a), float(b), float(worst)
+    x = np.asarray(xs, dtype=np.float64).reshape(len(xs), -1)
+    a_mat = np.concatenate([np.ones((len(xs), 1)), x], axis=1)
+    coef, *_ = np.linalg.lstsq(a_mat, np.asarray(ys, dtype=np.float64), rcond=None)
+    worst = max(abs(float(a_mat[i] @ coef) - y) / y for i, y in enumerate(ys))
+    slopes = [float(c) for c in coef[1:]]
+    return float(coef[0]), slopes if x.shape[1] > 1 else slopes[0], float(worst)
 
 
-def _best_of(fn, repeats: int = 3) -> float:
+def _best_of(fn, repeats: int = 3, setup=lambda: None) -> float:
+    """Best CPU seconds of `fn(setup())` over `repeats` runs (setup not timed)."""
     best = float("inf")
     for _ in range(repeats):
+        arg = setup()
         t = time.process_time()
-        fn()
+        fn(arg) if arg is not None else fn()
         best = min(best, time.process_time() - t)
     return best
 
@@ -96,10 +100,11 @@ def fit() -> dict:
             )
             data = env.to_bytes()
 
-            def decode_add(data=data, spec=spec, replica=replica):
-                replica().add(decode_envelope(data, spec, run_id="fit"))
+            def decode_add(target, data=data, spec=spec):
+                target.add(decode_envelope(data, spec, run_id="fit"))
 
-            rows["merge"].append({"recipe": recipe, "bytes": len(data), "cpu_s": _best_of(decode_add)})
+            cpu_s = _best_of(decode_add, setup=replica)
+            rows["merge"].append({"recipe": recipe, "bytes": len(data), "params": params, "cpu_s": cpu_s})
         run = types.SimpleNamespace(model=get_config(recipe), train=TrainConfig(), merge=MergeConfig())
         validator = Validator(run, RandomTokens(run.model.vocab_size), ValidationConfig())
         validator.base(base_hash, base)
@@ -125,13 +130,18 @@ def fit() -> dict:
                 if k in (1, 2, 4, 8, 16):
                     body = msgpack.packb({"run_id": "fit", "digest": held.digest()}, use_bin_type=True)
                     rows["digest"].append({"dots": k, "bytes": len(body)})
-    merge = _lstsq([r["bytes"] for r in rows["merge"]], [r["cpu_s"] for r in rows["merge"]])
+    merge = _lstsq([[r["bytes"], r["params"]] for r in rows["merge"]], [r["cpu_s"] for r in rows["merge"]])
     validate = _lstsq([r["params"] for r in rows["validate"]], [r["cpu_s"] for r in rows["validate"]])
     fold = _lstsq([r["params"] for r in rows["fold"]], [r["cpu_s"] for r in rows["fold"]])
     digest = _lstsq([r["dots"] for r in rows["digest"]], [r["bytes"] for r in rows["digest"]])
     size_err = max(abs(r["model"] - r["bytes"]) / r["bytes"] for r in rows["sizes"])
     fits = {
-        "merge_s": {"fixed": merge[0], "per_byte": merge[1], "max_rel_residual": merge[2]},
+        "merge_s": {
+            "fixed": merge[0],
+            "per_byte": merge[1][0],
+            "per_param": merge[1][1],
+            "max_rel_residual": merge[2],
+        },
         "validate_s": {"fixed": validate[0], "per_param": validate[1], "max_rel_residual": validate[2]},
         "fold_s": {"fixed": fold[0], "per_param": fold[1], "max_rel_residual": fold[2]},
         "digest_bytes": {"fixed": digest[0], "per_dot": digest[1], "max_rel_residual": digest[2]},

@@ -1,9 +1,8 @@
 """What each message weighs and what each step costs, from the real code.
 
 Sizes are measured, not guessed: envelopes by encoding a real delta of the recipe's shapes with the
-real `DeltaEncoder` at the warm-up's first density and at the final one (envelope bytes are affine in
-the density; `bench/simulate.py --fit` checks every warm-up round), seals by `Seal.create` itself,
-DHT records by msgpack of the record the gossip service stores.
+real `DeltaEncoder` at every warm-up round's density, seals by `Seal.create` itself, DHT records by
+msgpack of the record the gossip service stores.
 
 CPU times are a model fitted by `bench/simulate.py --fit` to timings of the real code (decode_envelope +
 Replica.add per envelope, the validator's scoring per contribution, the fold that applies a seal); the
@@ -12,10 +11,16 @@ constants below are that fit, and the page docs/simulation.md gives its residual
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgpack
+
+from nord.fsutil import atomic_write_bytes
 
 # bench/simulate.py --fit (see docs/simulation.md for the run and the residuals)
 MERGE_S_PER_BYTE = 6.0e-8  # decode_envelope + Replica.add, per envelope byte ...
@@ -26,64 +31,55 @@ FOLD_S_PER_PARAM = 4.0e-9  # applying a verified seal's sums to the weights
 DIGEST_BYTES_FIXED = 180  # msgpack sync request: run id, round, hashes ...
 DIGEST_BYTES_PER_DOT = 92  # ... plus one (peer key hex, round, 16-hex hash) entry per held dot
 FETCH_BYTES_PER_ID = 66  # a contribution id in a fetch request (64 hex + msgpack header)
+REQUEST_S = 0.003  # CPU of serving one request (frame, hash, handler), bench/simulate.py --validate
 SMALL_MESSAGE_BYTES = 64  # a push acknowledgement, an error line, a hello
 
 
 @dataclass(frozen=True)
 class Sizes:
-    """Measured sizes for one recipe and codec."""
+    """Measured sizes for one recipe and the default codec."""
 
     params: int
-    first_bytes: int  # envelope at the warm-up's first density
-    final_bytes: int  # envelope at the final density
-    first_density: float
-    final_density: float
-    warmup_rounds: int
+    by_round: tuple[int, ...]  # envelope bytes in warm-up rounds 0, 1, ...; the last one from then on
     snapshot_bytes: int  # fp32 safetensors of the weights (a rejoining peer behind compaction)
 
     def envelope_bytes(self, rnd: int) -> int:
-        """Envelope bytes of a round-`rnd` contribution (affine in the warm-up density)."""
-        from nord.codec import CodecConfig, density_for_round
-
-        cfg = CodecConfig(warmup_rounds=self.warmup_rounds, warmup_density=self.first_density)
-        d = density_for_round(cfg, rnd)
-        span = self.first_density - self.final_density
-        frac = (d - self.final_density) / span if span else 0.0
-        return int(round(self.final_bytes + frac * (self.first_bytes - self.final_bytes)))
+        return self.by_round[min(rnd, len(self.by_round) - 1)]
 
 
 @functools.lru_cache(maxsize=8)
 def measure_sizes(model: str) -> Sizes:
-    """Encode one real random delta of `model`'s shapes at the first and the final density."""
+    """Encode one real random delta of `model`'s shapes at each warm-up round's density (cached on disk:
+    ~30 s for `small` the first time)."""
     import torch
 
-    from nord.codec import CodecConfig, DeltaEncoder, density_for_round
+    from nord.codec import CodecConfig, DeltaEncoder
     from nord.identity import Identity
     from nord.model import NordLM
     from nord.recipes import get_config
 
+    cfg = CodecConfig()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nord" / "sim-sizes.json"
+    key = f"{model}:{json.dumps(dataclasses.asdict(cfg), sort_keys=True)}"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key in known:
+        return Sizes(**{**known[key], "by_round": tuple(known[key]["by_round"])})
     with torch.device("meta"):
         spec = NordLM(get_config(model)).param_spec()
     params = sum(int(torch.Size(s).numel()) for s in spec.values())
-    cfg = CodecConfig()
     identity = Identity.from_private_bytes(bytes([7]) * 32)
     gen = torch.Generator().manual_seed(0)
     delta = {k: torch.randn(s, generator=gen) * 1e-3 for k, s in spec.items()}
-    sizes = []
-    for rnd in (0, cfg.warmup_rounds):
-        env = DeltaEncoder(cfg, spec).encode(
-            delta, run_id="sim", round=rnd, base_hash="0" * 64, identity=identity
-        )
-        sizes.append(env.nbytes)
-    return Sizes(
-        params=params,
-        first_bytes=sizes[0],
-        final_bytes=sizes[1],
-        first_density=density_for_round(cfg, 0),
-        final_density=cfg.density,
-        warmup_rounds=cfg.warmup_rounds,
-        snapshot_bytes=4 * params + 64 * len(spec),
+    by_round = tuple(
+        DeltaEncoder(cfg, spec)
+        .encode(delta, run_id="sim", round=rnd, base_hash="0" * 64, identity=identity)
+        .nbytes
+        for rnd in range(cfg.warmup_rounds + 1)
     )
+    sizes = Sizes(params=params, by_round=by_round, snapshot_bytes=4 * params + 64 * len(spec))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cache, json.dumps({**known, key: dataclasses.asdict(sizes)}).encode())
+    return sizes
 
 
 @functools.lru_cache(maxsize=4096)

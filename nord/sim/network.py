@@ -27,14 +27,20 @@ class Network:
     up_free: list[float] = field(init=False)
     down_free: list[float] = field(init=False)
     cpu_free: list[float] = field(init=False)
+    shared_cores: int = 0  # > 0: every node's CPU work queues on one pool of this many cores (loopback)
     bytes_up: list[int] = field(init=False)
     bytes_down: list[int] = field(init=False)
     cpu_s: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
         n = len(self.up_bps)
+        self.share_cores(self.shared_cores)
         self.up_free, self.down_free, self.cpu_free = [0.0] * n, [0.0] * n, [0.0] * n
         self.bytes_up, self.bytes_down, self.cpu_s = [0] * n, [0] * n, [0.0] * n
+
+    def share_cores(self, cores: int) -> None:
+        """Make every node's CPU work queue on one pool of `cores` (all processes on one machine)."""
+        self.shared_cores, self.pool = cores, [0.0] * cores
 
     def send(self, src: int, dst: int, nbytes: int, now: float) -> float:
         """Account `nbytes` from src to dst sent at `now`; the time the last byte arrives."""
@@ -54,9 +60,14 @@ class Network:
 
     def compute(self, node: int, seconds: float, ready: float) -> float:
         """Run `seconds` of CPU on `node` once it is free and the input is there at `ready`; the end."""
+        self.cpu_s[node] += seconds
+        if self.pool:
+            core = min(range(len(self.pool)), key=self.pool.__getitem__)
+            start = max(ready, self.pool[core])
+            self.pool[core] = start + seconds
+            return start + seconds
         start = max(ready, self.cpu_free[node])
         self.cpu_free[node] = start + seconds
-        self.cpu_s[node] += seconds
         return start + seconds
 
 

@@ -59,6 +59,7 @@ def publish(world: World, node: int, q: int, cols: list[int], now: float) -> Non
         for target in share:
             done = world.net.send(node, target, int(rs.nbytes[col]) + costs.SMALL_MESSAGE_BYTES, now)
             if world.online[target]:
+                done = world.net.compute(target, world.request_s, done)
                 world.deliver(target, q, np.array([col]), done)
 
 

@@ -68,6 +68,7 @@ class World:
             latency_s=[lat] * self.first_volunteer + [v.latency_s for v in volunteers],
         )
         self.dht = Dht(record_bytes=costs.record_bytes())
+        self.request_s = costs.REQUEST_S  # CPU a served request costs besides its payload's merge
         self.client = [False] * self.first_volunteer + [v.client_mode for v in volunteers]
         self.hostile = [""] * self.first_volunteer + [v.hostile for v in volunteers]
         self.online = [True] * self.first_volunteer + [False] * len(volunteers)
