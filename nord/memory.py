@@ -50,7 +50,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 # Measured with `torch.autograd.graph.saved_tensors_hooks` (tests/nord/test_memory.py): per D the norms,
 # the mixer projections and gate, and the neuron's float32 scan (inputs, decays, membranes, spikes); per F
 # and M a spike's float32 input and its output. Autocast halves the matmul inputs; the neuron stays fp32.
-BLOCK_BYTES = {False: (56, 8, 8), True: (50, 6, 6)}
+BLOCK_BYTES = {False: (52, 8, 8), True: (46, 6, 6)}
 # The same for a frozen block that backward passes through: no weight gradients, so matmuls keep only
 # what the input gradient needs (measured the same way, three shapes, residual < 2 B).
 FROZEN_BLOCK_BYTES = {False: (36, 4, 4), True: (32, 4, 4)}

@@ -2,7 +2,7 @@
 
 surrogate  `spike` (Heaviside forward, surrogate backward), `integer_spike`, `SURROGATES`
 naive      `dynamic_decay_naive`: the float32 loop h_t = exp(log_a_t)·h_{t−1} + x_t (the spec)
-chunk      `dynamic_decay_chunk`: the same recurrence as a chunked parallel scan (training)
+chunk      `dynamic_decay_chunk`: the same recurrence, sequential in place or as a chunked parallel scan
 lif        LIF with soft reset: `lif_step`, `lif_scan`, `LIFNeuron` (the sequential baseline)
 dynamic    the dynamic-decay neuron (Huang et al. 2026): `DynamicDecayNeuron`
 """

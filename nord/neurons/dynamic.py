@@ -6,10 +6,11 @@
     S_t = Θ(H_t − θ)                         binary (default), or
     S_t = clip(⌊H_t / θ⌋, 0, N)              integer spikes
 
-a_t depends only on the inputs, so given X the recurrence is linear: training runs it over the whole
-sequence with the chunked scan (`dynamic_decay_chunk`), generation one step at a time with O(1) state
-(H plus the last k−1 inputs) and the same parameters. θ is a learned per-channel threshold; the spike
-non-linearity has a surrogate gradient. Everything is computed in float32, also under fp16 autocast.
+a_t depends only on the inputs, so given X the recurrence is linear: training runs gates and scan over the
+whole sequence in one autograd function (`_DynamicDecay`, on the in-place scans of `chunk.py`), generation
+the same function one token at a time with O(1) state (H plus the last k−1 inputs). θ is a learned
+per-channel threshold; the spike non-linearity has a surrogate gradient. Everything is computed in float32,
+also under fp16 autocast.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nord.errors import ConfigError
-from nord.neurons.chunk import dynamic_decay_chunk
+from nord.neurons.chunk import scan_
 from nord.neurons.surrogate import check_surrogate, integer_spike, spike
 
 SPIKE_MODES = ("binary", "integer")
@@ -53,48 +53,94 @@ class SpikeConfig(NamedTuple):
     alpha: float = 2.0
 
 
-class _DecayGates(torch.autograd.Function):
-    """(log a, (1 − a)·X) from [window; X] with a hand-written backward: 2 full-size temporaries forward
-    and ~3 + k backward, where autograd through the k taps would allocate ~4k (CPU time is allocation-bound).
+# On a CPU the neuron works through time in tiles of about this many elements (512 KiB of float32, within a
+# core's L2 cache): gates, scan and backward of a tile then run in cache, ~20 small ops per tile in place of
+# ~30 passes over memory (bench/neurons.py). On CUDA one tile covers the whole sequence.
+_CPU_TILE_ELEMENTS = 2**22
 
-    With a = σ(z):  d log a / dz = 1 − a,   d(1 − a)X / dz = −a(1 − a)X,   d(1 − a)X / dX = 1 − a.
+
+def _tile_length(x: Tensor, k: int) -> int:
+    B, T, D = x.shape
+    if x.device.type != "cpu":
+        return T
+    return max(k - 1, 1, min(T, _CPU_TILE_ELEMENTS // (B * D)))
+
+
+def _conv_into(out: Tensor, ext: Tensor, taps: Tensor, bias: Tensor) -> Tensor:
+    """out (B, τ, D) = b + Σ_j w_j ⊙ ext[:, t + j] for ext = [the k−1 inputs before the tile; the tile]."""
+    k, tau = taps.shape[0], out.shape[1]
+    torch.addcmul(bias, ext[:, k - 1 :], taps[k - 1], out=out)
+    for j in range(k - 1):  # k taps (a conv), not a loop over time
+        out.addcmul_(ext[:, j : j + tau], taps[j])
+    return out
+
+
+class _DynamicDecay(torch.autograd.Function):
+    """Membranes H (B, T, D) from X, the window, the conv (weight (D, k), bias) and h0, tile by tile in time.
+
+    Forward: z = conv([window; X]) + b, a = σ(z), H = scan of a_t·H_{t−1} + (1 − a_t)·X_t from h0.
+    Backward, with g_t = dH_t + a_{t+1}·g_{t+1} (the adjoint scan, tiles in reverse):
+        dX_t (direct) = (1 − a_t)·g_t,   dz_t = g_t·(H_{t−1} − X_t)·a_t(1 − a_t),   dh0 = a_0·g_0,
+    and the conv's transpose: d[window; X]_e += Σ_j w_j dz_{e−j}, dw_j = Σ dz_t [window; X]_{t+j}, db = Σ dz.
+    Keeps X, a and H (three tensors the size of X) for backward.
     """
 
     @staticmethod
-    def forward(ctx, x_padded: Tensor, weight: Tensor, bias: Tensor):
-        k = weight.shape[1]
-        T = x_padded.shape[1] - k + 1
-        z = x_padded[:, :T] * weight[:, 0]  # (B, T, D)
-        for j in range(1, k):  # k taps (a conv), not a loop over time
-            z.addcmul_(x_padded[:, j : j + T], weight[:, j])
-        z.add_(bias)
-        log_a = F.logsigmoid(z)
-        scaled = z.neg_().sigmoid_().mul_(x_padded[:, k - 1 :])  # (1 − a)·X, in z's memory
-        ctx.save_for_backward(x_padded, weight, log_a)
-        return log_a, scaled
+    def forward(ctx, x: Tensor, window: Tensor, weight: Tensor, bias: Tensor, h0: Tensor, chunk_size: int):
+        ctx.chunk_size, ctx.x_dtype = chunk_size, x.dtype
+        dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for gradcheck
+        x, window, weight, bias, h0 = (t.to(dtype) for t in (x, window, weight, bias, h0))
+        T, tau = x.shape[1], _tile_length(x, weight.shape[1])
+        taps = weight.t().contiguous()  # (k, D): a strided tap would defeat vectorisation over D
+        a, h = torch.empty_like(x), torch.empty_like(x)
+        before, state = window, h0  # the k−1 inputs and the state before the tile
+        for t0 in range(0, T, tau):
+            t1 = min(t0 + tau, T)
+            x_t, a_t, h_t = x[:, t0:t1], a[:, t0:t1], h[:, t0:t1]
+            ext = torch.cat([before, x_t], 1)
+            _conv_into(a_t, ext, taps, bias).sigmoid_()
+            torch.addcmul(x_t, a_t, x_t, value=-1, out=h_t)  # (1 − a)·X, then the scan in place
+            scan_(h_t, a_t, state, chunk_size=chunk_size)
+            before, state = ext[:, t1 - t0 :], h_t[:, -1]
+        ctx.save_for_backward(x, window, weight, a, h, h0)
+        return h
 
     @staticmethod
-    def backward(ctx, dlog_a: Tensor, dscaled: Tensor):
-        x_padded, weight, log_a = ctx.saved_tensors
-        k = weight.shape[1]
-        T = log_a.shape[1]
-        x = x_padded[:, k - 1 :]
-        a = log_a.exp()
-        dz = (dscaled * x).mul_(a).neg_().add_(dlog_a)  # dlog_a − dscaled·a·X, times (1 − a) below
-        one_minus_a = a.neg_().add_(1)
-        dz.mul_(one_minus_a)
-        dx = torch.zeros_like(x_padded)
-        dx[:, k - 1 :].addcmul_(dscaled, one_minus_a)
-        dweight = torch.empty_like(weight)
-        for j in range(k):
-            dx[:, j : j + T].addcmul_(dz, weight[:, j])
-            dweight[:, j] = (dz * x_padded[:, j : j + T]).sum((0, 1))
-        return dx, dweight, dz.sum((0, 1))
-
-
-def decay_gates(x_padded: Tensor, p: DynamicDecayParams) -> tuple[Tensor, Tensor]:
-    """(log a_t, (1 − a_t)·X_t) for x_padded = [window; X] of shape (B, k−1+T, D); both (B, T, D)."""
-    return _DecayGates.apply(x_padded, p.conv_weight, p.conv_bias)
+    def backward(ctx, dh: Tensor):
+        x, window, weight, a, h, h0 = ctx.saved_tensors
+        (B, T, D), k = x.shape, weight.shape[1]
+        tau = _tile_length(x, k)
+        taps = weight.t().contiguous()
+        dx, dtaps, dbias = torch.empty_like(x), torch.zeros_like(taps), torch.zeros_like(h0[0])
+        dz_after = x.new_zeros(B, k - 1, D)  # dz of the k−1 steps after the tile (0 past the end)
+        g_after = None  # g of the step after the tile
+        for t0 in reversed(range(0, T, tau)):
+            t1 = min(t0 + tau, T)
+            a_t, x_t = a[:, t0:t1], x[:, t0:t1]
+            g = dx[:, t0:t1].copy_(dh[:, t0:t1])  # g, then (1 − a)·g + the conv's transpose: dX
+            if g_after is not None:
+                g[:, -1].addcmul_(a[:, t1], g_after)
+            if t1 - t0 > 1:
+                scan_(g[:, :-1], a[:, t0 + 1 : t1], g[:, -1], chunk_size=ctx.chunk_size, reverse=True)
+            g_after = g[:, 0].clone()
+            dz = torch.empty_like(x_t)  # g·(H_{t−1} − X_t)·a·(1 − a)
+            torch.sub(h[:, t0 : t1 - 1], x_t[:, 1:], out=dz[:, 1:])
+            torch.sub(h0 if t0 == 0 else h[:, t0 - 1], x_t[:, 0], out=dz[:, 0])
+            dz.mul_(g).mul_(a_t)
+            dz.addcmul_(dz, a_t, value=-1)
+            g.addcmul_(g, a_t, value=-1)
+            dz_ext = torch.cat([dz, dz_after], 1)
+            ext = torch.cat([window if t0 == 0 else x[:, t0 - k + 1 : t0], x_t], 1)
+            product = torch.empty_like(dz)
+            for j in range(k):
+                g.addcmul_(dz_ext[:, k - 1 - j : k - 1 - j + t1 - t0], taps[j])
+                dtaps[j] += torch.mul(dz, ext[:, j : j + t1 - t0], out=product).sum((0, 1))
+            dbias += dz.sum((0, 1))
+            dz_after = dz_ext[:, : k - 1]
+        dwindow = torch.zeros_like(window)  # window slot e < k−1 took part in z_{e−j} through tap j
+        for j in range(k - 1):
+            dwindow[:, j:].addcmul_(dz_after[:, : k - 1 - j], taps[j])
+        return dx.to(ctx.x_dtype), dwindow, dtaps.t(), dbias, g_after * a[:, 0], None
 
 
 def fire(h: Tensor, threshold: Tensor, cfg: SpikeConfig) -> Tensor:
@@ -105,26 +151,33 @@ def fire(h: Tensor, threshold: Tensor, cfg: SpikeConfig) -> Tensor:
     return integer_spike(u, cfg.max_spikes, cfg.surrogate, cfg.alpha)
 
 
+def membranes(x: Tensor, state: DynamicDecayState, p: DynamicDecayParams, chunk_size: int = 64) -> Tensor:
+    """Membranes H (B, T, D) for inputs x (B, T, D) from `state`, in float32 (see `_DynamicDecay`)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _DynamicDecay.apply(x, state.window, p.conv_weight, p.conv_bias, state.h, chunk_size)
+
+
+def next_window(window: Tensor, x: Tensor) -> Tensor:
+    """The last k−1 inputs of [window; x] (a copy: a view would keep all of x alive with the state)."""
+    T = x.shape[1]
+    return torch.cat([window[:, T:], x[:, max(0, T - window.shape[1]) :].to(window.dtype)], 1)
+
+
 def dynamic_decay_neuron_scan(
     x: Tensor, state: DynamicDecayState, p: DynamicDecayParams, cfg: SpikeConfig, chunk_size: int = 64
 ) -> tuple[Tensor, Tensor, DynamicDecayState]:
     """Whole sequence: x (B, T, D) -> (spikes (B, T, D), H (B, T, D), state after the last step)."""
-    T = x.shape[1]
-    x_padded = torch.cat([state.window, x.float()], 1)
-    log_a, scaled = decay_gates(x_padded, p)
-    h, h_final = dynamic_decay_chunk(scaled, log_a, state.h, True, chunk_size)
-    # a copy of the window, not a view: a view would keep the whole (B, k−1+T, D) input alive with the state
-    return fire(h, p.threshold, cfg), h, DynamicDecayState(h_final, x_padded[:, T:].clone())
+    h = membranes(x, state, p, chunk_size)
+    return fire(h, p.threshold, cfg), h, DynamicDecayState(h[:, -1].clone(), next_window(state.window, x))
 
 
 def dynamic_decay_neuron_step(
     x_t: Tensor, state: DynamicDecayState, p: DynamicDecayParams, cfg: SpikeConfig
 ) -> tuple[Tensor, Tensor, DynamicDecayState]:
     """One token: x_t (B, D) -> (spikes (B, D), H_t (B, D), new state); O(1) in the position."""
-    x_padded = torch.cat([state.window, x_t.float().unsqueeze(1)], 1)
-    log_a, scaled = decay_gates(x_padded, p)
-    h = log_a[:, 0].exp() * state.h + scaled[:, 0]
-    return fire(h, p.threshold, cfg), h, DynamicDecayState(h, x_padded[:, 1:])
+    x = x_t.unsqueeze(1)
+    h = membranes(x, state, p)[:, 0]
+    return fire(h, p.threshold, cfg), h, DynamicDecayState(h, next_window(state.window, x))
 
 
 class DynamicDecayNeuron(nn.Module):
@@ -132,8 +185,9 @@ class DynamicDecayNeuron(nn.Module):
 
     `forward(x (B, T, D), state=None) -> (spikes, membrane, state)` for training (parallel scan);
     `step(x_t (B, D), state) -> (spikes_t, membrane_t, state)` for generation. Spikes come back in
-    x's dtype, membranes and state in float32. Initial decays σ(b) are spread over [0.5, 0.98] across
-    channels (time constants of ~2 to ~50 tokens); conv taps start small so the decay starts near σ(b).
+    x's dtype, membranes and state in float32. Initial decays σ(b) have b linear in [0, 6.9] across channels:
+    time constants 1/(1 − σ(b)) = 1 + e^b log-spaced from 2 to ~1,000 tokens, so some channels keep
+    information for a thousand tokens; conv taps start small so the decay starts near σ(b).
     """
 
     def __init__(
@@ -163,7 +217,7 @@ class DynamicDecayNeuron(nn.Module):
         self.dim, self.conv_kernel, self.chunk_size = dim, conv_kernel, chunk_size
         self.spike_config = SpikeConfig(spike_mode, max_spikes, surrogate, alpha)
         self.conv_weight = nn.Parameter(torch.randn(dim, conv_kernel) * (0.1 / conv_kernel**0.5))
-        self.conv_bias = nn.Parameter(torch.logit(torch.linspace(0.5, 0.98, dim)))
+        self.conv_bias = nn.Parameter(torch.linspace(0.0, 6.9, dim))  # τ = 1 + e^b: 2 to ~1,000 tokens
         self.threshold = nn.Parameter(torch.full((dim,), float(threshold_init)))
 
     def params(self) -> DynamicDecayParams:

@@ -12,6 +12,7 @@ from nord.errors import ConfigError
 from nord.neurons import (
     SURROGATES,
     DynamicDecayNeuron,
+    DynamicDecayState,
     LIFNeuron,
     LIFParams,
     LIFState,
@@ -250,11 +251,92 @@ def test_dynamic_neuron_recurrence_stays_float32_under_autocast():
     assert_close("membrane", reference, membrane, ratio=1e-6)
 
 
-def test_decay_gates_backward_matches_finite_differences():
-    from nord.neurons.dynamic import _DecayGates
+# --- every plan of the fast paths against the naive loop --------------------------------------------------
 
+PLANS = {  # (the CPU width from which the scan runs sequentially, the neuron's CPU tile in elements)
+    "sequential-one-tile": (1, 2**40),
+    "chunked-one-tile": (2**40, 2**40),
+    "sequential-tiles": (1, 1),  # tiles of max(k − 1, 1) steps
+    "chunked-tiles": (2**40, 7 * 17 * 3),  # 7 steps of B·D = 51: T is never a multiple
+}
+
+
+@pytest.fixture(params=sorted(PLANS))
+def plan(request, monkeypatch):
+    from nord.neurons import chunk, dynamic
+
+    width, tile = PLANS[request.param]
+    monkeypatch.setattr(chunk, "_CPU_SEQUENTIAL_MIN_WIDTH", width)
+    monkeypatch.setattr(dynamic, "_CPU_TILE_ELEMENTS", tile)
+    return request.param
+
+
+SCAN_SHAPES = [(3, 1, 17), (3, 5, 17), (3, 16, 17), (3, 33, 17), (3, 47, 17), (2, 100, 1), (1, 2500, 3)]
+
+
+@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "no_h0"])
+@pytest.mark.parametrize("B,T,D", SCAN_SHAPES, ids=[f"B{b}-T{t}-D{d}" for b, t, d in SCAN_SHAPES])
+def test_every_scan_plan_matches_naive(plan, B, T, D, with_h0):
+    x, log_a, h0 = random_inputs(B, T, D, seed=T)
+    h0 = h0 if with_h0 else None
+    ref_h, ref_final, ref_grads = outputs_and_grads(dynamic_decay_naive, x, log_a, h0)
+    h, final, grads = outputs_and_grads(dynamic_decay_chunk, x, log_a, h0, chunk_size=4)
+    ratio = 1e-4 if T > 1000 else 1e-5  # long memories: float32 summation order differs by ~1e-5
+    assert_close("h", ref_h, h, ratio)
+    assert_close("h_final", ref_final, final, ratio)
+    for name, ref, got in zip(["dx", "dlog_a", "dh0"][: len(grads)], ref_grads, grads, strict=True):
+        assert_close(name, ref, got, ratio)
+
+
+def reference_membranes(x, window, weight, bias, h0):
+    """The neuron's recurrence from its definition: conv over [window; X] by autograd, then the naive loop."""
+    k, T = weight.shape[1], x.shape[1]
+    padded = torch.cat([window, x], 1)
+    z = bias + sum(padded[:, j : j + T] * weight[:, j] for j in range(k))
+    a = torch.sigmoid(z)
+    return dynamic_decay_naive((1 - a) * x, torch.nn.functional.logsigmoid(z), h0, return_final=True)[0]
+
+
+NEURON_SHAPES = [(2, 1, 13), (2, 2, 13), (3, 9, 13), (2, 33, 13), (2, 64, 5), (1, 700, 3)]
+
+
+@pytest.mark.parametrize("B,T,D", NEURON_SHAPES, ids=[f"B{b}-T{t}-D{d}" for b, t, d in NEURON_SHAPES])
+def test_neuron_membranes_match_the_naive_definition_in_every_plan(plan, B, T, D):
+    """Output, final state, next window and the gradients of x, window, h0, conv weight, bias, threshold."""
+    gen = torch.Generator().manual_seed(T)
+    neuron = DynamicDecayNeuron(D, chunk_size=4)
+    with torch.no_grad():
+        neuron.conv_weight.copy_(torch.randn(D, 4, generator=gen))  # strong, varied decays
+    x = torch.randn(B, T, D, generator=gen).requires_grad_()
+    window = torch.randn(B, 3, D, generator=gen).requires_grad_()
+    h0 = torch.randn(B, D, generator=gen).requires_grad_()
+    spikes, h, state = neuron(x, DynamicDecayState(h0, window))
+    ref_h = reference_membranes(x, window, neuron.conv_weight, neuron.conv_bias, h0)
+    ref_spikes = spike(ref_h - neuron.threshold)
+    ratio = 1e-4 if T > 500 else 1e-5
+    assert_close("h", ref_h, h, ratio)
+    assert_close("h_final", ref_h[:, -1], state.h, ratio)
+    assert torch.equal(state.window, torch.cat([window, x], 1)[:, -3:])
+    ds, dh = torch.randn(h.shape, generator=gen), torch.randn(h.shape, generator=gen)
+    inputs = [x, window, h0, neuron.conv_weight, neuron.conv_bias, neuron.threshold]
+    names = ["dx", "dwindow", "dh0", "dconv_weight", "dconv_bias", "dthreshold"]
+    grads = torch.autograd.grad((spikes * ds).sum() + (h * dh).sum() + state.h.sum(), inputs)
+    ref_grads = torch.autograd.grad((ref_spikes * ds).sum() + (ref_h * dh).sum() + ref_h[:, -1].sum(), inputs)
+    for name, ref, got in zip(names, ref_grads, grads, strict=True):
+        assert_close(name, ref, got, ratio)
+
+
+@pytest.mark.parametrize("tile_steps", [1, 3, 4, 64])
+@pytest.mark.parametrize("T", [1, 2, 10])
+def test_neuron_backward_matches_finite_differences(monkeypatch, tile_steps, T):
+    from nord.neurons import dynamic
+
+    monkeypatch.setattr(dynamic, "_CPU_TILE_ELEMENTS", tile_steps * 2 * 5)
     gen = torch.Generator().manual_seed(7)
-    x_padded = torch.randn(2, 9, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    x = torch.randn(2, T, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    window = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64).requires_grad_()
     weight = (torch.randn(5, 4, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
     bias = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(_DecayGates.apply, (x_padded, weight, bias))
+    h0 = torch.randn(2, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    fn = lambda *args: dynamic._DynamicDecay.apply(*args, 2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, window, weight, bias, h0))
