@@ -36,6 +36,7 @@ RUN_CONFIG = {"run_id": "volunteer-view", "rounds": {"quorum": 3, "deadline_s": 
 ROUNDS = 8  # conftest.seed_history: round r opens at T0 + 60 r and seals 40 s later; round 8 is open
 MADDR = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
 AUTHORITY = "7f" * 32
+ROWS = "document.querySelectorAll('#peers-table tr[data-peer]')"  # the leaderboard's rows, in JS
 DESKTOP, PHONE = {"width": 1280, "height": 800}, {"width": 390, "height": 844}
 
 
@@ -103,7 +104,7 @@ def open_page(browser, dashboard, viewport):
     page.on("pageerror", lambda e: page.errors.append(str(e)))
     page.goto(dashboard.url + "/")
     page.wait_for_selector("#status[data-state=live]", timeout=60_000)
-    page.wait_for_function("document.querySelectorAll('#peers-table tr[data-peer]').length === 4", timeout=60_000)
+    page.wait_for_function(f"{ROWS}.length === 4", timeout=60_000)
     return page
 
 
@@ -127,17 +128,18 @@ def test_leaderboard_ranks_contributors_and_finds_a_volunteer_by_name_or_id(brow
 
     ada_rank = next(p["rank"] for p in board if p["peer"] == PEERS[1])
     page.fill("#board-q", "ada")
-    page.wait_for_function("document.querySelectorAll('#peers-table tr[data-peer]').length === 1")
+    page.wait_for_function(f"{ROWS}.length === 1")
     row = page.query_selector("#peers-table tr[data-peer]")
     assert row.get_attribute("data-peer") == PEERS[1] and "match" in row.get_attribute("class")
     assert "Ada Lovelace" in row.inner_text() and f"#{ada_rank}" in row.inner_text()
 
+    only_third = f"{ROWS}.length === 1 && {ROWS}[0].dataset.peer === '{PEERS[2]}'"
     page.fill("#board-q", fingerprint(PEERS[2])[:10])
-    page.wait_for_function(f"document.querySelector('#peers-table tr[data-peer]')?.dataset.peer === '{PEERS[2]}'")
+    page.wait_for_function(only_third)
     page.reload()  # the search is remembered: the volunteer's row is found again on the next visit
-    page.wait_for_function(f"document.querySelector('#peers-table tr[data-peer]')?.dataset.peer === '{PEERS[2]}'")
+    page.wait_for_function(only_third)
     page.fill("#board-q", "")
-    page.wait_for_function("document.querySelectorAll('#peers-table tr[data-peer]').length === 4")
+    page.wait_for_function(f"{ROWS}.length === 4")
     assert page.errors == []
 
 

@@ -133,9 +133,7 @@ def test_presence_names_reach_the_leaderboard_only_when_valid(tmp_path):
     finally:
         transport.shutdown()
     reader = HistoryReader(history.path)
-    app = create_app(
-        ApiContext(history=reader, run_config=RUN_CONFIG, checkpoint_dir=tmp_path, model={})
-    )
+    app = create_app(ApiContext(history=reader, run_config=RUN_CONFIG, checkpoint_dir=tmp_path, model={}))
     with TestClient(app) as c:
         names = {r["peer"]: r["name"] for r in c.get("/api/leaderboard").json()["peers"]}
     reader.close()
