@@ -1,12 +1,13 @@
 """Catching up with a run whose peers compacted past this replica, without trusting any one peer.
 
-A peer's `behind` flag (we are older than its compaction point) is a claim, not a fact. `CatchUp` asks a
-few random reachable peers (never the first in id order: peer ids can be ground) for their round,
-downloads a snapshot only from one that claims a newer round, verifies it (`Replica.from_snapshot`:
+A peer's `behind` flag (we are older than its compaction point) is a claim, not a fact. `CatchUp` syncs
+with a few random reachable peers (never the first in id order: peer ids can be ground), downloads a
+snapshot only from one that says we are behind it, verifies it (`Replica.from_snapshot`:
 genesis hash or authority seal) into `replica.new/`, and only then is the old replica swapped out
 (`StateDir.swap_replica`). A peer whose snapshot fails verification or is not newer is not asked again
-for DISTRUST_S (one warning), and a pass that adopted nothing is not repeated for CATCH_UP_BACKOFF_S,
-doubling up to CATCH_UP_MAX_S: a liar costs at most one download per DISTRUST_S.
+for DISTRUST_S (one warning), and a pass that adopted nothing is not repeated for CATCH_UP_EVERY_S: a
+liar costs at most one download per DISTRUST_S, and any number of liars at most SNAPSHOT_CANDIDATES
+downloads per CATCH_UP_EVERY_S (docs/security.md: Sybils are not bounded otherwise).
 """
 
 from __future__ import annotations
@@ -18,18 +19,16 @@ import time
 
 from node.session import fetch_replica, replica_settings
 from node.state import StateDir
-from nord.checks import is_count
 from nord.config import RunConfig
 from nord.crdt import Replica
 from nord.errors import TransportError
-from nord.gossip import hello
+from nord.gossip import Gossip
 from nord.transport import Transport
 
 log = logging.getLogger(__name__)
 
 DISTRUST_S = 600.0  # a peer whose state failed verification (or was not newer) is not asked this long
-CATCH_UP_BACKOFF_S = 30.0  # after a pass that adopted nothing, `behind` is ignored this long ...
-CATCH_UP_MAX_S = 600.0  # ... doubling up to this
+CATCH_UP_EVERY_S = 30.0  # after a pass that adopted nothing, `behind` is ignored this long
 SNAPSHOT_CANDIDATES = 3  # peers asked for their round in one pass
 
 
@@ -39,24 +38,25 @@ class CatchUp:
     def __init__(self, run: RunConfig, transport: Transport, state: StateDir) -> None:
         self.run, self.transport, self.state = run, transport, state
         self.distrusted: dict[str, float] = {}  # peer id -> monotonic time until which it is not asked
-        self._backoff = CATCH_UP_BACKOFF_S
         self._next = 0.0
+        self._told = False  # the "no newer state" line is logged once (then at DEBUG)
 
     def due(self) -> bool:
         return time.monotonic() >= self._next
 
-    def fetch_newer(self, peers: list[str], mine: int) -> bool:
-        """Stage (in `replica.new/`) the verified snapshot of a random peer whose round is past `mine`;
-        False, and back off, if none of the peers asked has one."""
+    def fetch_newer(self, gossip: Gossip, mine: int) -> int | None:
+        """Stage (in `replica.new/`) the verified snapshot, newer than round `mine`, of a random peer
+        that says we are behind it, and return its round; None, and no new pass for CATCH_UP_EVERY_S,
+        if no peer asked has one."""
         now = time.monotonic()
-        candidates = [p for p in peers if self.distrusted.get(p, 0.0) <= now]
+        candidates = [p for p in gossip.reachable_peers() if self.distrusted.get(p, 0.0) <= now]
         for peer in random.sample(candidates, min(SNAPSHOT_CANDIDATES, len(candidates))):
             try:
-                claimed = hello(self.transport, peer, self.run.run_id).get("round")
+                _, behind = gossip.sync_with(peer)
             except TransportError:
                 continue
-            if not is_count(claimed) or claimed <= mine:
-                continue  # nothing newer to gain from this one
+            if not behind:
+                continue  # this peer has nothing we cannot get by anti-entropy
             shutil.rmtree(self.state.incoming_replica_dir, ignore_errors=True)
             try:
                 fresh = fetch_replica(self.run, self.transport, peer, self.state.incoming_replica_dir)
@@ -66,9 +66,7 @@ class CatchUp:
             fresh.close()
             if fresh.round <= mine:
                 shutil.rmtree(self.state.incoming_replica_dir, ignore_errors=True)
-                self.distrust(
-                    peer, f"it claimed round {claimed}, its sealed snapshot is of round {fresh.round}"
-                )
+                self.distrust(peer, f"it says we are behind, its sealed snapshot is of round {fresh.round}")
                 continue
             log.warning(
                 "replica behind the peers' compaction point: round %d verified from peer %s (was %d)",
@@ -76,19 +74,24 @@ class CatchUp:
                 peer[-8:],
                 mine,
             )
-            self._backoff = CATCH_UP_BACKOFF_S
-            return True
-        log.info(
+            return fresh.round
+        log.log(
+            logging.DEBUG if self._told else logging.INFO,
             "a peer says this replica is behind, but no peer asked had a newer verified state; "
             "not looking again for %.0f s",
-            self._backoff,
+            CATCH_UP_EVERY_S,
         )
-        self._next = now + self._backoff
-        self._backoff = min(2 * self._backoff, CATCH_UP_MAX_S)
-        return False
+        self._told = True
+        self._next = now + CATCH_UP_EVERY_S
+        return None
 
-    def swap_in(self) -> Replica:
-        """Make the staged replica the worker's (call with the old one closed, under the gossip lock)."""
+    def swap_in(self, current: Replica, staged_round: int) -> Replica:
+        """The staged replica in place of `current` (closed), if it is still newer; else `current` (call
+        under the gossip lock, so nothing is added to either meanwhile)."""
+        if current.round >= staged_round:  # anti-entropy got there first: keep what we have
+            shutil.rmtree(self.state.incoming_replica_dir, ignore_errors=True)
+            return current
+        current.close()
         self.state.swap_replica()
         return Replica.open(self.state.replica_dir, **replica_settings(self.run))
 

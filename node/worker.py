@@ -99,6 +99,7 @@ class Worker:
         progress: bool = True,
         compact_every: int = 8,
         param_shards: str | None = None,
+        name: str | None = None,
     ) -> None:
         self.run, self.transport, self.replica, self.state = run, transport, replica, state
         self.identity, self.corpus, self.shard, self.device = identity, corpus, shard, device
@@ -115,6 +116,7 @@ class Worker:
             tokenizer_path=Path(corpus.path) / "tokenizer.json",
             presence={
                 "key": identity.public_hex,
+                **({"name": name} if name else {}),
                 "device": describe_device(device),
                 "shards": list(self.plan.shards),
             },
@@ -331,11 +333,10 @@ class Worker:
         if behind and self.catch_up.due():
             with self.gossip.lock:
                 mine = self.replica.round
-            if self.catch_up.fetch_newer(self.gossip.reachable_peers(), mine):
+            staged = self.catch_up.fetch_newer(self.gossip, mine)
+            if staged is not None:
                 with self.gossip.lock:
-                    self.replica.close()
-                    self.replica = self.catch_up.swap_in()
-                    self.gossip.replica = self.replica
+                    self.replica = self.gossip.replica = self.catch_up.swap_in(self.replica, staged)
 
     # ---- reporting ---------------------------------------------------------------------------------
 
@@ -443,10 +444,12 @@ def join(args) -> int:
             progress=not args.no_progress,
             compact_every=args.compact_every,
             param_shards=getattr(args, "shards", None),
+            name=getattr(args, "name", None),
         )
+        named = f" ({args.name})" if getattr(args, "name", None) else ""
         tqdm.write(
-            f"joined run {run.run_id} as {transport.peer_id} "
-            f"(shard {worker.shard[0]}/{worker.shard[1]}, {device})"
+            f"joined run {run.run_id} as peer {identity.fingerprint}{named} "
+            f"(data shard {worker.shard[0]}/{worker.shard[1]}, {device}); the dashboard lists you by that id"
         )
         worker.run_rounds(args.max_rounds)
         replica = worker.replica

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from nord.checks import is_count
 from nord.crdt.messages import Delta, Seal
 from nord.errors import CodecError, MergeError
 
@@ -22,17 +23,14 @@ log = logging.getLogger(__name__)
 def _checked_digest(remote: Any) -> dict[str, Any]:
     """A remote digest with the expected shape (it comes from the network), else MergeError."""
 
-    def is_int(x: Any) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
     def is_str_list(x: Any) -> bool:
         return isinstance(x, (list, tuple)) and all(isinstance(i, str) for i in x)
 
     adds = remote.get("adds", {}) if isinstance(remote, Mapping) else None
     ok = (
         isinstance(remote, Mapping)
-        and is_int(remote.get("round", 0))
-        and is_int(remote.get("base_round", 0))
+        and is_count(remote.get("round", 0))
+        and is_count(remote.get("base_round", 0))
         and isinstance(adds, Mapping)
         and all(
             isinstance(peer, str)
