@@ -142,7 +142,7 @@ def bench_spread(n_peers: int, repeats: int, author_transport_cfg) -> dict:
         deadline = time.monotonic() + 60
         while len(gossip.reachable_peers()) < n_peers - 1 and time.monotonic() < deadline:
             time.sleep(0.2)
-        times = []
+        times, sent_bytes = [], []
         for r in range(repeats):
             import torch
 
@@ -158,8 +158,10 @@ def bench_spread(n_peers: int, repeats: int, author_transport_cfg) -> dict:
             with gossip.lock:
                 gossip.replica.add(envelope)
             cid = envelope.contribution_id
+            sent = author.bytes_sent
             start = time.monotonic()
             gossip.publish(envelope)
+            sent_bytes.append(author.bytes_sent - sent)  # the pushes are done when publish returns
             deadline = time.monotonic() + 60
             while any(cid not in p.holds for p in others) and time.monotonic() < deadline:
                 time.sleep(0.005)
@@ -172,6 +174,7 @@ def bench_spread(n_peers: int, repeats: int, author_transport_cfg) -> dict:
             "envelope_bytes": envelope.nbytes,
             "all_hold_s_median": statistics.median(times),
             "all_hold_s": times,
+            "author_bytes_sent": sent_bytes,
         }
     finally:
         author.shutdown()

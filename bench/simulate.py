@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -165,16 +166,253 @@ class RandomTokens:
             yield x[:, :-1], x[:, 1:]
 
 
+def _gossip_bench():
+    """bench/gossip.py as a module (its peer processes re-run that file)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gossip", ROOT / "bench" / "gossip.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_loopback(requests: int = 30, mbytes: int = 20):
+    """What this machine gives the swarm: framed stream rate, and the wall time of a small request
+    (`hello`: frame, hash, handler thread, reply) between two processes, as `Loopback`."""
+    from nord.gossip import hello
+    from nord.sim.loopback import Loopback
+    from nord.transport import Transport, TransportConfig
+
+    gossip = _gossip_bench()
+    server = gossip.PeerProcess([]).wait_ready()
+    client = Transport.start(TransportConfig(local_only=True, initial_peers=tuple(server.maddrs)))
+    try:
+        walls = []
+        for _ in range(requests):
+            t = time.perf_counter()
+            hello(client, server.peer_id, gossip.RUN)
+            walls.append(time.perf_counter() - t)
+        payload = os.urandom(mbytes << 20)
+        t = time.perf_counter()
+        client.request(server.peer_id, "sink", payload, timeout_s=600, max_reply_bytes=64)
+        rate = len(payload) / (time.perf_counter() - t)
+    finally:
+        client.shutdown()
+        server.stop()
+    return Loopback(bytes_per_s=rate, latency_s=0.0, request_s=statistics.median(walls), cores=os.cpu_count())
+
+
+def validate(peers: list[int], repeats: int) -> dict:
+    """The real loopback swarm's spread (bench/gossip.py) beside the simulator's, same machine, one run."""
+    from nord.sim.loopback import spread
+    from nord.transport import TransportConfig
+
+    gossip = _gossip_bench()
+    machine = measure_loopback()
+    rows = []
+    for n in peers:
+        real = gossip.bench_spread(
+            n, repeats, lambda initial: TransportConfig(local_only=True, initial_peers=tuple(initial))
+        )
+        sim = spread(n, "tiny", machine)
+        real_s, real_bytes = (
+            statistics.median(real["all_hold_s"]),
+            statistics.median(real["author_bytes_sent"]),
+        )
+        rows.append(
+            {
+                "peers": n,
+                "real_s": real_s,
+                "real_runs_s": real["all_hold_s"],
+                "sim_s": sim["all_hold_s"],
+                "time_ratio": sim["all_hold_s"] / real_s,
+                "real_bytes": real_bytes,
+                "sim_bytes": sim["author_bytes_sent"],
+                "bytes_ratio": sim["author_bytes_sent"] / real_bytes,
+                "envelope_bytes": real["envelope_bytes"],
+            }
+        )
+    return {"machine": _machine(), "loopback": machine.__dict__, "rows": rows}
+
+
+SWEEP_COLUMNS = (
+    ("round_s", "p50", "round s (median)"),
+    ("t50_s", "p50", "t50 s"),
+    ("t99_s", "p50", "t99 s"),
+    ("seal_latency_99_s", "p50", "seal→99% s"),
+    ("volunteer_down_MB", "mean", "vol. down MB/round"),
+    ("volunteer_up_MB", "mean", "vol. up MB/round"),
+    ("public_volunteer_up_MB", "mean", "public vol. up MB/round"),
+)
+
+
+def sweep_row(cfg) -> dict:
+    """One simulation reduced to the sweep's columns (per-round bytes: totals / sealed rounds)."""
+    from nord.sim import simulate
+
+    s = simulate(cfg)
+    rounds = max(1, s["sealed_rounds"])
+    row = {"peers": cfg.peers, "relays": cfg.relays, "H": cfg.inner_steps, "rounds": s["sealed_rounds"]}
+    for key, stat, _ in SWEEP_COLUMNS:
+        value = s[key][stat]
+        row[key] = value / rounds if key.endswith("_MB") else value
+    c = s["contributions"]
+    row |= {
+        "coordinator_in_MB_per_round": s["coordinator_in_MB_per_round"],
+        "coordinator_cpu_s_per_round": s["coordinator_cpu_s_per_round"],
+        "useful_compute_share": s["useful_compute_share"],
+        "folded": c["folded"],
+        "published": c["published"],
+        "dht_failed_gets": s["dht"]["failed_gets"],
+        "sim_h": s["sim_seconds"] / 3600,
+        "wall_s": s["wall_seconds"],
+    }
+    return row
+
+
+def sweep(peers: list[int], relays: list[int], hs: list[int], rounds: int, model: str) -> dict:
+    """Every (N, relays, H) combination from N's baseline row; one simulation each."""
+    from tqdm import tqdm
+
+    from nord.sim import SimConfig
+
+    grid = [(n, 0, hs[0]) for n in peers]
+    grid += [(n, r, hs[0]) for n in peers for r in relays if r]
+    grid += [(n, 0, h) for n in peers for h in hs[1:]]
+    rows = [
+        sweep_row(SimConfig(peers=n, relays=r, inner_steps=h, rounds=rounds, model=model))
+        for n, r, h in tqdm(grid, desc="sweep")
+    ]
+    return {"machine": _machine(), "model": model, "rounds": rounds, "rows": rows}
+
+
+def sweep_table(rows: list[dict]) -> str:
+    head = [
+        "N",
+        "relays",
+        "H",
+        *[label for *_, label in SWEEP_COLUMNS],
+        "coord. in MB/round",
+        "coord. CPU s/round",
+        "useful compute",
+        "folded/published",
+        "DHT gets failed",
+        "sim h",
+        "wall s",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "--:|" * len(head)]
+    for r in rows:
+        cells = [
+            r["peers"],
+            r["relays"],
+            r["H"],
+            *[_num(r[k]) for k, *_ in SWEEP_COLUMNS],
+            _num(r["coordinator_in_MB_per_round"]),
+            _num(r["coordinator_cpu_s_per_round"]),
+            f"{100 * r['useful_compute_share']:.2f}%",
+            f"{r['folded']}/{r['published']}",
+            r["dht_failed_gets"],
+            _num(r["sim_h"]),
+            _num(r["wall_s"]),
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    if x != x:
+        return "–"
+    if x == float("inf"):
+        return "never"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def sweep_plots(rows: list[dict], stem: str) -> list[Path]:
+    """Metric against N, one line per (relays, H) setting, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    metrics = [
+        ("round_s", "round duration, s (median)"),
+        ("volunteer_down_MB", "download per volunteer per round, MB"),
+        ("coordinator_cpu_s_per_round", "coordinator CPU per sealed round, s"),
+        ("coordinator_in_MB_per_round", "coordinator inbound per sealed round, MB"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    settings = sorted({(r["relays"], r["H"]) for r in rows})
+    for ax, (key, label) in zip(axes.flat, metrics, strict=True):
+        for relays, h in settings:
+            pts = sorted((r["peers"], r[key]) for r in rows if (r["relays"], r["H"]) == (relays, h))
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"relays {relays}, H {h}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("volunteers N")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes.flat[0].legend()
+    path = FIGURES / f"{stem}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--fit", action="store_true", help="fit the CPU and size models to the real code")
+    parser.add_argument("--validate", action="store_true", help="simulator vs the real loopback swarm")
+    parser.add_argument("--peers", type=int, nargs="+", default=[4, 8, 16], help="--validate: swarm sizes")
+    parser.add_argument("--repeats", type=int, default=3, help="--validate: contributions per size")
+    parser.add_argument("--sweep", action="store_true", help="outputs as N, relays and H vary")
+    parser.add_argument("--sweep-peers", type=int, nargs="+", default=[100, 300, 1000], help="--sweep: N")
+    parser.add_argument("--sweep-relays", type=int, nargs="+", default=[0, 8], help="--sweep: relays")
+    parser.add_argument("--sweep-h", type=int, nargs="+", default=[20, 200], help="--sweep: H (first: base)")
+    parser.add_argument("--rounds", type=int, default=12, help="--sweep: rounds per simulation")
+    parser.add_argument("--model", default="small", help="--sweep: recipe")
+    parser.add_argument("--name", default="sweep", help="--sweep: result and figure name")
+    parser.add_argument("--speed", action="store_true", help="time 1,000 volunteers x 50 rounds")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.fit:
         out = fit()
         print(json.dumps(out, indent=1))
+        (RESULTS / "simulate_fit.json").write_text(json.dumps(out, indent=1))
+    if args.sweep:
+        out = sweep(args.sweep_peers, args.sweep_relays, args.sweep_h, args.rounds, args.model)
+        (RESULTS / f"simulate_{args.name}.json").write_text(json.dumps(out, indent=1))
+        print(sweep_table(out["rows"]))
+        print("figures:", *sweep_plots(out["rows"], args.name))
+    if args.speed:
+        from nord.sim import SimConfig, simulate
+
+        simulate(SimConfig(peers=10, rounds=1))  # sizes measured and cached outside the timing
+        wall, cpu = time.perf_counter(), time.process_time()
+        s = simulate(SimConfig(peers=1000, rounds=50))
+        out = {
+            "machine": _machine(),
+            "wall_s": time.perf_counter() - wall,
+            "cpu_s": time.process_time() - cpu,
+            "sealed_rounds": s["sealed_rounds"],
+            "sim_h": s["sim_seconds"] / 3600,
+        }
+        (RESULTS / "simulate_speed.json").write_text(json.dumps(out, indent=1))
+        print(json.dumps(out))
+    if args.validate:
+        out = validate(args.peers, args.repeats)
+        (RESULTS / "simulate_validate.json").write_text(json.dumps(out, indent=1))
+        print(f"machine: {out['loopback']}, load {out['machine']['load']}")
+        print("| N | real s (median) | sim s | sim/real | real bytes | sim bytes | sim/real |")
+        print("|--:|--:|--:|--:|--:|--:|--:|")
+        for r in out["rows"]:
+            print(
+                f"| {r['peers']} | {r['real_s']:.3f} | {r['sim_s']:.3f} | {r['time_ratio']:.2f} | "
+                f"{r['real_bytes']:,} | {r['sim_bytes']:,} | {r['bytes_ratio']:.3f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ class Authority:
                     self.verdict_at[q][c] = now
                     continue
                 seconds = cfg.cost_scale * (
-                    costs.merge_s(int(rs.nbytes[c])) + costs.validate_s(w.sizes.params)
+                    costs.merge_s(int(rs.nbytes[c]), w.sizes.params) + costs.validate_s(w.sizes.params)
                 )
                 core = min(range(len(self.cores)), key=self.cores.__getitem__)
                 self.cores[core] = max(now, self.cores[core]) + seconds

@@ -22,14 +22,16 @@ import msgpack
 
 from nord.fsutil import atomic_write_bytes
 
-# bench/simulate.py --fit (see docs/simulation.md for the run and the residuals)
-MERGE_S_PER_BYTE = 6.0e-8  # decode_envelope + Replica.add, per envelope byte ...
-MERGE_S_FIXED = 1.5e-3  # ... plus this per envelope
-VALIDATE_S_PER_PARAM = 2.0e-8  # the coordinator's scoring of one contribution (2 held-out batches)
-VALIDATE_S_FIXED = 0.02
-FOLD_S_PER_PARAM = 4.0e-9  # applying a verified seal's sums to the weights
-DIGEST_BYTES_FIXED = 180  # msgpack sync request: run id, round, hashes ...
-DIGEST_BYTES_PER_DOT = 92  # ... plus one (peer key hex, round, 16-hex hash) entry per held dot
+# bench/simulate.py --fit, 1 thread, best of 3 CPU times, load average 11-13 (docs/simulation.md)
+MERGE_S_FIXED = 7.2e-3  # decode_envelope + Replica.add of one envelope: fixed ...
+MERGE_S_PER_BYTE = 6.0e-8  # ... + per envelope byte ...
+MERGE_S_PER_PARAM = 2.08e-9  # ... + per model parameter (max residual 32% over tiny and small)
+VALIDATE_S_FIXED = 0.096  # the coordinator's scoring of one contribution (2 held-out batches of 8 x 256)
+VALIDATE_S_PER_PARAM = 1.164e-7
+FOLD_S_FIXED = 7.2e-3  # applying a seal's sums to the weights
+FOLD_S_PER_PARAM = 1.515e-8
+DIGEST_BYTES_FIXED = 149  # msgpack sync request: run id, round, hashes ...
+DIGEST_BYTES_PER_DOT = 86  # ... plus one (peer key hex, round, 16-hex hash) entry per held dot
 FETCH_BYTES_PER_ID = 66  # a contribution id in a fetch request (64 hex + msgpack header)
 REQUEST_S = 0.003  # CPU of serving one request (frame, hash, handler), bench/simulate.py --validate
 SMALL_MESSAGE_BYTES = 64  # a push acknowledgement, an error line, a hello
@@ -114,9 +116,9 @@ def digest_bytes(dots: int) -> int:
     return DIGEST_BYTES_FIXED + DIGEST_BYTES_PER_DOT * dots
 
 
-def merge_s(envelope_bytes: int) -> float:
-    """CPU seconds to decode, check and add one envelope to a replica."""
-    return MERGE_S_FIXED + MERGE_S_PER_BYTE * envelope_bytes
+def merge_s(envelope_bytes: int, params: int) -> float:
+    """CPU seconds to decode, check and add one envelope to a replica of a `params`-parameter model."""
+    return MERGE_S_FIXED + MERGE_S_PER_BYTE * envelope_bytes + MERGE_S_PER_PARAM * params
 
 
 def validate_s(params: int) -> float:
@@ -126,4 +128,4 @@ def validate_s(params: int) -> float:
 
 def fold_s(params: int) -> float:
     """CPU seconds to apply a verified seal to the weights."""
-    return FOLD_S_PER_PARAM * params
+    return FOLD_S_FIXED + FOLD_S_PER_PARAM * params

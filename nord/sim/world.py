@@ -126,7 +126,7 @@ class World:
             return cols[:0]
         rs = self.rounds[q]
         total = int(rs.nbytes[cols].sum())
-        work = len(cols) * costs.MERGE_S_FIXED + costs.MERGE_S_PER_BYTE * total  # costs.merge_s, summed
+        work = len(cols) * costs.merge_s(0, self.sizes.params) + costs.MERGE_S_PER_BYTE * total  # summed
         done = self.net.compute(node, self.cfg.cost_scale * work, at)
         row = rs.held[node]
         row[cols] = np.minimum(row[cols], np.float32(done))
