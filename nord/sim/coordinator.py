@@ -126,7 +126,14 @@ class Authority:
             self.staleness += [r - q] * len(cols)
             w.useful_train_s += float(np.sum(np.asarray(w.rounds[q].train_s)[cols]))
         done = w.net.compute(COORDINATOR, cfg.cost_scale * costs.fold_s(w.sizes.params), now)
-        seal = SealInfo(round=r, listed=listed, nbytes=costs.seal_bytes(pooled), at=done, reason=reason)
+        seal = SealInfo(
+            round=r,
+            listed=listed,
+            contributions_bytes=sum(int(w.rounds[q].nbytes[cols].sum()) for q, cols in pool),
+            nbytes=costs.seal_bytes(pooled),
+            at=done,
+            reason=reason,
+        )
         w.seals[r] = seal
         w.seal_held[COORDINATOR, r] = done
         w.round_of[COORDINATOR] = r + 1

@@ -116,6 +116,12 @@ def digest_bytes(dots: int) -> int:
     return DIGEST_BYTES_FIXED + DIGEST_BYTES_PER_DOT * dots
 
 
+def aggregate_bytes(contributions_bytes: int, params: int) -> int:
+    """A sealed round's sum as one sparse delta: at most the listed envelopes together, at most the
+    dense NF4 form (4 bits per value + one fp32 absmax per 64 values = 4.5 bits per parameter)."""
+    return min(contributions_bytes, int(params * 4.5 / 8) + 1024)
+
+
 def merge_s(envelope_bytes: int, params: int) -> float:
     """CPU seconds to decode, check and add one envelope to a replica of a `params`-parameter model."""
     return MERGE_S_FIXED + MERGE_S_PER_BYTE * envelope_bytes + MERGE_S_PER_PARAM * params

@@ -38,6 +38,7 @@ SMALL_PARAMS = 13.2e6
 
 # Which device and link each population of volunteers has, and how its sessions end.
 POPULATIONS = ("colab", "kaggle", "home", "server")
+ADOPT = ("contributions", "aggregate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +74,7 @@ class SimConfig:
     ban_after: int = 3  # ValidationConfig.ban_after
     coordinator_cores: int = 1  # contributions validated at once
     cost_scale: float = 1.0  # multiplies the fitted validation and merge CPU times
+    adopt: str = "contributions"  # how a peer adopts a seal: "contributions" (today) or "aggregate"
     extra: dict = field(default_factory=dict, compare=False)  # free-form note kept in the output
 
     def __post_init__(self) -> None:
@@ -95,6 +97,8 @@ class SimConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if self.relays < 0 or self.max_staleness < 0:
             raise ConfigError("--relays and --max-staleness must be >= 0")
+        if self.adopt not in ADOPT:
+            raise ConfigError(f"--adopt must be one of {', '.join(ADOPT)}, got {self.adopt!r}")
         names = [n for n, _ in self.mix]
         if (
             set(names) - set(POPULATIONS)

@@ -14,7 +14,7 @@ import numpy as np
 
 from nord.protocol import budgeted_count, next_fetch, reachable, sync_partners
 from nord.sim import costs
-from nord.sim.world import World
+from nord.sim.world import COORDINATOR, World
 
 BACKOFF_S = 15.0  # nord.gossip.wire.BACKOFF_S
 SYNC_BUDGET_BYTES = 32 << 20  # nord.gossip.wire.SYNC_BUDGET_BYTES
@@ -52,6 +52,8 @@ def publish(world: World, node: int, q: int, cols: list[int], now: float) -> Non
     sends its two payloads to two halves of them)."""
     world.net.bytes_up[node] += world.dht.announce(q, len(cols))
     targets = reachable(world.live_public, world.backoff[node], now)
+    if world.cfg.adopt == "aggregate":  # only the authority (and the relays) gather contributions
+        targets = [t for t in targets if t < world.first_volunteer]
     targets = [t for t in targets if t != node]
     rs = world.rounds[q]
     for k, col in enumerate(cols):
@@ -107,8 +109,9 @@ def pull_announced(world: World, node: int, now: float) -> float:
     return t
 
 
-def sync_with(world: World, node: int, peer: int, now: float) -> float:
-    """`Gossip.sync_with`: digest → what we lack (+ seals), then push what the peer lacks."""
+def sync_with(world: World, node: int, peer: int, now: float, contributions: bool = True) -> float:
+    """`Gossip.sync_with`: digest → what we lack (+ seals), then push what the peer lacks (seals
+    only when not `contributions`)."""
     digest = costs.digest_bytes(held_dots(world, node, now))
     if not serves(world, peer):
         t = world.net.request(node, peer, digest, costs.SMALL_MESSAGE_BYTES, now)
@@ -123,7 +126,7 @@ def sync_with(world: World, node: int, peer: int, now: float) -> float:
             arrive = world.net.send(peer, node, seal.nbytes, t)
             world.seal_held[node, r] = min(world.seal_held[node, r], arrive)
     end = t
-    for q in world.window(node):
+    for q in world.window(node) if contributions else ():
         if q not in world.rounds:
             continue
         rs = world.rounds[q]
@@ -140,11 +143,12 @@ def sync_with(world: World, node: int, peer: int, now: float) -> float:
 def anti_entropy(world: World, node: int, fanout: int):
     """One `Gossip.anti_entropy` pass (a SimPy process step: yields until it is done)."""
     now = world.env.now
-    t = pull_announced(world, node, now)
+    contributions = world.cfg.adopt == "contributions" or node == COORDINATOR
+    t = pull_announced(world, node, now) if contributions else now
     candidates = [p for p in reachable(world.live_public, world.backoff[node], t) if p != node]
     for peer in sync_partners(candidates, fanout, world.rng):
-        t = sync_with(world, node, peer, t)
-    world.try_advance(node, t)
+        t = sync_with(world, node, peer, t, contributions)
+    t = max(t, world.try_advance(node, t))
     if t > world.env.now:
         yield world.env.timeout(t - world.env.now)
 

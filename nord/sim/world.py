@@ -44,6 +44,7 @@ class Round:
 class SealInfo:
     round: int
     listed: dict[int, list[int]]  # contribution round -> columns
+    contributions_bytes: int  # envelope bytes of the listed contributions
     nbytes: int
     at: float
     reason: str
@@ -152,24 +153,35 @@ class World:
         rs = self.rounds[q]
         return rs.held[node, : rs.n] > now
 
-    def try_advance(self, node: int, now: float) -> None:
-        """Adopt every seal `node` holds whose listed contributions it holds too (fold cost each)."""
+    def try_advance(self, node: int, now: float) -> float:
+        """Adopt every seal `node` holds whose listed contributions it holds too (fold cost each), or,
+        with `adopt="aggregate"`, whose aggregate it downloads from a public peer that adopted it.
+        Returns when the last adoption is done (`now` if none)."""
+        end = now
         while True:
             r = self.round_of[node]
             seal = self.seals.get(r)
             if seal is None or self.seal_held[node, r] > now:
-                return
+                return end
             ready = float(self.seal_held[node, r])
-            for q, cols in seal.listed.items():
-                if cols:
-                    if q not in self.rounds:  # retired: this node lags, it restarts from a snapshot
-                        return
-                    ready = max(ready, float(self.rounds[q].held[node, cols].max()))
-            if ready > now:
-                return
-            done = self.net.compute(node, self.cfg.cost_scale * costs.fold_s(self.sizes.params), ready)
+            if self.cfg.adopt == "aggregate" and node != COORDINATOR:
+                sources = [p for p in self.live_public if self.round_of[p] > r and p != node]
+                if not sources:
+                    return end
+                source = self.rng.choice(sources)
+                nbytes = costs.aggregate_bytes(seal.contributions_bytes, self.sizes.params)
+                ready = self.net.request(node, source, costs.SMALL_MESSAGE_BYTES, nbytes, ready)
+            else:
+                for q, cols in seal.listed.items():
+                    if cols:
+                        if q not in self.rounds:  # retired: this node lags, it restarts from a snapshot
+                            return end
+                        ready = max(ready, float(self.rounds[q].held[node, cols].max()))
+                if ready > now:
+                    return end
+            end = self.net.compute(node, self.cfg.cost_scale * costs.fold_s(self.sizes.params), ready)
             self.round_of[node] = r + 1
-            self.adopted.setdefault(r, {})[node] = done
+            self.adopted.setdefault(r, {})[node] = end
 
     def retire_before(self, q_min: int) -> None:
         """Summarise and drop rounds below `q_min` (no replica can fold them any more)."""
