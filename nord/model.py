@@ -163,33 +163,39 @@ class Block(nn.Module):
         """Binary per-token spikes Θ(v) (surrogate gradient), or SiLU(v) in the dense twin."""
         return spike(v, surrogate=self.cfg.surrogate) if self.cfg.spiking else F.silu(v)
 
-    def forward(self, x: torch.Tensor, state: Any, *, one_step: bool = False) -> BlockOutput:
-        """x (B, T, D) through the parallel scan, or one token x (B, D) with `one_step`."""
-        cfg = self.cfg
-        h = self.norm1(x)  # (..., D)
+    def mix(self, h: torch.Tensor, state: Any, one_step: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Token mixer: (write W_o (s ⊙ σ(W_g h)), the mixer's activations s, the neuron's next state)."""
         neuron = self.neuron.step if one_step else self.neuron
         spikes, membrane, state = neuron(self.mix_in(h), state)  # (..., D) each
-        mixed = spikes if cfg.spiking else F.silu(membrane)
-        mix = self.mix_out(mixed * torch.sigmoid(self.mix_gate(h)))  # (..., D)
-        if cfg.n_memory_slots:
-            gate = self._fire(h @ self.memory_keys.t() - self.memory_threshold)  # (..., M)
-            memory = gate @ self.memory_values  # (..., D)
-        else:
-            gate = h.new_zeros(*h.shape[:-1], 0)
-            memory = torch.zeros_like(mix)
-        x = x + mix + memory
+        mixed = spikes if self.cfg.spiking else F.silu(membrane)
+        return self.mix_out(mixed * torch.sigmoid(self.mix_gate(h))), mixed, state
+
+    def read_memory(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Persistent memory: (write g V, gate spikes g (..., M)); zeros without memory slots."""
+        if not self.cfg.n_memory_slots:
+            return torch.zeros_like(h), h.new_zeros(*h.shape[:-1], 0)
+        gate = self._fire(h @ self.memory_keys.t() - self.memory_threshold)  # (..., M)
+        return gate @ self.memory_values, gate
+
+    def mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(write W_2 z, hidden activations z (..., F)) from the residual stream x."""
         if self.ttfs is not None:  # hidden: which TTFS neurons fire
-            mlp, hidden = self.ttfs(
-                self.norm2(x), self.mlp_in.weight, self.mlp_threshold, self.mlp_out.weight
-            )
-        else:
-            hidden = self._fire(self.mlp_in(self.norm2(x)) - self.mlp_threshold)  # (..., F)
-            mlp = self.mlp_out(hidden)
+            return self.ttfs(self.norm2(x), self.mlp_in.weight, self.mlp_threshold, self.mlp_out.weight)
+        hidden = self._fire(self.mlp_in(self.norm2(x)) - self.mlp_threshold)  # (..., F)
+        return self.mlp_out(hidden), hidden
+
+    def forward(self, x: torch.Tensor, state: Any, *, one_step: bool = False) -> BlockOutput:
+        """x (B, T, D) through the parallel scan, or one token x (B, D) with `one_step`."""
+        h = self.norm1(x)  # (..., D)
+        mix, mixed, state = self.mix(h, state, one_step)
+        memory, gate = self.read_memory(h)
+        x = x + mix + memory
+        mlp, hidden = self.mlp(x)
         f32 = torch.float32  # sums in fp32: under fp16 autocast they would overflow past 65504
         with torch.no_grad():
             memory_write = memory.abs().sum(dtype=f32)
             write = mix.abs().sum(dtype=f32) + memory_write + mlp.abs().sum(dtype=f32)
-        if cfg.spiking:  # spike count, differentiable through the surrogate (the regulariser needs it)
+        if self.cfg.spiking:  # spike count, differentiable through the surrogate (the regulariser needs it)
             activity = mixed.sum(dtype=f32) + gate.sum(dtype=f32) + hidden.sum(dtype=f32)
         else:  # the dense twin's "rate": its share of non-zero activations
             activity = sum((a != 0).sum().to(f32) for a in (mixed, gate, hidden))
