@@ -35,7 +35,11 @@ def victim(idle_s: float) -> None:
     from crdt_support import make_replica  # the test replica of tests/nord
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    transport = Transport.start(TransportConfig(local_only=True, idle_timeout_s=idle_s))
+    # bench/stream_attacks.py --ref runs this victim on older trees too, which have no idle timeout
+    has_idle = "idle_timeout_s" in TransportConfig.__dataclass_fields__
+    transport = Transport.start(
+        TransportConfig(local_only=True, **({"idle_timeout_s": idle_s} if has_idle else {}))
+    )
     transport.install_signal_handlers()
     gossip = Gossip(transport, make_replica(), '{"run_id": "crdt-test"}', role="coordinator")
     gossip.serve()
