@@ -192,6 +192,7 @@ def measure_loopback(requests: int = 30, mbytes: int = 20):
             t = time.perf_counter()
             hello(client, server.peer_id, gossip.RUN)
             walls.append(time.perf_counter() - t)
+        cpu_scale = _wall_per_cpu_second()
         payload = os.urandom(mbytes << 20)
         t = time.perf_counter()
         client.request(server.peer_id, "sink", payload, timeout_s=600, max_reply_bytes=64)
@@ -199,7 +200,22 @@ def measure_loopback(requests: int = 30, mbytes: int = 20):
     finally:
         client.shutdown()
         server.stop()
-    return Loopback(bytes_per_s=rate, latency_s=0.0, request_s=statistics.median(walls), cores=os.cpu_count())
+    return Loopback(
+        bytes_per_s=rate,
+        latency_s=0.0,
+        request_s=statistics.median(walls),
+        cores=os.cpu_count(),
+        cpu_scale=cpu_scale,
+    )
+
+
+def _wall_per_cpu_second(seconds: float = 2.0) -> float:
+    """Wall seconds a busy single-threaded loop takes per CPU second it gets (1.0 on an idle core)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    x = 0
+    while time.process_time() - cpu < seconds:
+        x += sum(range(1000))
+    return (time.perf_counter() - wall) / (time.process_time() - cpu)
 
 
 def validate(peers: list[int], repeats: int) -> dict:
@@ -252,7 +268,8 @@ def sweep_row(cfg) -> dict:
 
     s = simulate(cfg)
     rounds = max(1, s["sealed_rounds"])
-    row = {"peers": cfg.peers, "relays": cfg.relays, "H": cfg.inner_steps, "rounds": s["sealed_rounds"]}
+    row = {"peers": cfg.peers, "relays": cfg.relays, "H": cfg.inner_steps, "adopt": cfg.adopt}
+    row["rounds"] = s["sealed_rounds"]
     for key, stat, _ in SWEEP_COLUMNS:
         value = s[key][stat]
         row[key] = value / rounds if key.endswith("_MB") else value
@@ -270,18 +287,21 @@ def sweep_row(cfg) -> dict:
     return row
 
 
-def sweep(peers: list[int], relays: list[int], hs: list[int], rounds: int, model: str) -> dict:
-    """Every (N, relays, H) combination from N's baseline row; one simulation each."""
+def sweep(
+    peers: list[int], relays: list[int], hs: list[int], rounds: int, model: str, aggregate: bool
+) -> dict:
+    """N's baseline row, then one setting changed at a time (relays, H, aggregate adoption)."""
     from tqdm import tqdm
 
     from nord.sim import SimConfig
 
-    grid = [(n, 0, hs[0]) for n in peers]
-    grid += [(n, r, hs[0]) for n in peers for r in relays if r]
-    grid += [(n, 0, h) for n in peers for h in hs[1:]]
+    grid = [(n, 0, hs[0], "contributions") for n in peers]
+    grid += [(n, r, hs[0], "contributions") for n in peers for r in relays if r]
+    grid += [(n, 0, h, "contributions") for n in peers for h in hs[1:]]
+    grid += [(n, r, hs[0], "aggregate") for n in peers for r in relays[:1] + relays[-1:]] if aggregate else []
     rows = [
-        sweep_row(SimConfig(peers=n, relays=r, inner_steps=h, rounds=rounds, model=model))
-        for n, r, h in tqdm(grid, desc="sweep")
+        sweep_row(SimConfig(peers=n, relays=r, inner_steps=h, rounds=rounds, model=model, adopt=a))
+        for n, r, h, a in tqdm(grid, desc="sweep")
     ]
     return {"machine": _machine(), "model": model, "rounds": rounds, "rows": rows}
 
@@ -291,6 +311,7 @@ def sweep_table(rows: list[dict]) -> str:
         "N",
         "relays",
         "H",
+        "adopt",
         *[label for *_, label in SWEEP_COLUMNS],
         "coord. in MB/round",
         "coord. CPU s/round",
@@ -306,6 +327,7 @@ def sweep_table(rows: list[dict]) -> str:
             r["peers"],
             r["relays"],
             r["H"],
+            r["adopt"],
             *[_num(r[k]) for k, *_ in SWEEP_COLUMNS],
             _num(r["coordinator_in_MB_per_round"]),
             _num(r["coordinator_cpu_s_per_round"]),
@@ -342,11 +364,13 @@ def sweep_plots(rows: list[dict], stem: str) -> list[Path]:
         ("coordinator_in_MB_per_round", "coordinator inbound per sealed round, MB"),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    settings = sorted({(r["relays"], r["H"]) for r in rows})
+    settings = sorted({(r["relays"], r["H"], r["adopt"]) for r in rows})
     for ax, (key, label) in zip(axes.flat, metrics, strict=True):
-        for relays, h in settings:
-            pts = sorted((r["peers"], r[key]) for r in rows if (r["relays"], r["H"]) == (relays, h))
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"relays {relays}, H {h}")
+        for relays, h, adopt in settings:
+            pts = sorted(
+                (r["peers"], r[key]) for r in rows if (r["relays"], r["H"], r["adopt"]) == (relays, h, adopt)
+            )
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"relays {relays}, H {h}, adopt {adopt}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("volunteers N")
@@ -373,6 +397,7 @@ def main() -> None:
     parser.add_argument("--sweep-relays", type=int, nargs="+", default=[0, 8], help="--sweep: relays")
     parser.add_argument("--sweep-h", type=int, nargs="+", default=[20, 200], help="--sweep: H (first: base)")
     parser.add_argument("--rounds", type=int, default=12, help="--sweep: rounds per simulation")
+    parser.add_argument("--aggregate", action="store_true", help="--sweep: add --adopt aggregate rows")
     parser.add_argument("--model", default="small", help="--sweep: recipe")
     parser.add_argument("--name", default="sweep", help="--sweep: result and figure name")
     parser.add_argument("--speed", action="store_true", help="time 1,000 volunteers x 50 rounds")
@@ -383,7 +408,9 @@ def main() -> None:
         print(json.dumps(out, indent=1))
         (RESULTS / "simulate_fit.json").write_text(json.dumps(out, indent=1))
     if args.sweep:
-        out = sweep(args.sweep_peers, args.sweep_relays, args.sweep_h, args.rounds, args.model)
+        out = sweep(
+            args.sweep_peers, args.sweep_relays, args.sweep_h, args.rounds, args.model, args.aggregate
+        )
         (RESULTS / f"simulate_{args.name}.json").write_text(json.dumps(out, indent=1))
         print(sweep_table(out["rows"]))
         print("figures:", *sweep_plots(out["rows"], args.name))

@@ -33,7 +33,8 @@ FOLD_S_PER_PARAM = 1.515e-8
 DIGEST_BYTES_FIXED = 149  # msgpack sync request: run id, round, hashes ...
 DIGEST_BYTES_PER_DOT = 86  # ... plus one (peer key hex, round, 16-hex hash) entry per held dot
 FETCH_BYTES_PER_ID = 66  # a contribution id in a fetch request (64 hex + msgpack header)
-REQUEST_S = 0.003  # CPU of serving one request (frame, hash, handler), bench/simulate.py --validate
+DHT_REPLICAS = 5  # hivemind DHTNode's num_replicas: peers each holder record is stored on
+REQUEST_S = 0.004  # CPU of serving one request (frame, hash, handler), bench/simulate.py --validate
 SMALL_MESSAGE_BYTES = 64  # a push acknowledgement, an error line, a hello
 
 

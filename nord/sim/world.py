@@ -131,7 +131,9 @@ class World:
         done = self.net.compute(node, self.cfg.cost_scale * work, at)
         row = rs.held[node]
         row[cols] = np.minimum(row[cols], np.float32(done))
-        self.net.bytes_up[node] += self.dht.announce(q, len(cols))  # `_announce_holder`
+        self.net.bytes_up[node] += self.dht.announce(q, len(cols))  # `_announce_holder`, after the join:
+        stores = len(cols) * min(costs.DHT_REPLICAS, self.n_nodes - 1)  # it delays later work, not this
+        self.net.compute(node, stores * self.request_s, done)
         return cols
 
     def add_contribution(self, node: int, q: int, hostile: str, now: float, train_s: float) -> list[int]:
