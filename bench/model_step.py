@@ -7,6 +7,10 @@
                 nord@REV   the same recipe at commit REV (--baseline, default b8aea4c, before issue #22),
                            checked out into a temporary `git worktree` that is removed afterwards
                 gpt        the GPT of equal parameter count from bench/quality.py (the reference)
+              and with --extras two process-level options for `nord` (what-ifs, not what training does today):
+                nord+keep-freed  glibc keeps freed memory (mallopt M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD
+                                 2 GiB) instead of unmapping it: no page faults on each step's activations
+                nord+bf16        bf16 autocast on the CPU (AMX where the CPU has it); changes the numerics
               per variant: median CPU seconds per step over --steps steps a round (after one warm-up step),
               tokens/s = tokens per step / that, and peak RSS (whole process, and above the RSS once the
               model and optimizer are built)
@@ -71,14 +75,14 @@ def build(variant: str, model_name: str, seq_len: int):
     return model, make_optimizer(model, TrainConfig(), "cpu"), cfg.vocab_size
 
 
-def training_step(model, optimizer, x, label=None) -> None:
+def training_step(model, optimizer, x, bf16: bool = False) -> None:
     import torch
     from torch.profiler import record_function
 
-    with record_function(label or "forward"):
+    with record_function("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model(x, x)
         objective = out.loss + out.reg_loss
-    with record_function(label or "backward"):
+    with record_function("backward"):
         objective.backward()
     with record_function("clip + optimizer"):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -153,6 +157,14 @@ def split_profile(prof) -> dict[str, float]:
 
 def worker(args) -> None:
     """Measure one variant in this process and print one JSON line."""
+    variant, _, option = args.worker.partition("+")
+    if option == "keep-freed":  # before torch allocates anything
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 2**30)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
     if args.tree:
         sys.path.insert(0, args.tree)
     import torch
@@ -160,20 +172,21 @@ def worker(args) -> None:
     import nord
 
     torch.set_num_threads(args.threads)
-    model, optimizer, vocab = build(args.worker, args.model, args.seq_len)
+    model, optimizer, vocab = build(variant, args.model, args.seq_len)
+    bf16 = option == "bf16"
     x = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
     rss_built = rss_bytes()
-    training_step(model, optimizer, x)  # warm-up: the optimizer's moments exist from here on
+    training_step(model, optimizer, x, bf16)  # warm-up: the optimizer's moments exist from here on
     cpu, wall = [], []
     for _ in range(args.steps):
         start, start_cpu = time.perf_counter(), time.process_time()
-        training_step(model, optimizer, x)
+        training_step(model, optimizer, x, bf16)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {"cpu_s": cpu, "wall_s": wall, "peak_rss": peak, "peak_above_built": peak - rss_built,
               "tokens_per_step": x.numel(), "nord": str(Path(nord.__file__).parent)}  # fmt: skip
-    if args.profile and args.worker != "gpt":
+    if args.profile and args.worker == "nord":  # this tree or the baseline, as training runs them
         from torch.profiler import ProfilerActivity, profile
 
         label_parts(model)
@@ -208,6 +221,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all variants, taking turns")
     parser.add_argument("--baseline", default="b8aea4c", help="commit measured as nord@REV ('' to skip)")
     parser.add_argument("--no-gpt", action="store_true", help="skip the GPT reference")
+    parser.add_argument("--extras", action="store_true", help="also nord+keep-freed and nord+bf16")
     parser.add_argument("--profile", action="store_true", help="also split one step's time by model part")
     parser.add_argument("--out", type=Path, default=Path("bench/results/model_step.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -227,11 +241,13 @@ def main() -> int:
             variants[f"nord@{args.baseline}"] = baseline_tree
         if not args.no_gpt:
             variants["gpt"] = None
+        if args.extras:
+            variants |= {"nord+keep-freed": None, "nord+bf16": None}
         try:
             runs: dict[str, list[dict]] = {name: [] for name in variants}
             for _ in tqdm(range(args.rounds), desc="rounds"):
                 for name, tree in variants.items():
-                    runs[name].append(run_variant(name.split("@")[0] if tree is None else "nord", tree, args))
+                    runs[name].append(run_variant(name if tree is None else "nord", tree, args))
         finally:
             if args.baseline:
                 subprocess.run([*git, "remove", "--force", baseline_tree], check=True)
