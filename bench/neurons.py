@@ -11,15 +11,23 @@ per neuron-step as T grows. Loss = Σ spikes·g (random g), so backward runs thr
 Keep one activation ≤ 32 MiB on Linux: glibc serves larger blocks with fresh mmaps, and the page faults
 then cost the full-sequence layers (not LIF's small per-step tensors) ~4× CPU time.
 
-    python bench/neurons.py [--quick] [--device cuda] [--out bench/results/neurons.json]
+With --baseline REV the dynamic and LIF layers of commit REV are measured too, length by length right after
+this tree's: a temporary `git worktree` of REV (removed afterwards) runs this script with the old `nord` in
+a subprocess. Its LIF/dyn ratio is taken inside its own process, so the two ratios compare like for like.
+
+    python bench/neurons.py [--quick] [--device cuda] [--baseline b8aea4c] [--out bench/results/neurons.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,6 +82,18 @@ def time_interleaved(steps: dict, repeats: int, device: torch.device) -> dict[st
     return {n: {"wall_s": statistics.median(wall[n]), "cpu_s": statistics.median(cpu[n])} for n in steps}
 
 
+def measure_baseline(tree: Path, T: int, args, out: Path) -> dict:
+    """Dynamic and LIF at length T with the `nord` of the worktree `tree`, in a subprocess of this script."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--lengths", str(T), "--psn-max-gib", "0",
+           "--elements", str(args.elements), "--dim", str(args.dim), "--repeats", str(args.repeats),
+           "--chunk-size", str(args.chunk_size), "--device", args.device, "--threads", str(args.threads),
+           "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tree, env=env)
+    row = json.loads(out.read_text())["rows"][0]
+    return {"dynamic": row["dynamic"], "lif": row["lif"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384])
@@ -85,6 +105,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="T in {256, 1024}, B·T·N = 2^19, 1 repeat")
+    parser.add_argument("--baseline", default="", help="also measure dynamic and LIF at this commit")
     parser.add_argument("--out", type=Path, default=Path("bench/results/neurons.json"))
     args = parser.parse_args()
     if args.quick:
@@ -93,25 +114,40 @@ def main() -> int:
     torch.manual_seed(0)
     device = torch.device(args.device)
 
-    rows = []
-    for T in tqdm(args.lengths, desc="lengths"):
-        B = max(1, args.elements // (T * args.dim))
-        N = args.elements // (B * T)
-        x = torch.randn(B, T, N, device=device, requires_grad=True)
-        steps = {
-            "dynamic": make_step(DynamicDecayNeuron(N, chunk_size=args.chunk_size).to(device), x),
-            "lif": make_step(LIFNeuron(N).to(device), x),
-        }
-        # PSN's T×T weight, its gradient and the masked copy must fit --psn-max-gib
-        if 3 * T * T * 4 <= args.psn_max_gib * 2**30:
-            steps["psn"] = make_step(PSNLayer(N, T).to(device), x)
-        times = time_interleaved(steps, args.repeats, device)
-        rows.append({"T": T, "B": B, "N": N, **{name: times.get(name) for name in ("dynamic", "lif", "psn")}})
+    with tempfile.TemporaryDirectory(prefix="nord-baseline-") as tmp:
+        tree = Path(tmp) / "tree"
+        git = ["git", "-C", str(Path(__file__).resolve().parent.parent), "worktree"]
+        if args.baseline:
+            subprocess.run([*git, "add", "--detach", str(tree), args.baseline], check=True)
+        try:
+            rows = []
+            for T in tqdm(args.lengths, desc="lengths"):
+                B = max(1, args.elements // (T * args.dim))
+                N = args.elements // (B * T)
+                x = torch.randn(B, T, N, device=device, requires_grad=True)
+                steps = {
+                    "dynamic": make_step(DynamicDecayNeuron(N, chunk_size=args.chunk_size).to(device), x),
+                    "lif": make_step(LIFNeuron(N).to(device), x),
+                }
+                # PSN's T×T weight, its gradient and the masked copy must fit --psn-max-gib
+                if 3 * T * T * 4 <= args.psn_max_gib * 2**30:
+                    steps["psn"] = make_step(PSNLayer(N, T).to(device), x)
+                times = time_interleaved(steps, args.repeats, device)
+                del x, steps
+                row = {"T": T, "B": B, "N": N, **{n: times.get(n) for n in ("dynamic", "lif", "psn")}}
+                if args.baseline:
+                    row["baseline"] = measure_baseline(tree, T, args, Path(tmp) / f"T{T}.json")
+                rows.append(row)
+        finally:
+            if args.baseline:
+                subprocess.run([*git, "remove", "--force", str(tree)], check=True)
 
     names = ("dynamic", "lif", "psn")
     header = f"{'T':>6} {'B':>3} {'N':>4} |"
     for key in ("CPU", "wall"):
         header += f" {'dyn ' + key:>9} {'LIF':>8} {'PSN':>8} {'LIF/dyn':>7} {'PSN/dyn':>7} |"
+    if args.baseline:
+        header += f" {'dyn@' + args.baseline[:7] + ' CPU':>16} {'LIF/dyn':>7} {'old/new':>7} |"
     print("times in ms (median); CPU = user + sys time of this process, robust to other load")
     print(header)
     print("-" * len(header))
@@ -124,8 +160,15 @@ def main() -> int:
             ]
             ratios = [f"{r[n][key] / r['dynamic'][key]:7.2f}" if r[n] else f"{'-':>7}" for n in names[1:]]
             line += f" {' '.join(ms)} {' '.join(ratios)} |"
+        if args.baseline:
+            old = r["baseline"]
+            old_ratio = old["lif"]["cpu_s"] / old["dynamic"]["cpu_s"]
+            speedup = old["dynamic"]["cpu_s"] / r["dynamic"]["cpu_s"]
+            line += f" {old['dynamic']['cpu_s'] * 1e3:16.1f} {old_ratio:7.2f} {speedup:7.2f} |"
         print(line)
     print(f"PSN skipped where 3·T²·4 bytes > {args.psn_max_gib} GiB (T×T weight, gradient, masked copy).")
+    if args.baseline:
+        print(f"dyn@{args.baseline}: the dynamic layer at that commit, LIF/dyn measured in its own process.")
     meta = {
         "device": str(device),
         "threads": args.threads,
@@ -134,6 +177,8 @@ def main() -> int:
         "chunk_size": args.chunk_size,
         "repeats": args.repeats,
         "elements": args.elements,
+        "baseline": args.baseline,
+        "loadavg_at_end": os.getloadavg(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
