@@ -85,18 +85,19 @@ class Persistence:
             self._store.rewrite(self._base, self._snapshot_meta(), self._records())
 
     def _records(self) -> list[tuple[str, bytes]]:
-        """The held state as log records, in an order that replays: round by round, contributions then
-        seals, and removals last."""
+        """The held state as log records, in an order that replays: round by round, seals then
+        contributions (a seal waits for its contributions, and lets a listed one into a full round), and
+        removals last."""
         records: list[tuple[str, bytes]] = []
         rounds = sorted({e.round for e in self._set.envelopes.values()} | set(self._seals))
         for rnd in rounds:
             held = sorted(
                 (e for e in self._set.envelopes.values() if e.round == rnd), key=lambda e: e.contribution_id
             )
-            records += [("add", e.to_bytes()) for e in held]
             records += [
                 ("seal", s.to_bytes()) for s in sorted(self._seals.get(rnd, {}).values(), key=Seal.rank)
             ]
+            records += [("add", e.to_bytes()) for e in held]
         return records + [("remove", r.to_bytes()) for r in self.removals()]
 
     def save_snapshot(self, path: str | Path) -> str:

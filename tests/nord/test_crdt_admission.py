@@ -115,3 +115,26 @@ def test_max_contributions_is_checked():
     for bad in (0, True, 2**40, "5"):
         with pytest.raises(ConfigError, match="max_contributions"):
             MergeConfig(max_contributions=bad)
+
+
+def test_a_compacted_log_replays_a_listed_contribution_beyond_the_cap(tmp_path):
+    """After compaction the log is rewritten; the seal goes first so its over-cap contribution replays."""
+    from nord.crdt import Replica
+
+    adds = sorted((m for m in flood_messages()[:-2]), key=lambda e: e.contribution_id)
+    hub = make_replica(MERGE)
+    for e in adds[-CAP:]:
+        hub.add(e)
+    seal = hub.seal(AUTHORITY)
+    follower = make_replica(MERGE, log_dir=tmp_path / "r")
+    for e in adds[:CAP]:
+        follower.add(e)
+    follower.apply_seal(seal)
+    for e in adds[-CAP:]:
+        follower.add(e)
+    follower.compact(keep_rounds=1)  # the chain keeps round 0: its seal and contributions are rewritten
+    expected = state(follower)
+    follower.close()
+    again = Replica.open(tmp_path / "r", spec=SPEC, merge=MERGE, authorities=[AUTHORITY.public_key])
+    assert state(again) == expected and again.round == 1
+    again.close()
