@@ -244,7 +244,7 @@ class ShardPlan:
     def describe(self, budget_bytes: int) -> str:
         gib = 1024**3
         return (
-            f"training shard(s) {','.join(map(str, self.shards))} "
+            f"training parameter shard(s) {','.join(map(str, self.shards))} "
             f"({'with' if self.activation_checkpointing else 'without'} activation checkpointing): "
             f"estimated {self.estimate.total / gib:.2f} GiB of {budget_bytes / gib:.2f} GiB"
             + ("" if self.fits else " — over budget, trying anyway")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import subprocess
 import sys
@@ -17,10 +18,32 @@ from pathlib import Path
 from typing import Any
 
 from hivemind.p2p import P2P
+from hivemind.utils.logging import use_hivemind_log_handler
 
 from nord.errors import TransportError
 from nord.fsutil import fsync_dir
 from nord.transport.config import TransportConfig
+
+SHUTDOWN_NOISE = "use of closed network connection"  # p2pd's accept loops, as their sockets close
+
+
+class _ShutdownNoise(logging.Filter):
+    """p2pd logs its listeners closing at shutdown as errors: expected, so kept at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if SHUTDOWN_NOISE in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def use_nord_logging() -> None:
+    """hivemind's (and p2pd's) messages in the application's log format, without p2pd's shutdown noise
+    (idempotent: every Transport.start calls it)."""
+    use_hivemind_log_handler("nowhere")  # propagate to the root logger instead of hivemind's own handler
+    p2pd = logging.getLogger("hivemind.p2p.p2p_daemon")
+    if not any(isinstance(f, _ShutdownNoise) for f in p2pd.filters):
+        p2pd.addFilter(_ShutdownNoise())
 
 
 def ensure_identity(path: Path) -> Path:

@@ -108,10 +108,10 @@ def open_page(browser, dashboard, viewport):
     return page
 
 
-def screenshot(page, name: str, tmp_path: Path) -> None:
+def screenshot(page, name: str, tmp_path: Path, *, full_page: bool) -> None:
     out = Path(os.environ.get("NORD_SCREENSHOT_DIR") or tmp_path)
     out.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(out / name), full_page=True)
+    page.screenshot(path=str(out / name), full_page=full_page)
 
 
 def test_leaderboard_ranks_contributors_and_finds_a_volunteer_by_name_or_id(browser, dashboard, tmp_path):
@@ -173,7 +173,7 @@ def test_progress_charts_and_accessibility(browser, dashboard, tmp_path):
     )
     page.click("button[data-x=time]")
     page.evaluate("scrollTo(0, 0)")
-    screenshot(page, "dashboard.png", tmp_path)
+    screenshot(page, "dashboard.png", tmp_path, full_page=True)
     # a sealed round is announced to screen readers
     history, now = dashboard.history, dashboard.clock()
     history.seal_round(ROUNDS, weights_hash="ab" * 32, reason="deadline", metrics={"val_loss": 3.0}, at=now)
@@ -205,5 +205,5 @@ def test_phone_layout_keeps_everything_inside_390_px(browser, dashboard, tmp_pat
     link = page.query_selector("#ckpt-table a[href$='.safetensors']")
     assert link.bounding_box()["x"] + link.bounding_box()["width"] <= PHONE["width"]
     page.evaluate("scrollTo(0, 0)")
-    screenshot(page, "dashboard-phone.png", tmp_path)
+    screenshot(page, "dashboard-phone.png", tmp_path, full_page=False)  # the first screen
     assert page.errors == []
