@@ -7,6 +7,7 @@ the authority loop in the main thread. SIGINT/SIGTERM shut the peer down (no p2p
 State directory (everything a restart needs; a restart resumes the run with nothing lost):
 
     p2p.key          libp2p key: the peer id in the multiaddrs volunteers were given
+    p2p.port         the TCP port chosen at the first start (coordinator.address): the same on restart
     identity.key     ed25519 authority key that signs seals and removals
     run.json         the run config as served (with this authority's key added if it listed none)
     replica/         the CRDT replica: snapshot + append-only log
@@ -23,9 +24,11 @@ import threading
 import time
 from pathlib import Path
 
+from coordinator.address import reach_note, stable_host_maddrs
 from coordinator.api import ApiContext, create_app, join_command
 from coordinator.authority import Authority
-from coordinator.history import History
+from coordinator.history import History, HistoryReader
+from coordinator.liveness import Liveness
 from coordinator.validate import ValidationConfig, Validator
 from node.bootstrap import serving_run
 from node.session import authorize_run
@@ -33,15 +36,17 @@ from node.state import StateDir
 from nord.checkpoint import read_metadata
 from nord.config import RunConfig
 from nord.data import prepare
-from nord.errors import CheckpointError, ConfigError, TransportError
+from nord.errors import CheckpointError, ConfigError
 from nord.gossip import PEER_TTL_S, Gossip
 from nord.identity import Identity
 from nord.model import NordLM
 from nord.recipes import RECIPES, get_config
+from nord.transport import TransportConfig
 
 log = logging.getLogger(__name__)
 
 SYNC_EVERY_S = 5.0  # anti-entropy with one peer: picks up what client-mode peers left with others
+HEARD_EVERY_S = 5.0  # requests heard from peers are written to the history this often
 TICK_S = 0.2
 HTTP_GRACE_S = 2.0  # on stop, open keep-alive connections (a dashboard tab) get this long, then are closed
 
@@ -121,11 +126,14 @@ def serve(args) -> int:
     )
     state = StateDir(args.state_dir)
     identity = Identity.load_or_create(state.identity_key)
+    listen = TransportConfig(host_maddrs=tuple(args.host_maddrs or ()), local_only=args.local_only)
+    args.host_maddrs = stable_host_maddrs(listen.resolved_host_maddrs(), state.path)  # same port on restart
     run = load_run(args.run_config, identity)
     state.check_run(run.to_json())
     corpus = prepare(run.data, Path(args.data_dir).expanduser() if args.data_dir else None, progress=False)
     history = History.open(state.path / "history.sqlite")
     history.set_meta("run_id", run.run_id)
+    reader = HistoryReader(history.path)  # the API's own connections: never the authority's lock
     try:
         with serving_run(args, run, state, corpus, role="coordinator") as (transport, replica, gossip):
             authority = Authority(
@@ -142,10 +150,12 @@ def serve(args) -> int:
                 allowlist=allowlist,
             )
             authority.start()
+            liveness = Liveness(history)
+            gossip.on_heard = liveness.heard
             multiaddrs = transport.visible_maddrs()
             app = create_app(
                 ApiContext(
-                    history=history,
+                    history=reader,
                     run_config=run.to_dict(),
                     checkpoint_dir=state.path / "checkpoints",
                     model=model_info(run),
@@ -162,11 +172,12 @@ def serve(args) -> int:
                 (state.path / "maddrs.txt").write_text("\n".join(multiaddrs) + "\n")
                 shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
                 print_ready(run, identity, multiaddrs, f"http://{shown_host}:{http.server.config.port}/")
-                loop(authority, gossip)
+                loop(authority, gossip, liveness)
             finally:
                 http.stop()  # before the replica and transport it reads from go
         return 0
     finally:
+        reader.close()
         history.close()
 
 
@@ -176,6 +187,8 @@ def print_ready(run: RunConfig, identity: Identity, multiaddrs: list[str], dashb
     print(f"  {join_command(multiaddrs, run.run_id)} --authority {identity.fingerprint}", flush=True)
     for addr in multiaddrs[1:]:
         print(f"  (or --initial-peers {addr})", flush=True)
+    if reach_note(multiaddrs):
+        print(reach_note(multiaddrs), flush=True)
     print(f"dashboard: {dashboard_url}", flush=True)
 
 
@@ -188,47 +201,23 @@ def seal_bytes(checkpoint_dir: Path, rnd: int) -> bytes | None:
     return bytes.fromhex(seal) if seal else None
 
 
-def loop(authority: Authority, gossip: Gossip) -> None:
-    """Until SIGINT/SIGTERM: authority steps, presence heartbeats, periodic anti-entropy."""
-    last_heartbeat = last_sync = 0.0
+def loop(authority: Authority, gossip: Gossip, liveness: Liveness) -> None:
+    """Until SIGINT/SIGTERM: authority steps, presence heartbeats, liveness, periodic anti-entropy."""
+    last_heartbeat = last_sync = last_heard = 0.0
     while True:
         authority.step()
         now = time.monotonic()
         if now - last_heartbeat > PEER_TTL_S / 3:
             gossip.heartbeat()
-            sync_presence(gossip.transport, authority.run.run_id, authority.history)
+            liveness.sync_presence(gossip.transport, authority.run.run_id)
             last_heartbeat = now
+        if now - last_heard > HEARD_EVERY_S:
+            liveness.flush()
+            last_heard = now
         if now - last_sync > SYNC_EVERY_S:
             gossip.anti_entropy(fanout=1)
             last_sync = now
         time.sleep(TICK_S)
-
-
-def sync_presence(transport, run_id: str, history: History) -> int:
-    """Copy peers' presence records into the history: mode and device for records that name their signing
-    key (`key`: hex ed25519, `device`: free text); returns how many were recorded.
-
-    Presence records are keyed by libp2p peer id while contributions name the ed25519 key, so only a
-    record that carries its `key` can be matched to a row of the peers table.
-    """
-    try:
-        records = transport.get_records(f"nord/{run_id}/peers")
-    except TransportError as e:
-        log.debug("presence lookup failed: %s", e)
-        return 0
-    recorded = 0
-    for record in records.values():
-        key = record.get("key") if isinstance(record, dict) else None
-        if not (isinstance(key, str) and len(key) == 64 and all(c in "0123456789abcdef" for c in key)):
-            continue
-        device = record.get("device")
-        history.touch_peer(
-            key,
-            mode="client" if record.get("client_mode") else "public",
-            device=device[:64] if isinstance(device, str) and device else None,
-        )
-        recorded += 1
-    return recorded
 
 
 def model_info(run: RunConfig) -> dict:

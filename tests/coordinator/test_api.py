@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from conftest import PEERS
+from conftest import PEERS, T0
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.api import ApiContext, create_app
+from coordinator.history import HistoryReader
 from nord.checkpoint import load_checkpoint, weights_hash
 
 RUN_CONFIG = {"run_id": "api-test", "rounds": {"quorum": 3, "deadline_s": 300.0}}
@@ -31,6 +33,15 @@ class RecordingAdmin:
 
 TOKENIZER = b'{"model": {"type": "BPE"}}'
 SEAL_OF_ROUND = {8: b"seal of round 7"}  # stands in for the replica's lookup; the bytes are served as is
+LAST_HEARD = T0 + 60 * 7 + 5  # the seeded peers' latest contribution arrived at LAST_HEARD + peer index
+
+
+class Clock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -38,9 +49,11 @@ def client(seeded, tmp_path):
     history, ckpt = seeded
     admin = RecordingAdmin()
     (tmp_path / "tokenizer.json").write_bytes(TOKENIZER)
+    reader = HistoryReader(history.path)
+    clock = Clock(LAST_HEARD + 10)
     app = create_app(
         ApiContext(
-            history=history,
+            history=reader,
             run_config=RUN_CONFIG,
             checkpoint_dir=ckpt,
             model={"name": "tiny", "parameters": 1_022_208, "layers": 4},
@@ -49,11 +62,13 @@ def client(seeded, tmp_path):
             live=lambda: {"multiaddrs": [MADDR]},
             seal_bytes=SEAL_OF_ROUND.get,
             tokenizer_path=tmp_path / "tokenizer.json",
+            clock=clock,
         )
     )
     with TestClient(app) as c:
-        c.admin = admin
+        c.admin, c.clock = admin, clock
         yield c
+    reader.close()
 
 
 def test_summary_reports_round_tokens_hash_and_join_command(client, seeded):
@@ -116,22 +131,49 @@ def test_the_runs_tokenizer_is_served_with_its_sha256(client, tmp_path):
         ("/checkpoints/0.seal", 404, "initial weights: no seal"),
         ("/checkpoints/99.safetensors", 404, "no checkpoint for round 99"),
         ("/checkpoints/abc.safetensors", 404, "bad checkpoint name"),
-        ("/checkpoints/3.bin", 404, "no such file"),
+        ("/checkpoints/3.bin", 404, "bad checkpoint name"),
+        ("/checkpoints/%C2%B2.safetensors", 404, "bad checkpoint name"),  # '²' passes str.isdigit
+        ("/checkpoints/%D9%A0.safetensors", 404, "bad checkpoint name"),  # Arabic-Indic 0: int() reads 0
+        ("/checkpoints/99999999999999999999.safetensors", 404, "bad checkpoint name"),  # over SQLite's int
+        ("/checkpoints/" + "7" * 5000 + ".safetensors", 404, "bad checkpoint name"),
+        ("/checkpoints/007.safetensors", 404, "bad checkpoint name"),
     ],
-    ids=["seal-not-held", "no-seal-for-round-0", "unknown-round", "bad-name", "bad-extension"],
+    ids=[
+        "seal-not-held",
+        "no-seal-for-round-0",
+        "unknown-round",
+        "bad-name",
+        "bad-extension",
+        "superscript-two",
+        "arabic-indic-zero",
+        "20-digits",
+        "5000-digits",
+        "leading-zeros",
+    ],  # fmt: skip
 )
 def test_bad_checkpoint_requests_get_a_json_error(client, path, status, words):
     r = client.get(path)
     assert r.status_code == status and words in r.json()["error"]
 
 
-def test_prometheus_text_has_run_and_peer_series(client):
-    text = client.get("/metrics").text
-    assert 'nord_round{run="api-test"} 8' in text
-    assert f'nord_peer_contributions_rejected{{run="api-test",peer="{PEERS[3]}"}} 3' in text
-    assert 'nord_firing_rate{run="api-test",layer="layer0"}' in text
-    for line in text.splitlines():
-        assert line.startswith("#") or len(line.rsplit(" ", 1)) == 2
+def test_metrics_are_valid_prometheus_exposition(client):
+    r = client.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = list(text_string_to_metric_families(r.text))
+    names = [f.name for f in families]
+    assert len(names) == len(set(names)), "a family is split (interleaved) or written twice"
+    assert all(f.type in ("gauge", "counter") for f in families), "a sample outside its typed family"
+    for family in families:
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples), family.name
+    by_name = {f.name: f for f in families}
+    assert [s.value for s in by_name["nord_round"].samples] == [8]
+    assert [s.value for s in by_name["nord_sealed_rounds"].samples] == [8]
+    rejected = {s.labels["peer"]: s.value for s in by_name["nord_peer_contributions_rejected"].samples}
+    assert rejected == {PEERS[0]: 0, PEERS[1]: 0, PEERS[2]: 0, PEERS[3]: 3}
+    rates = by_name["nord_firing_rate"].samples
+    assert {s.labels["layer"] for s in rates} == {f"layer{i}" for i in range(4)}
+    assert all(s.labels["run"] == "api-test" for f in families for s in f.samples)
 
 
 def test_run_config_and_dashboard_are_served(client):
@@ -167,7 +209,83 @@ def test_admin_rejects_bad_input_with_a_clear_message(client):
 
 def test_admin_is_disabled_without_a_token(seeded):
     history, ckpt = seeded
-    app = create_app(ApiContext(history=history, run_config=RUN_CONFIG, checkpoint_dir=ckpt, model={}))
+    reader = HistoryReader(history.path)
+    app = create_app(ApiContext(history=reader, run_config=RUN_CONFIG, checkpoint_dir=ckpt, model={}))
     with TestClient(app) as c:
         r = c.post(f"/api/admin/ban/{PEERS[0]}", headers={"Authorization": "Bearer x"})
+    reader.close()
     assert r.status_code == 403 and "NORD_ADMIN_TOKEN" in r.json()["error"]
+
+
+def test_admin_token_is_checked_before_the_body_is_read(client):
+    garbage = {"Content-Type": "application/json"}
+    r = client.post(f"/api/admin/ban/{PEERS[0]}", content=b"{not json", headers=garbage)
+    assert r.status_code == 401 and "Bearer" in r.json()["error"]
+    assert r.headers["connection"] == "close"
+    r = client.post(
+        f"/api/admin/ban/{PEERS[0]}", content=b"x" * 70_000, headers={"Authorization": "Bearer s3cret"}
+    )
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert client.admin.calls == []
+
+
+def test_rounds_and_metrics_are_paged_with_a_link_to_older_ones(client):
+    r = client.get("/api/rounds?limit=3")
+    assert [x["round"] for x in r.json()] == [6, 7, 8]
+    assert r.links["next"]["url"] == "/api/rounds?before=6&limit=3"
+    older = client.get(r.links["next"]["url"])
+    assert [x["round"] for x in older.json()] == [3, 4, 5]
+    assert [x["round"] for x in client.get("/api/rounds?before=2&limit=3").json()] == [0, 1]
+    assert "link" not in client.get("/api/rounds?before=2&limit=3").headers
+    assert [m["round"] for m in client.get("/api/metrics?limit=2").json()] == [6, 7]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=1001",
+        "before=-1",
+        "before=%C2%B2",
+        "before=%D9%A0",
+        "before=" + "9" * 30,
+        "limit=1.5",
+    ],
+)
+def test_bad_page_parameters_get_a_json_422(client, query):
+    r = client.get(f"/api/rounds?{query}")
+    assert r.status_code == 422 and r.json()["error"].startswith("bad request: query.")
+
+
+def test_unknown_paths_and_methods_get_json_errors(client):
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+    r = client.delete("/api/summary")
+    assert r.status_code == 405 and "error" in r.json()
+    r = client.post("/api/admin/revoke/" + "Z" * 64, headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 400 and "64 lowercase hex" in r.json()["error"]
+
+
+def test_a_peer_is_online_only_while_heard_from_within_the_window(client):
+    """Online means heard from within 60 s, whatever the history still holds of it."""
+    client.clock.now = LAST_HEARD + 3 + 59.5  # 59.5 s after the latest peer last contributed
+    peers = {p["peer"]: p for p in client.get("/api/peers").json()}
+    assert [peers[p]["online"] for p in PEERS] == [False, False, False, True]
+    assert peers[PEERS[3]]["last_seen"] == LAST_HEARD + 3
+    summary = client.get("/api/summary").json()
+    assert (summary["peers_online"], summary["peers_total"], summary["online_window_s"]) == (1, 4, 60.0)
+    client.clock.now = LAST_HEARD + 3 + 61
+    assert not any(p["online"] for p in client.get("/api/peers").json())
+    assert client.get("/api/summary").json()["peers_online"] == 0
+
+
+def test_openapi_documents_errors_and_checkpoint_content_types(client):
+    paths = client.get("/api/openapi.json").json()["paths"]
+    checkpoint = paths["/checkpoints/{name}"]["get"]["responses"]
+    assert "application/octet-stream" in checkpoint["200"]["content"]
+    assert checkpoint["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    for path in ("/api/admin/ban/{peer}", "/api/admin/revoke/{contribution_id}"):
+        assert {"400", "401", "403", "413", "422"} <= set(paths[path]["post"]["responses"])
+    assert "404" in paths["/api/admin/revoke/{contribution_id}"]["post"]["responses"]
+    assert "422" in paths["/api/rounds"]["get"]["responses"]
+    assert "application/json" in paths["/tokenizer.json"]["get"]["responses"]["200"]["content"]

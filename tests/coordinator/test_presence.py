@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator.history import History
-from coordinator.server import sync_presence
+from coordinator.liveness import Liveness
 from nord.transport import Transport, TransportConfig
 
 pytestmark = [pytest.mark.p2p, pytest.mark.timeout(120)]
@@ -27,7 +27,7 @@ def test_presence_with_key_sets_mode_and_device(tmp_path):
             peers, "QmOld", {"role": "worker", "client_mode": False}, 60
         )  # no key: skipped
         transport.store_record(peers, "QmBad", {"key": "not hex", "device": "x"}, 60)
-        assert sync_presence(transport, "presence-test", history) == 1
+        assert Liveness(history).sync_presence(transport, "presence-test") == 1
     finally:
         transport.shutdown()
     (row,) = history.peers()
