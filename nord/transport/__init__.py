@@ -15,8 +15,9 @@ thread ("async inside, blocking outside"). It offers three things:
    Every remote party is a stranger, so what it can make this peer spend is bounded (inbound.py): the
    body buffer grows only with bytes that arrived; each read and write must progress within
    `idle_timeout_s`; at most `max_streams_per_peer` / `max_streams` inbound streams are served at once
-   (more get an ERROR frame); handlers run in HANDLER_THREADS threads, at most HANDLER_CALLS_PER_PEER
-   for one peer; a request that times out is cancelled (its stream closed, its task ended).
+   (more get an ERROR frame); at most `max_inbound_bytes` of requests are held at once; handlers run in
+   HANDLER_THREADS threads, at most HANDLER_CALLS_PER_PEER for one peer; a request that times out is
+   cancelled (its stream closed, its task ended).
 
 2. Small DHT records (`store_record` / `get_records`): contribution id, round, size, holder — never payloads
    (hivemind's DHT drops messages > 4 MiB silently and its store hangs above ~16 KiB; values are capped at
@@ -32,7 +33,7 @@ Public API (stable):
     PROTOCOL_VERSION, MAX_RECORD_BYTES, HANDLER_PREFIX
     TransportConfig(initial_peers, host_maddrs, announce_maddrs, client_mode, identity_path, local_only,
                     startup_timeout_s, request_timeout_s, idle_timeout_s, max_streams_per_peer,
-                    max_streams)
+                    max_streams, max_inbound_bytes)
     peer_id_of(multiaddr) -> str                  the /p2p/<id> part (ConfigError if missing)
     Transport.start(config) -> Transport          (also a context manager; `shutdown()` is idempotent)
         .peer_id: str                             base58 libp2p peer id
@@ -47,6 +48,7 @@ Public API (stable):
         .connected_peers() -> list[str]
         .bytes_sent, .bytes_received: int         stream traffic so far (as caller and as server)
         .inbound.open, .inbound.refused: int      inbound streams served now / refused over a cap so far
+        .inbound.held_bytes: int                  request bytes held now (at most max_inbound_bytes)
         .install_signal_handlers()                SIGINT/SIGTERM -> shutdown(), then KeyboardInterrupt
         .stopped_by_signal: int | None            which signal stopped it, if one did
         .shutdown()

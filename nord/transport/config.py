@@ -28,6 +28,8 @@ class TransportConfig:
     # inbound streams served at once, per peer and in all; more are refused with an error frame
     max_streams_per_peer: int = 8
     max_streams: int = 128
+    # request bytes received and held at once, over all inbound streams (a request over it is refused)
+    max_inbound_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         for field_name in ("initial_peers", "host_maddrs", "announce_maddrs"):
@@ -40,6 +42,8 @@ class TransportConfig:
             raise ConfigError("transport timeouts must be > 0")
         if not 1 <= self.max_streams_per_peer <= self.max_streams:
             raise ConfigError("transport stream caps: need 1 <= max_streams_per_peer <= max_streams")
+        if self.max_inbound_bytes < 1 << 20:
+            raise ConfigError("transport max_inbound_bytes must be at least 1 MiB")
 
     def resolved_host_maddrs(self) -> tuple[str, ...]:
         if self.host_maddrs:

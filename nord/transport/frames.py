@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import struct
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from nord.errors import TransportError
@@ -81,6 +81,7 @@ async def read_frame(
     who: str,
     idle_timeout_s: float | None = None,
     header_timeout_s: float | None = None,
+    reserve: Callable[[int], None] | None = None,
 ) -> tuple[int, bytearray]:
     """Read one frame; check magic, version and size cap, then the sha256; return (kind, body).
 
@@ -89,6 +90,8 @@ async def read_frame(
         idle_timeout_s: limit for each read of a chunk or the trailer (None: no limit).
         header_timeout_s: limit for the header (a caller waiting for a reply passes None: its request
             timeout bounds the wait while the peer works); defaults to `idle_timeout_s`.
+        reserve: called with each chunk's size before the body grows by it; raises TransportError
+            to refuse (the server's budget of request bytes held at once).
 
     Raises TransportError (one line naming `who`) for a foreign, other-version, oversized, corrupted or
     stalled frame; asyncio.IncompleteReadError / ConnectionError if the stream ends early.
@@ -116,6 +119,8 @@ async def read_frame(
             idle_timeout_s,
             f"{who} stalled after {len(body)} of {length} bytes",
         )
+        if reserve is not None:
+            reserve(len(chunk))
         body += chunk
         hashing = await _hash_next(hasher, chunk, hashing)
     if hashing is not None:

@@ -6,7 +6,9 @@ handler thread while its handler runs. So:
 - at most `per_peer` streams from one peer and `total` from all are served at once; a stream over a cap
   gets an ERROR frame that says so (the caller sees it as one line) and is closed unread;
 - at most `calls_per_peer` handler calls of one peer run at once (its other streams wait without a
-  thread), so a peer that floods or whose requests are slow cannot starve other peers' requests.
+  thread), so a peer that floods or whose requests are slow cannot starve other peers' requests;
+- at most `max_bytes` of request bodies are held at once over all streams (from the first byte read
+  until the handler returns): a request that would go over is cut with an ERROR frame.
 
 Used only from the transport's event loop thread: no locks.
 """
@@ -17,6 +19,8 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+
+from nord.errors import TransportError
 
 logger = logging.getLogger("nord.transport")
 
@@ -33,11 +37,13 @@ class _Load:
 class Inbound:
     """Counts open inbound streams per peer; `admit` before serving one, `release` after."""
 
-    def __init__(self, *, per_peer: int, total: int, calls_per_peer: int) -> None:
+    def __init__(self, *, per_peer: int, total: int, calls_per_peer: int, max_bytes: int) -> None:
         self.per_peer = per_peer
         self.total = total
         self.calls_per_peer = calls_per_peer
+        self.max_bytes = max_bytes
         self.open = 0
+        self.held_bytes = 0  # request bytes received and not yet released
         self.refused = 0  # streams refused so far, over either cap
         self._load: dict[str, _Load] = {}  # only peers with streams open
 
@@ -72,6 +78,10 @@ class Inbound:
         if load.streams == 0:
             del self._load[peer]
 
+    def request_bytes(self) -> RequestBytes:
+        """An account for one request's bytes against `max_bytes`."""
+        return RequestBytes(self)
+
     def calls(self, peer: str) -> asyncio.Semaphore:
         """The handler-call slots of `peer` (which has an admitted stream open)."""
         return self._load[peer].calls
@@ -90,3 +100,26 @@ async def discard_until_closed(reader: asyncio.StreamReader, timeout_s: float = 
 
     with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
         await asyncio.wait_for(drain(), timeout_s)
+
+
+class RequestBytes:
+    """One request's bytes held against its `Inbound`'s budget: `reserve` as they arrive, `release` once."""
+
+    def __init__(self, inbound: Inbound) -> None:
+        self._inbound = inbound
+        self.held = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """Count `nbytes` more; TransportError (the refusal to send) if the budget would be passed."""
+        inbound = self._inbound
+        if inbound.held_bytes + nbytes > inbound.max_bytes:
+            raise TransportError(
+                f"this peer is holding its limit of {inbound.max_bytes >> 20} MiB of incoming requests; "
+                "retry later"
+            )
+        inbound.held_bytes += nbytes
+        self.held += nbytes
+
+    def release(self) -> None:
+        self._inbound.held_bytes -= self.held
+        self.held = 0

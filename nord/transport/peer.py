@@ -71,6 +71,7 @@ class Transport:
             per_peer=config.max_streams_per_peer,
             total=config.max_streams,
             calls_per_peer=HANDLER_CALLS_PER_PEER,
+            max_bytes=config.max_inbound_bytes,
         )
         self._p2p: P2P | None = None
         self._dht: DHTNode | None = None
@@ -87,6 +88,7 @@ class Transport:
     @classmethod
     def start(cls, config: TransportConfig) -> Transport:
         """Start p2pd and the DHT node; raise TransportError with the fix when that fails."""
+        daemon.use_nord_logging()
         self = cls(config)
         self._thread.start()
         try:
@@ -286,9 +288,13 @@ class Transport:
                     await write_error(writer, refusal, idle_timeout_s=self.config.idle_timeout_s)
                     await discard_until_closed(reader)
                     return
+                held = self.inbound.request_bytes()  # counted from arrival until the handler returns
                 try:
-                    await self._serve(fn, max_request_bytes, peer, stream_info.proto, reader, writer)
+                    await self._serve(
+                        fn, max_request_bytes, peer, stream_info.proto, reader, writer, held.reserve
+                    )
                 finally:
+                    held.release()
                     self.inbound.release(peer)
             except asyncio.CancelledError:
                 # Shutdown cancels every task. Ending this one quietly matters: Python 3.11's stream
@@ -309,11 +315,15 @@ class Transport:
         proto: str,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        reserve: Callable[[int], None],
     ) -> None:
-        """Read one request (idle timeout per read), run `fn` in a handler thread, write its reply."""
+        """Read one request (idle timeout per read, each chunk counted by `reserve`), run `fn` in a
+        handler thread, write its reply."""
         who, idle = f"peer {short(peer)}", self.config.idle_timeout_s
         try:
-            _, body = await read_frame(reader, max_request_bytes, who=who, idle_timeout_s=idle)
+            _, body = await read_frame(
+                reader, max_request_bytes, who=who, idle_timeout_s=idle, reserve=reserve
+            )
             self.bytes_received += OVERHEAD_BYTES + len(body)
         except TransportError as e:
             logger.info("rejected a request from %s: %s", short(peer), e)

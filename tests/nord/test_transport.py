@@ -202,10 +202,16 @@ def test_a_request_that_times_out_is_cancelled_and_its_stream_closed(pair):
 
 @pytest.fixture
 def stalling_server(pair):
-    """A peer whose `stall` handler blocks until released, capped at 3 streams per peer."""
+    """A peer whose `stall` handler blocks until released, capped at 3 streams per peer and 2 MiB of
+    requests held."""
     _, client = pair
     server = Transport.start(
-        TransportConfig(local_only=True, initial_peers=tuple(client.visible_maddrs()), max_streams_per_peer=3)
+        TransportConfig(
+            local_only=True,
+            initial_peers=tuple(client.visible_maddrs()),
+            max_streams_per_peer=3,
+            max_inbound_bytes=2 << 20,
+        )
     )
     release, entered = threading.Event(), []
 
@@ -214,8 +220,8 @@ def stalling_server(pair):
         release.wait(timeout=60)
         return b"done"
 
-    server.add_handler("stall", stall, max_request_bytes=1024)
-    server.add_handler("echo", lambda peer, body: bytes(body), max_request_bytes=1024)
+    server.add_handler("stall", stall, max_request_bytes=8 << 20)
+    server.add_handler("echo", lambda peer, body: bytes(body), max_request_bytes=8 << 20)
     yield server, release, entered
     release.set()
     server.shutdown()
@@ -250,6 +256,30 @@ def test_a_flooding_peer_is_refused_over_its_cap_and_cannot_starve_other_peers(p
             t.join(timeout=60)
     assert [bytes(o) for o in outcomes if not isinstance(o, TransportError)] == [b"done"] * 3
     assert server.inbound.refused == 3 and server.inbound.open == 0
+
+
+def test_requests_over_the_inbound_byte_budget_are_refused_until_it_frees(pair, stalling_server):
+    server, release, entered = stalling_server
+    _, holder = pair
+    big = os.urandom(3 << 19)  # 1.5 MiB: one such request held leaves less than its size of the 2 MiB
+    held = threading.Thread(target=lambda: holder.request(server.peer_id, "stall", big, timeout_s=120))
+    held.start()
+    try:
+        wait_for(lambda: entered, 60, "the first request to be held by its handler")
+        assert server.inbound.held_bytes == len(big)
+        with Transport.start(
+            TransportConfig(local_only=True, initial_peers=tuple(server.visible_maddrs()))
+        ) as other:
+            with pytest.raises(TransportError, match="holding its limit of 2 MiB of incoming requests"):
+                other.request(server.peer_id, "echo", big, timeout_s=60)
+            assert other.request(server.peer_id, "echo", b"small", timeout_s=60) == b"small"
+            release.set()
+            held.join(timeout=60)
+            assert other.request(server.peer_id, "echo", big, timeout_s=60) == big
+    finally:
+        release.set()
+        held.join(timeout=60)
+    assert server.inbound.held_bytes == 0
 
 
 STALLED_PEER_SCRIPT = textwrap.dedent(
