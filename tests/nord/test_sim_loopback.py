@@ -2,10 +2,11 @@
 Gossip, real replicas), N = 4, 8, 16, beside `nord.sim.loopback.spread` fed with what this machine
 measured in the same run (stream rate, small-request time, cores) and the fitted merge cost.
 
-Tolerances (docs/simulation.md, "Validation"): bytes the author sends within 5% (the simulator counts
-the envelope plus 64 bytes per push; framing and msgpack add ~100 bytes to a 29 kB envelope);
-time until every peer holds it within a factor of 2 either way — the real medians themselves move by
-2x between runs on this machine (0.296 to 0.597 s at N = 16 in docs/benchmarks/gossip.md).
+Tolerances (docs/simulation.md, "Validation"): bytes the author sends within 1% (the simulator counts
+the envelope plus 64 bytes per push; framing and msgpack add ~100 bytes to a 29 kB envelope); the time
+until every peer holds it within a factor of 2 of the range of the real swarm's three runs in the same
+call (from half the fastest to twice the slowest) — on this shared 2-core machine the real medians
+themselves moved 2.8x between two calls ten minutes apart (N = 8: 0.224 and 0.637 s).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def test_simulated_spread_agrees_with_the_loopback_swarm():
     spec = importlib.util.spec_from_file_location("bench_simulate", ROOT / "bench" / "simulate.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.validate([4, 8, 16], repeats=2)
+    out = bench.validate([4, 8, 16], repeats=3)
     for row in out["rows"]:
-        assert 0.95 <= row["bytes_ratio"] <= 1.05, row
-        assert 0.5 <= row["time_ratio"] <= 2.0, row
+        assert 0.99 <= row["bytes_ratio"] <= 1.01, row
+        assert min(row["real_runs_s"]) / 2 <= row["sim_s"] <= 2 * max(row["real_runs_s"]), row
