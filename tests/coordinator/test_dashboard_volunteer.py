@@ -78,6 +78,10 @@ class Dashboard:
 def dashboard(seeded):
     history, ckpt = seeded
     history.touch_peer(PEERS[1], name="Ada Lovelace")
+    for i, peer in enumerate(PEERS[:2]):  # two of the quorum's three arrived in the open round
+        history.record_contribution(
+            f"{i:064x}", round=ROUNDS, peer=peer, nbytes=1, tokens=1, at=T0 + 60 * ROUNDS + 5
+        )
     d = Dashboard(history, ckpt)
     d.history = history
     yield d
@@ -146,7 +150,8 @@ def test_leaderboard_ranks_contributors_and_finds_a_volunteer_by_name_or_id(brow
 def test_progress_charts_and_accessibility(browser, dashboard, tmp_path):
     page = open_page(browser, dashboard, DESKTOP)
     assert len(page.query_selector_all("h1")) == 1
-    assert page.inner_text("#p-quorum-text").startswith("0 of 3 contributions pooled (0%)")
+    assert page.inner_text("#p-quorum-text") == "2 of 3 contributions pooled (66.7%)"
+    assert page.get_attribute("#p-quorum", "aria-valuetext") == "2 of 3 contributions"
     assert re.fullmatch(r"4:[45]\d", page.inner_text("#p-deadline"))  # 300 s deadline, 10 s into the round
     assert page.inner_text("#p-rate").endswith("tok/s")
     # the join command is honest about a loopback-only coordinator
@@ -204,6 +209,6 @@ def test_phone_layout_keeps_everything_inside_390_px(browser, dashboard, tmp_pat
         assert cell.is_visible() and box["x"] + box["width"] <= PHONE["width"], label
     link = page.query_selector("#ckpt-table a[href$='.safetensors']")
     assert link.bounding_box()["x"] + link.bounding_box()["width"] <= PHONE["width"]
-    page.evaluate("scrollTo(0, 0)")
-    screenshot(page, "dashboard-phone.png", tmp_path, full_page=False)  # the first screen
+    page.evaluate("document.querySelector('section.join').scrollIntoView()")
+    screenshot(page, "dashboard-phone.png", tmp_path, full_page=False)  # one screen: join, then contributors
     assert page.errors == []
