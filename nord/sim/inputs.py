@@ -116,7 +116,7 @@ class Traits:
     client_mode: bool
     down_bps: float  # bytes per second
     up_bps: float
-    latency_s: float  # one-way to the core of the network (half its median RTT share)
+    latency_s: float  # its share of a one-way delay (see `latency`)
     device: str
     train_s: float  # seconds for H inner steps
     hostile: str  # "", "poison", "withhold", "equivocate"
@@ -131,7 +131,8 @@ def link(rng: random.Random, kind: str) -> tuple[float, float]:
 
 
 def latency(rng: random.Random, cfg: SimConfig) -> float:
-    return cfg.rtt_ms / 2e3 * rng.lognormvariate(0.0, cfg.rtt_sigma)
+    """One peer's share of a one-way delay: two peers' shares add up to half their RTT (median)."""
+    return cfg.rtt_ms / 4e3 * rng.lognormvariate(0.0, cfg.rtt_sigma)
 
 
 def tokens_per_s(device: str, params: float, mfu: float) -> float:

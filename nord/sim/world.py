@@ -62,7 +62,7 @@ class World:
         self.first_volunteer = 1 + cfg.relays
         self.n_nodes = self.first_volunteer + len(volunteers)
         down, up = coordinator_link
-        lat = cfg.rtt_ms / 2e3
+        lat = cfg.rtt_ms / 4e3  # a datacenter peer's share of a one-way delay (inputs.latency)
         self.net = Network(
             up_bps=[up] * self.first_volunteer + [v.up_bps for v in volunteers],
             down_bps=[down] * self.first_volunteer + [v.down_bps for v in volunteers],
