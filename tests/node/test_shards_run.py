@@ -28,7 +28,7 @@ from nord.identity import Identity
 from nord.model import NordLM, load_model
 from nord.shards import ShardConfig, shard_params, shards_of_names
 
-pytestmark = [pytest.mark.p2p, pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.p2p, pytest.mark.slow, pytest.mark.timeout(600)]
 
 RUN = "sharded"
 ROUNDS = 2
@@ -62,10 +62,14 @@ def test_three_workers_on_different_shards_converge(tmp_path):
             "--local-only",
         )  # fmt: skip
         maddr = wait_for(
-            lambda: (boot_dir / "maddrs.txt").is_file() and (boot_dir / "maddrs.txt").read_text().split()[0],
-            120,
+            lambda: (
+                boot.poll() is not None
+                or ((boot_dir / "maddrs.txt").is_file() and (boot_dir / "maddrs.txt").read_text().split()[0])
+            ),
+            300,
             "the bootstrap peer's address",
         )
+        assert boot.poll() is None, (tmp_path / "boot.log").read_text()[-3000:]  # fail fast, with its error
         peers.record_daemon(boot)
         workers = {}
         for name in ("w0", "w1", "w2"):  # one after the other: each sees the others' presence records
@@ -75,13 +79,13 @@ def test_three_workers_on_different_shards_converge(tmp_path):
                 "--local-only",
             )  # fmt: skip
             peers.record_daemon(workers[name])
-            wait_for(lambda n=name: e2e.read_status(tmp_path / n).get("shards"), 120, f"{name}'s shards")
+            wait_for(lambda n=name: e2e.read_status(tmp_path / n).get("shards"), 300, f"{name}'s shards")
         for name, proc in workers.items():
-            code = proc.wait(timeout=180)
+            code = proc.wait(timeout=400)
             assert code == 0, f"{name} exited with {code}:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}"
         out = tmp_path / "pulled" / "model.safetensors"
         pull = peers.start("pull", "pull", "--from", maddr, "--run", RUN, "--out", str(out), "--local-only")
-        assert pull.wait(timeout=120) == 0, (tmp_path / "pull.log").read_text()[-2000:]
+        assert pull.wait(timeout=300) == 0, (tmp_path / "pull.log").read_text()[-2000:]
     finally:
         peers.stop_all()
 
