@@ -12,8 +12,9 @@
    "reset" alone is the fresh-window validation loss.
 
 Arms (--arms, trained one after the other from the same seed on the same batches, side by side in one run):
-    old       the mixer neurons' initial decays as before: σ(b) linear in [0.5, 0.98] (τ ≈ 2–50 tokens),
-              set by this script over the model's own init
+    old       the mixer neurons' initial decays σ(b) linear in [0.5, 0.98] (τ = 1/(1 − σ(b)) ≈ 2–50 tokens,
+              median 3.8), set by this script over the model's own init
+    log       b linear in [0, 6.9]: τ = 1 + e^b log-spaced from 2 to ~1,000 tokens (median 32), likewise
     default   the model's initial decays as they are in nord/neurons/dynamic.py
     +carry    suffix: train on row-continuous batches with the state carried between steps
               (`train_steps(carry_state=True)`, `stream_batches`) instead of fresh random windows
@@ -45,15 +46,18 @@ from nord.neurons import DynamicDecayNeuron
 from nord.recipes import RECIPES, get_config
 from nord.train import cosine_lr, make_optimizer, stream_batches, train_steps
 
-INITS = ("old", "default")
+INITS = ("old", "log", "default")
 CARRY = "carry"
 
 
-def use_old_decay_init(model: NordLM) -> None:
-    """The initial decays before issue 21: σ(b) linear in [0.5, 0.98] across channels."""
+def set_decay_init(model: NordLM, init: str) -> None:
+    """Overwrite every mixer neuron's decay bias b with the `init` spread across its channels."""
     for m in model.modules():
         if isinstance(m, DynamicDecayNeuron):
-            m.conv_bias.data.copy_(torch.logit(torch.linspace(0.5, 0.98, m.dim)))
+            if init == "old":  # σ(b) linear in [0.5, 0.98]: τ = 1/(1 − σ(b)) from 2 to 50 tokens
+                m.conv_bias.data.copy_(torch.logit(torch.linspace(0.5, 0.98, m.dim)))
+            else:  # "log": b linear in [0, 6.9], τ = 1 + e^b log-spaced from 2 to ~1,000 tokens
+                m.conv_bias.data.copy_(torch.linspace(0.0, 6.9, m.dim))
 
 
 def decay_time_constants(model: NordLM) -> torch.Tensor:
@@ -67,8 +71,8 @@ def train_arm(arm: str, recipe: str, corpus, args: argparse.Namespace) -> tuple[
     cfg = dataclasses.replace(get_config(recipe, vocab_size=corpus.vocab_size), max_seq_len=args.seq_len)
     torch.manual_seed(args.seed)
     model = NordLM(cfg)
-    if init == "old":
-        use_old_decay_init(model)
+    if init != "default":
+        set_decay_init(model, init)
     tau = decay_time_constants(model)
     train_cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr)
     optimizer = make_optimizer(model, train_cfg, "cpu")

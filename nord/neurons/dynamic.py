@@ -185,9 +185,9 @@ class DynamicDecayNeuron(nn.Module):
 
     `forward(x (B, T, D), state=None) -> (spikes, membrane, state)` for training (parallel scan);
     `step(x_t (B, D), state) -> (spikes_t, membrane_t, state)` for generation. Spikes come back in
-    x's dtype, membranes and state in float32. Initial decays σ(b) have b linear in [0, 6.9] across channels:
-    time constants 1/(1 − σ(b)) = 1 + e^b log-spaced from 2 to ~1,000 tokens, so some channels keep
-    information for a thousand tokens; conv taps start small so the decay starts near σ(b).
+    x's dtype, membranes and state in float32. Initial decays σ(b) are spread over [0.5, 0.98] across
+    channels (time constants of ~2 to ~50 tokens; log-spaced ones up to ~1,000 tokens scored worse in
+    bench/length.py, docs/benchmarks/quality.md); conv taps start small so the decay starts near σ(b).
     """
 
     def __init__(
@@ -217,7 +217,7 @@ class DynamicDecayNeuron(nn.Module):
         self.dim, self.conv_kernel, self.chunk_size = dim, conv_kernel, chunk_size
         self.spike_config = SpikeConfig(spike_mode, max_spikes, surrogate, alpha)
         self.conv_weight = nn.Parameter(torch.randn(dim, conv_kernel) * (0.1 / conv_kernel**0.5))
-        self.conv_bias = nn.Parameter(torch.linspace(0.0, 6.9, dim))  # τ = 1 + e^b: 2 to ~1,000 tokens
+        self.conv_bias = nn.Parameter(torch.logit(torch.linspace(0.5, 0.98, dim)))
         self.threshold = nn.Parameter(torch.full((dim,), float(threshold_init)))
 
     def params(self) -> DynamicDecayParams:
