@@ -19,6 +19,7 @@ sent, so a restart re-sends that same envelope instead of training a second one 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -56,7 +57,8 @@ class StateDir:
         """Remember the run's config; refuse a state directory that belongs to another run config.
 
         Configs are compared after parsing (defaults filled in), so state written before a config field
-        with a default existed still resumes; the file is then rewritten in the current form.
+        with a default existed still resumes; the file is then rewritten in the current form. Signatures
+        are not compared: whoever fetches a config verifies its signature.
         """
         if self.run_json.is_file():
             stored = self.run_json.read_text(encoding="utf-8")
@@ -67,7 +69,8 @@ class StateDir:
                     f"{self.run_json} is not a run config this version reads ({e}); "
                     "use another --state-dir, or delete that one to start over"
                 ) from None
-            if old != RunConfig.from_json(run_json):
+            new = RunConfig.from_json(run_json)
+            if dataclasses.replace(old, signature="") != dataclasses.replace(new, signature=""):
                 raise ConfigError(
                     f"{self.path} holds state of another run config (run {old.run_id!r}); "
                     "use another --state-dir, or delete that one to start over"

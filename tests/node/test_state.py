@@ -143,3 +143,19 @@ def test_the_pinned_authority_is_stored_and_checked(tmp_path):
     state.authority_file.write_text("not hex\n")
     with pytest.raises(ConfigError, match="16-64 hex digits"):
         state.pinned_authority()
+
+
+def test_the_same_run_config_resumes_whatever_its_signature_another_does_not(tmp_path):
+    import dataclasses
+
+    from nord.identity import Identity
+
+    authority = Identity.from_private_bytes(b"\x07" * 32)
+    run = dataclasses.replace(run_config(), authorities=(authority.public_hex,), genesis_hash="a" * 64)
+    state = StateDir(tmp_path)
+    state.check_run(run.to_json())
+    state.check_run(run.signed(authority).to_json())  # re-signed by the bootstrap peer on restart
+    assert RunConfig.from_json(state.run_json.read_text()).verify(None) == authority.public_hex
+    other = Identity.from_private_bytes(b"\x08" * 32)
+    with pytest.raises(ConfigError, match="another run config"):
+        state.check_run(run.with_authorities((other.public_hex,)).signed(other).to_json())

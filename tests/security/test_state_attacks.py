@@ -6,7 +6,8 @@ run's authority, a real seal over other weights, a real seal with made-up metada
 behind a `behind=True` claim): the honest worker downloads each liar's snapshot at most once, adopts
 none of them, names each liar once in its log, and keeps training on the authority's sealed weights.
 Then: a worker pinned to the run's authority refuses a run config signed by another key, whether it
-is pinned by `--authority` or by its state dir, and so does `nord-node pull --authority`.
+is pinned by `--authority` or by its state dir, and so does `nord-node pull --authority`; the same
+state dir, restarted far behind the run and among the liars, still catches up from a verified snapshot.
 """
 
 from __future__ import annotations
@@ -173,6 +174,12 @@ def test_a_run_config_signed_by_another_key_is_refused(run):
     assert again.wait(timeout=300) != 0
     assert f"not the pinned {run.fingerprint}" in run.peers.log("pinned-by-state")
     assert sorted(p.name for p in (run.tmp / "pinned-by-state" / "replica").iterdir()) == replica_before
+
+    # the same state dir, now far behind the coordinator's compaction point (the honest worker kept
+    # sealing rounds) and among liars: it still catches up, from a verified snapshot, and trains
+    behind = run.join("pinned-by-state", "--max-rounds", "1")
+    assert behind.wait(timeout=400) == 0, run.peers.log("pinned-by-state")
+    assert "verified from peer" in run.peers.log("pinned-by-state", tail=100_000)
 
     out = run.tmp / "pulled.safetensors"
     pull = run.peers.start("pull", "-m", "node", "pull", "--from", fake, "--run", RUN, "--out", str(out),
