@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import urllib.request
+from pathlib import Path
 
 import pytest
 from procs import Procs, free_port, wait_for
@@ -51,44 +52,57 @@ def test_reach_note_warns_only_without_a_public_address():
     assert reach_note(["/ip4/127.0.0.1/tcp/1", "/ip4/8.8.8.8/tcp/1"]) is None
 
 
+def init_tiny_run(procs: Procs, tmp_path: Path, run_id: str, *flags: str) -> Path:
+    """Write a small corpus and `nord-coordinator init` a tiny-model run on it; return its run.json."""
+    rng = random.Random(0)
+    words = "thou art the sun and moon of spring that walks upon green hills where rivers sing".split()
+    (tmp_path / "text.txt").write_text(
+        "\n\n".join(" ".join(rng.choice(words) for _ in range(300)) for _ in range(60))
+    )
+    run_json = tmp_path / "run.json"
+    init = procs.start(
+        "init", "init", "--run", run_id, "--model", "tiny", "--source", str(tmp_path / "text.txt"),
+        "--vocab-size", "512", "--out", str(run_json), *flags, module="coordinator",
+    )  # fmt: skip
+    assert init.wait(timeout=300) == 0, procs.log("init")
+    return run_json
+
+
+def start_coordinator(procs: Procs, name: str, run_json: Path, state_dir: Path, http: int):
+    """`nord-coordinator serve` on loopback; its /api/summary once it answers."""
+    coordinator = procs.start(
+        name, "serve", "--run-config", str(run_json), "--state-dir", str(state_dir),
+        "--http", f"127.0.0.1:{http}", "--local-only", "--val-batches", "1", module="coordinator",
+    )  # fmt: skip
+    summary = wait_for(lambda: coordinator.poll() is None and get_json(http, "/api/summary"), 300, "the API")
+    return coordinator, summary
+
+
+def get_json(port: int, path: str):
+    """GET http://127.0.0.1:<port><path> as JSON; None while nothing answers there."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return json.loads(r.read())
+    except OSError:
+        return None
+
+
 @pytest.mark.p2p
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_restarted_coordinator_announces_the_same_multiaddr(tmp_path):
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog while rivers sing".split()
-    (tmp_path / "text.txt").write_text(
-        "\n\n".join(" ".join(rng.choice(words) for _ in range(200)) for _ in range(40))
-    )
     with Procs(tmp_path, env={"NORD_DATA_DIR": str(tmp_path / "data")}) as procs:
-        init = procs.start(
-            "init", "init", "--run", "port-test", "--model", "tiny", "--source", str(tmp_path / "text.txt"),
-            "--vocab-size", "512", "--out", str(tmp_path / "run.json"), module="coordinator",
-        )  # fmt: skip
-        assert init.wait(timeout=300) == 0, procs.log("init")
+        run_json = init_tiny_run(procs, tmp_path, "port-test")
         announced = []
         for attempt in range(2):
-            http = free_port()
-            coordinator = procs.start(
-                f"serve{attempt}", "serve", "--run-config", str(tmp_path / "run.json"), "--state-dir",
-                str(tmp_path / "coord"), "--http", f"127.0.0.1:{http}", "--local-only", module="coordinator",
-            )  # fmt: skip
-            summary = wait_for(lambda c=coordinator, h=http: c.poll() is None and _summary(h), 300, "the API")
+            name = f"serve{attempt}"
+            coordinator, summary = start_coordinator(procs, name, run_json, tmp_path / "coord", free_port())
             announced.append(summary["multiaddrs"])
-            assert "only this machine can join" in wait_for(
-                lambda a=attempt: "warning:" in procs.log(f"serve{a}") and procs.log(f"serve{a}"),
-                60,
-                "the note",
+            note = wait_for(
+                lambda n=name: "warning:" in procs.log(n) and procs.log(n), 60, "the start-up note"
             )
+            assert "only this machine can join" in note
             procs.stop()
-            assert coordinator.returncode == 0, procs.log(f"serve{attempt}")
+            assert coordinator.returncode == 0, procs.log(name)
             procs.procs.clear()
     assert announced[0] == announced[1] and announced[0]
-
-
-def _summary(port: int):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/summary", timeout=10) as r:
-            return json.loads(r.read())
-    except OSError:
-        return None

@@ -3,15 +3,13 @@ presence records in a real DHT."""
 
 from __future__ import annotations
 
-import json
-import random
 import re
-import urllib.request
 
 import pytest
 from conftest import PEERS, T0
 from fastapi.testclient import TestClient
 from procs import Procs, free_port, wait_for
+from test_address import get_json, init_tiny_run, start_coordinator
 
 from coordinator.api import ApiContext, create_app
 from coordinator.history import History, HistoryReader
@@ -151,25 +149,13 @@ def test_presence_names_reach_the_leaderboard_only_when_valid(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_named_volunteer_finds_its_row_with_tokens_and_hears_its_verdict(tmp_path):
-    rng = random.Random(0)
-    words = "thou art the sun and moon of spring that walks upon green hills where rivers sing".split()
-    (tmp_path / "text.txt").write_text(
-        "\n\n".join(" ".join(rng.choice(words) for _ in range(300)) for _ in range(60))
-    )
     http = free_port()
     with Procs(tmp_path, env={"NORD_DATA_DIR": str(tmp_path / "data")}) as procs:
-        init = procs.start(
-            "init", "init", "--run", "named", "--model", "tiny", "--source", str(tmp_path / "text.txt"),
-            "--vocab-size", "512", "--quorum", "1", "--deadline", "30", "--inner-steps", "2",
-            "--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path / "run.json"), module="coordinator",
+        run_json = init_tiny_run(
+            procs, tmp_path, "named", "--quorum", "1", "--deadline", "30", "--inner-steps", "2",
+            "--batch-size", "2", "--seq-len", "32",
         )  # fmt: skip
-        assert init.wait(timeout=300) == 0, procs.log("init")
-        coordinator = procs.start(
-            "coordinator", "serve", "--run-config", str(tmp_path / "run.json"), "--state-dir",
-            str(tmp_path / "coord"), "--http", f"127.0.0.1:{http}", "--local-only", "--val-batches", "1",
-            module="coordinator",
-        )  # fmt: skip
-        summary = wait_for(lambda: coordinator.poll() is None and _get(http, "/api/summary"), 300, "the API")
+        coordinator, summary = start_coordinator(procs, "coordinator", run_json, tmp_path / "coord", http)
         worker = procs.start(
             "worker", "join", "--run", "named", "--initial-peers", summary["multiaddrs"][0], "--state-dir",
             str(tmp_path / "w"), "--poll-s", "0.3", "--no-progress", "--local-only", "--device", "cpu",
@@ -177,7 +163,7 @@ def test_a_named_volunteer_finds_its_row_with_tokens_and_hears_its_verdict(tmp_p
         )  # fmt: skip
         assert worker.wait(timeout=600) == 0, procs.log("worker")
         rows = wait_for(
-            lambda: [r for r in _get(http, "/api/leaderboard?q=grace")["peers"] if r["tokens"] > 0],
+            lambda: [r for r in get_json(http, "/api/leaderboard?q=grace")["peers"] if r["tokens"] > 0],
             120,
             "the volunteer's row with its tokens",
         )
@@ -191,11 +177,3 @@ def test_a_named_volunteer_finds_its_row_with_tokens_and_hears_its_verdict(tmp_p
     assert row["name"] == "Grace Hopper" and row["rank"] == 1 and row["accepted"] == 1
     assert f"as peer {row['short']} (Grace Hopper)" in log
     assert re.search(r"round 0 \| contribution accepted \|", log), log
-
-
-def _get(port: int, path: str):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-            return json.loads(r.read())
-    except OSError:
-        return None
