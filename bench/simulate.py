@@ -288,7 +288,7 @@ def sweep_row(cfg) -> dict:
 
 
 def sweep(
-    peers: list[int], relays: list[int], hs: list[int], rounds: int, model: str, aggregate: bool
+    peers: list[int], relays: list[int], hs: list[int], rounds: int, model: str, aggregate: bool, extra: dict
 ) -> dict:
     """N's baseline row, then one setting changed at a time (relays, H, aggregate adoption)."""
     from tqdm import tqdm
@@ -300,10 +300,10 @@ def sweep(
     grid += [(n, 0, h, "contributions") for n in peers for h in hs[1:]]
     grid += [(n, r, hs[0], "aggregate") for n in peers for r in relays[:1] + relays[-1:]] if aggregate else []
     rows = [
-        sweep_row(SimConfig(peers=n, relays=r, inner_steps=h, rounds=rounds, model=model, adopt=a))
+        sweep_row(SimConfig(peers=n, relays=r, inner_steps=h, rounds=rounds, model=model, adopt=a, **extra))
         for n, r, h, a in tqdm(grid, desc="sweep")
     ]
-    return {"machine": _machine(), "model": model, "rounds": rounds, "rows": rows}
+    return {"machine": _machine(), "model": model, "rounds": rounds, "extra": extra, "rows": rows}
 
 
 def sweep_table(rows: list[dict]) -> str:
@@ -398,6 +398,7 @@ def main() -> None:
     parser.add_argument("--sweep-h", type=int, nargs="+", default=[20, 200], help="--sweep: H (first: base)")
     parser.add_argument("--rounds", type=int, default=12, help="--sweep: rounds per simulation")
     parser.add_argument("--aggregate", action="store_true", help="--sweep: add --adopt aggregate rows")
+    parser.add_argument("--set", nargs="*", default=[], help="--sweep: SimConfig KEY=VALUE for every row")
     parser.add_argument("--model", default="small", help="--sweep: recipe")
     parser.add_argument("--name", default="sweep", help="--sweep: result and figure name")
     parser.add_argument("--speed", action="store_true", help="time 1,000 volunteers x 50 rounds")
@@ -408,8 +409,11 @@ def main() -> None:
         print(json.dumps(out, indent=1))
         (RESULTS / "simulate_fit.json").write_text(json.dumps(out, indent=1))
     if args.sweep:
+        from nord.sim import SimConfig
+
+        extra = {k: type(getattr(SimConfig(), k))(v) for k, v in (item.split("=", 1) for item in args.set)}
         out = sweep(
-            args.sweep_peers, args.sweep_relays, args.sweep_h, args.rounds, args.model, args.aggregate
+            args.sweep_peers, args.sweep_relays, args.sweep_h, args.rounds, args.model, args.aggregate, extra
         )
         (RESULTS / f"simulate_{args.name}.json").write_text(json.dumps(out, indent=1))
         print(sweep_table(out["rows"]))

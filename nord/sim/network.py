@@ -13,6 +13,7 @@ message, which hivemind drops above 4 MiB (../shared/notes/hivemind.md), so such
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 SMALL = 64 << 10
@@ -73,24 +74,33 @@ class Network:
 
 @dataclass
 class Dht:
-    """Holder records per round key, and what reading them costs."""
+    """Holder records per round key (each lives RECORD_TTL_S), and what reading them costs."""
 
     record_bytes: int
-    records: dict[int, int] = field(default_factory=dict)  # round -> holder records stored
+    ttl_s: float = 900.0  # nord.gossip.wire.RECORD_TTL_S
+    records: dict[int, deque] = field(default_factory=dict)  # round -> (stored at, count), in time order
     failed_gets: int = 0
     bytes_read: int = 0
     bytes_stored: int = 0
 
-    def announce(self, rnd: int, count: int) -> int:
-        """Store `count` holder records for round `rnd`; bytes the storing peer sends."""
-        self.records[rnd] = self.records.get(rnd, 0) + count
+    def announce(self, rnd: int, count: int, at: float) -> int:
+        """Store `count` holder records for round `rnd` at time `at`; bytes the storing peer sends."""
+        if count:
+            self.records.setdefault(rnd, deque()).append((at, count))
         nbytes = count * self.record_bytes
         self.bytes_stored += nbytes
         return nbytes
 
-    def get(self, rnd: int) -> tuple[bool, int]:
-        """(whether the reply arrives, its bytes) for a get of round `rnd`'s key."""
-        nbytes = self.records.get(rnd, 0) * self.record_bytes
+    def live(self, rnd: int, now: float) -> int:
+        """Records of round `rnd` stored by `now` and not expired (stores land out of order: scan)."""
+        entries = self.records.get(rnd, ())
+        while entries and entries[0][0] < now - 2 * self.ttl_s:  # long gone: forget
+            entries.popleft()
+        return sum(n for at, n in entries if now - self.ttl_s <= at <= now)
+
+    def get(self, rnd: int, now: float) -> tuple[bool, int]:
+        """(whether the reply arrives, its bytes) for a get of round `rnd`'s key at `now`."""
+        nbytes = self.live(rnd, now) * self.record_bytes
         if nbytes > DHT_MESSAGE_CAP:
             self.failed_gets += 1
             return False, 0

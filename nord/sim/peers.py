@@ -10,6 +10,8 @@ fails a request (a withholding peer, or one gone offline) is skipped for BACKOFF
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from nord.protocol import budgeted_count, next_fetch, reachable, sync_partners
@@ -50,7 +52,7 @@ def send_envelopes(world: World, src: int, dst: int, q: int, cols: np.ndarray, n
 def publish(world: World, node: int, q: int, cols: list[int], now: float) -> None:
     """`Gossip.publish`: announce, then push each envelope to every reachable peer (an equivocator
     sends its two payloads to two halves of them)."""
-    world.net.bytes_up[node] += world.dht.announce(q, len(cols))
+    world.net.bytes_up[node] += world.dht.announce(q, len(cols), now)
     targets = reachable(world.live_public, world.backoff[node], now)
     if world.cfg.adopt == "aggregate":  # only the authority (and the relays) gather contributions
         targets = [t for t in targets if t < world.first_volunteer]
@@ -73,7 +75,7 @@ def pull_announced(world: World, node: int, now: float) -> float:
     for q in world.window(node):
         if q not in world.rounds:
             continue
-        ok, nbytes = world.dht.get(q)
+        ok, nbytes = world.dht.get(q, t)
         t += DHT_HOPS_RTT * 2 * world.net.latency_s[node]
         world.net.bytes_down[node] += nbytes
         if not ok:
@@ -149,8 +151,30 @@ def anti_entropy(world: World, node: int, fanout: int):
     for peer in sync_partners(candidates, fanout, world.rng):
         t = sync_with(world, node, peer, t, contributions)
     t = max(t, world.try_advance(node, t))
+    world.last_pass[node] = t
     if t > world.env.now:
         yield world.env.timeout(t - world.env.now)
+
+
+def idle(world: World, node: int, until: float):
+    """Wait for the next anti-entropy pass that can bring something: until `until` (something this node
+    lacks lands on a public peer) or the next publication or seal. The passes skipped meanwhile would
+    have found nothing new; their bytes (DHT gets, digests both ways) are counted all the same."""
+    env, cfg = world.env, world.cfg
+    wait = max(cfg.poll_s, until - env.now)
+    if math.isfinite(wait):
+        yield env.any_of([env.timeout(wait), world.changed])
+    else:
+        yield world.changed
+    skipped = int((env.now - world.last_pass[node]) / cfg.poll_s) - 1
+    if skipped > 0:
+        digest = costs.digest_bytes(held_dots(world, node, env.now))
+        dht = sum(world.dht.get(q, env.now)[1] for q in world.window(node) if q in world.rounds)
+        world.net.bytes_down[node] += skipped * (dht + cfg.fanout * digest)
+        world.net.bytes_up[node] += skipped * cfg.fanout * digest
+        world.idle_digest_bytes += 2 * skipped * cfg.fanout * digest
+    if env.now % cfg.poll_s:  # passes run on the poll grid
+        yield env.timeout(cfg.poll_s - env.now % cfg.poll_s)
 
 
 def relay(world: World, node: int):
@@ -203,5 +227,5 @@ def volunteer(world: World, node: int):
                 publish(world, node, r, cols, env.now)
             yield from anti_entropy(world, node, cfg.fanout)
             if world.round_of[node] == r:
-                yield env.timeout(cfg.poll_s)
+                yield from idle(world, node, min(end, world.next_change(node, env.now)))
         world.set_online(node, False)

@@ -86,6 +86,9 @@ class World:
         self.counters: dict[str, int] = {}
         self.useful_train_s = 0.0
         self.finished = self.env.event()
+        self.changed = self.env.event()  # fires (and is replaced) at each publication and seal
+        self.last_pass = [0.0] * self.n_nodes
+        self.idle_digest_bytes = 0  # digests of skipped idle passes (counted on the idle node only)
 
     # ---- bookkeeping --------------------------------------------------------------------------------
     def count(self, what: str, n: int = 1) -> None:
@@ -100,6 +103,33 @@ class World:
     def window(self, node: int) -> range:
         r, s = self.round_of[node], self.cfg.max_staleness
         return range(max(0, r - s), r + s + 1)
+
+    def notify(self) -> None:
+        """Wake every idle peer: something new was published or sealed."""
+        changed, self.changed = self.changed, self.env.event()
+        changed.succeed()
+
+    def next_change(self, node: int, now: float) -> float:
+        """The earliest time after `now` at which a public peer will hold something `node` lacks in its
+        window, or its next seal (inf if nothing is on its way)."""
+        public = np.fromiter(self.live_public, dtype=np.int64)
+        r = self.round_of[node]
+        soon = math.inf
+        if r in self.seals and len(public):
+            times = self.seal_held[public, r]
+            later = times[times > now]
+            soon = float(later.min()) if len(later) else soon
+        for q in self.window(node):
+            rs = self.rounds.get(q)
+            if rs is None or not len(public):
+                continue
+            lack = rs.held[node, : rs.n] > now
+            if lack.any():
+                times = rs.held[np.ix_(public, np.flatnonzero(lack))]
+                later = times[(times > now) & np.isfinite(times)]
+                if len(later):
+                    soon = min(soon, float(later.min()))
+        return soon
 
     def set_online(self, node: int, online: bool) -> None:
         self.online[node] = online
@@ -130,9 +160,10 @@ class World:
         work = len(cols) * costs.merge_s(0, self.sizes.params) + costs.MERGE_S_PER_BYTE * total  # summed
         done = self.net.compute(node, self.cfg.cost_scale * work, at)
         row = rs.held[node]
+        new = int(np.count_nonzero(np.isinf(row[cols])))
         row[cols] = np.minimum(row[cols], np.float32(done))
-        self.net.bytes_up[node] += self.dht.announce(q, len(cols))  # `_announce_holder`, after the join:
-        stores = len(cols) * min(costs.DHT_REPLICAS, self.n_nodes - 1)  # it delays later work, not this
+        self.net.bytes_up[node] += self.dht.announce(q, new, done)  # `_announce_holder`, after the join:
+        stores = new * min(costs.DHT_REPLICAS, self.n_nodes - 1)  # it delays later work, not this one
         self.net.compute(node, stores * self.request_s, done)
         return cols
 
@@ -149,6 +180,7 @@ class World:
             rs.train_s.append(train_s)
             rs.held[node, c] = now
             cols.append(c)
+        self.notify()
         return cols
 
     def lacking(self, node: int, q: int, now: float) -> np.ndarray:
