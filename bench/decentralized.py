@@ -51,9 +51,13 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _decentralized_sim import RunShape, Setup, run_setup  # noqa: E402
 
+from nord.codec import CodecConfig, DeltaEncoder, density_for_round  # noqa: E402
 from nord.data import DataConfig, default_data_root, prepare  # noqa: E402
 from nord.errors import ConfigError  # noqa: E402
 from nord.fsutil import atomic_write_bytes  # noqa: E402
+from nord.identity import Identity  # noqa: E402
+from nord.model import NordLM  # noqa: E402
+from nord.recipes import get_config  # noqa: E402
 
 DENSITIES = {"25": 0.25, "6.25": 0.0625, "1.56": 64 / 4096}
 WARMUP_DENSITY = 0.25  # round 0's density in the wu<R>-<d> setups
@@ -137,6 +141,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--jobs", type=int, default=4, help="setups trained in parallel processes")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, 2 peers, 2 rounds")
+    p.add_argument(
+        "--bytes-only", action="store_true",
+        help="no training: envelope bytes per round of the Nord setups over --rounds (random deltas)",
+    )  # fmt: skip
     p.add_argument("--scale", action="store_true", help="GPU run: small model, B 16, T 256, 60 rounds, H 20")
     p.add_argument("--device", default=None, help="default cuda with --scale, else cpu")
     p.add_argument("--out", default="bench/results/decentralized.json", help="JSON output")
@@ -290,6 +298,36 @@ def plot(results: list[dict], rows: list[dict], prefix: str) -> list[str]:
     return paths
 
 
+def bytes_plan(setups: list[Setup], rounds: int, model: str, vocab_size: int) -> list[dict]:
+    """Envelope bytes per peer per round of each Nord setup over `rounds`, without training: each round's
+    density (warm-up schedule included) is measured once on a seeded random delta of the model's shape.
+    The sizes of a training run's envelopes differ a little (docs/benchmarks/decentralized.md compares)."""
+    with torch.device("meta"):
+        spec = NordLM(dataclasses.replace(get_config(model), vocab_size=vocab_size)).param_spec()
+    params = sum(math.prod(shape) for shape in spec.values())
+    g = torch.Generator().manual_seed(0)
+    delta = {name: torch.randn(*shape, generator=g) for name, shape in spec.items()}
+    identity, sizes, rows = Identity.from_private_bytes(bytes(32)), {}, []
+    for setup in (s for s in setups if s.kind == "nord"):
+        codec = CodecConfig(density=setup.density, warmup_rounds=setup.warmup_rounds,
+                            warmup_density=setup.warmup_density)  # fmt: skip
+        per_round = []
+        for rnd in range(rounds):
+            density = density_for_round(codec, rnd)
+            if density not in sizes:
+                encoder = DeltaEncoder(CodecConfig(density=density, warmup_rounds=0), spec)
+                sizes[density] = encoder.encode(
+                    delta, run_id="plan", round=0, base_hash="0" * 64, identity=identity
+                ).nbytes
+            per_round.append(sizes[density])
+        mean = statistics.fmean(per_round)
+        rows.append({"setup": setup.name, "rounds": rounds, "bytes_per_peer_round": mean,
+                     "byte_ratio_vs_dense": 4 * params / mean, "first_rounds": per_round[:3]})  # fmt: skip
+        print(f"{setup.name:<28} {mean:>10,.0f} B/peer/round over {rounds} rounds: "
+              f"{4 * params / mean:6.1f}x fewer than dense fp32", flush=True)  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setups = all_setups(args.ablation_density)
@@ -303,6 +341,12 @@ def main(argv=None) -> int:
         raise ConfigError(f"unknown setup {unknown[0]!r}; choose from: {', '.join(setups)}")
     corpus = prepare(DataConfig(), default_data_root(), progress=False)
     shape = run_shape(args, str(corpus.path))
+    command = " ".join(["nord bench decentralized", *(argv if argv is not None else sys.argv[1:])])
+    if args.bytes_only:
+        rows = bytes_plan([setups[n] for n in names], shape.rounds, shape.model, corpus.vocab_size)
+        doc = {"command": command, "bytes_only": True, "model": shape.model, "rows": rows}
+        atomic_write_bytes(Path(args.out), json.dumps(doc, indent=1).encode())
+        return 0
     tasks = [
         (setups[n], seed, shape)
         for n in names
@@ -325,7 +369,7 @@ def main(argv=None) -> int:
     prefix = args.plots or str(out.with_suffix(""))
     pngs = plot(results, rows, prefix)
     doc = {
-        "command": " ".join(["nord bench decentralized", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "jobs": args.jobs},
         "shape": dataclasses.asdict(shape),
         "wall_seconds": time.perf_counter() - start,

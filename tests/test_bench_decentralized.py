@@ -38,6 +38,18 @@ def test_any_warmup_setup_name_is_parsed_into_densities_per_chunk():
         bench.warmup_setup("wu4-0.001")
 
 
+def test_bytes_only_measures_each_rounds_envelope_without_training(tmp_path):
+    out = tmp_path / "plan.json"
+    setups = ["central", "nord-1.56", "wu2-1.56"]
+    argv = ["--bytes-only", "--rounds", "3", "--setups", *setups, "--out", str(out)]
+    assert _bench().main(argv) == 0
+    rows = {r["setup"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["nord-1.56", "wu2-1.56"]  # only Nord setups send envelopes
+    flat, warm = rows["nord-1.56"]["first_rounds"], rows["wu2-1.56"]["first_rounds"]
+    assert flat[0] == flat[1] == flat[2] and warm[0] > warm[1] > warm[2] == flat[2]  # 25%, 3.1%, then 1.56%
+    assert rows["nord-1.56"]["byte_ratio_vs_dense"] > 100 > rows["wu2-1.56"]["byte_ratio_vs_dense"]
+
+
 @pytest.mark.slow
 def test_quick_run_trains_every_merge_path_and_counts_bytes(tmp_path):
     setups = ["central", "dense-nesterov", "nord-1.56", "1.56-damped", "wu4-1.56"]
