@@ -170,6 +170,7 @@ def idle(world: World, node: int, until: float):
     if skipped > 0:
         digest = costs.digest_bytes(held_dots(world, node, env.now))
         dht = sum(world.dht.get(q, env.now)[1] for q in world.window(node) if q in world.rounds)
+        world.dht.bytes_read += (skipped - 1) * dht  # `get` counted one of them
         world.net.bytes_down[node] += skipped * (dht + cfg.fanout * digest)
         world.net.bytes_up[node] += skipped * cfg.fanout * digest
         world.idle_digest_bytes += 2 * skipped * cfg.fanout * digest
