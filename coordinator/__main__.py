@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--keep-checkpoints", type=int, default=5, help="sealed checkpoints kept by the coordinator"
     )
+    target = init.add_mutually_exclusive_group()
+    target.add_argument("--target-rounds", type=int, default=0, help="the run's goal in sealed rounds (ETA)")
+    target.add_argument("--target-tokens", type=int, default=0, help="... or in accepted tokens (ETA)")
     init.add_argument(
         "--authority",
         action="append",
@@ -110,7 +113,11 @@ def _init(args: argparse.Namespace) -> int:
         data=DataConfig(source=args.source, vocab_size=model.vocab_size),
         train=TrainConfig(inner_steps=args.inner_steps, batch_size=args.batch_size, seq_len=seq_len),
         rounds=RoundConfig(
-            quorum=args.quorum, deadline_s=args.deadline, keep_checkpoints=args.keep_checkpoints
+            quorum=args.quorum,
+            deadline_s=args.deadline,
+            keep_checkpoints=args.keep_checkpoints,
+            target_rounds=args.target_rounds,
+            target_tokens=args.target_tokens,
         ),
         authorities=tuple(k.lower() for k in args.authority),
     )

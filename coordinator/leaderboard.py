@@ -6,7 +6,8 @@ never the authority's lock); each answer is one read transaction.
     leaderboard   peers ranked by accepted tokens (then accepted contributions, then who came first), with
                   contributions, bytes, rejections and their latest reasons, first/last seen, device,
                   display name and tokens/s; `query` finds a row by key prefix or name
-    progress      the open round (contributions pooled against the quorum, deadline), tokens/s, and per
+    progress      the open round (contributions pooled against the quorum, deadline), tokens/s, the run's
+                  target (rounds.target_tokens or target_rounds) with an ETA at the recent pace, and per
                   round: opened/sealed times, peers that contributed, accepted tokens, validation loss
 
 Rates are measured over the last RATE_ROUNDS sealed rounds: the accepted tokens of contributions made for
@@ -101,8 +102,9 @@ class Leaderboard:
             "now": now,
         }
 
-    def progress(self, *, quorum: int, deadline_s: float, rounds: int) -> dict[str, Any]:
-        """The open round against its quorum and deadline, tokens/s, and the last `rounds` rounds."""
+    def progress(self, config: dict[str, Any], *, rounds: int) -> dict[str, Any]:
+        """The open round against its quorum and deadline, tokens/s, the run's target with an ETA, and the
+        last `rounds` rounds; `config` is the run config's `rounds` section."""
         now = self.clock()
         with self.history.snapshot() as h:
             current = h.current_round()
@@ -117,6 +119,7 @@ class Leaderboard:
                 losses = h.metrics(first=first, last=last)
             _, online = h.peer_counts(heard_since=now - ONLINE_WINDOW_S)
             tokens_seen = h.tokens_seen()
+            sealed, _ = h.sealed_rounds()
         per_round = [
             {
                 "round": r["round"],
@@ -129,10 +132,13 @@ class Leaderboard:
             }
             for r in history
         ]
+        tokens_per_s = _rate(sum(peer_tokens.values()), window)
         return {
-            "open_round": _open_round(open_round, quorum, deadline_s),
+            "open_round": _open_round(open_round, config["quorum"], config["deadline_s"]),
             "tokens_seen": tokens_seen,
-            "tokens_per_s": _rate(sum(peer_tokens.values()), window),
+            "sealed_rounds": sealed,
+            "target": _target(config, tokens_seen, sealed, tokens_per_s, window, now),
+            "tokens_per_s": tokens_per_s,
             "rate_window": window,
             "peers_online": online,
             "online_window_s": ONLINE_WINDOW_S,
@@ -198,6 +204,37 @@ def _open_round(row: dict[str, Any] | None, quorum: int, deadline_s: float) -> d
         "pooled": row["pending"],
         "rejected": row["rejected"],
         "quorum_fill": min(1.0, row["pending"] / quorum),
+    }
+
+
+def _target(
+    config: dict[str, Any],
+    tokens_seen: int,
+    sealed: int,
+    tokens_per_s: float | None,
+    window: dict[str, Any] | None,
+    now: float,
+) -> dict[str, Any] | None:
+    """The run's goal (rounds.target_tokens or target_rounds), how far it is, and when it is reached at
+    the recent pace (tokens/s, or seconds per sealed round over the same window); None without one."""
+    if config.get("target_tokens"):
+        unit, goal, done = "tokens", config["target_tokens"], tokens_seen
+        per_second = tokens_per_s
+    elif config.get("target_rounds"):
+        unit, goal, done = "rounds", config["target_rounds"], sealed
+        rounds_in_window = window["last_round"] - window["first_round"] + 1 if window else 0
+        per_second = _rate(rounds_in_window, window)
+    else:
+        return None
+    left = max(0, goal - done)
+    eta_s = 0.0 if not left else (left / per_second if per_second else None)
+    return {
+        "unit": unit,
+        "goal": goal,
+        "done": done,
+        "fraction": min(1.0, done / goal),
+        "eta_s": eta_s,
+        "eta_at": None if eta_s is None else now + eta_s,
     }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nord.checks import fingerprint, is_fingerprint, is_hex64, is_run_id, matches_fingerprint
+from nord.checks import fingerprint, is_count, is_fingerprint, is_hex64, is_run_id, matches_fingerprint
 from nord.errors import ConfigError
 
 SIGNING_DOMAIN = b"nord-run-config\0"
@@ -48,12 +48,20 @@ class RoundConfig:
     quorum: int = 3  # seal once this many valid contributions arrived ...
     deadline_s: float = 300.0  # ... or this long after the round opened, with at least one
     keep_checkpoints: int = 5  # sealed checkpoints kept on disk by the coordinator
+    # the run's goal, shown with an ETA on the dashboard (0: open-ended); at most one of the two
+    target_rounds: int = 0  # sealed rounds
+    target_tokens: int = 0  # tokens in accepted contributions
 
     def __post_init__(self) -> None:
         if self.quorum < 1:
             raise ConfigError(f"rounds.quorum must be >= 1, got {self.quorum}")
         if not self.deadline_s > 0:
             raise ConfigError(f"rounds.deadline_s must be > 0, got {self.deadline_s}")
+        for name in ("target_rounds", "target_tokens"):
+            if not is_count(getattr(self, name)):
+                raise ConfigError(f"rounds.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.target_rounds and self.target_tokens:
+            raise ConfigError("set rounds.target_rounds or rounds.target_tokens, not both")
 
 
 def _sections() -> dict[str, type]:

@@ -65,7 +65,6 @@ def get_progress(
         int, Query(ge=1, le=PAGE_MAX, description="how many of the latest rounds to list")
     ] = PROGRESS_ROUNDS,
 ) -> dict[str, Any]:
-    """The open round (pooled contributions against the quorum, deadline), tokens/s, and per round:
-    opened/sealed times, peers that contributed, accepted tokens, validation loss."""
-    cfg = svc.ctx.run_config["rounds"]
-    return _board(svc).progress(quorum=cfg["quorum"], deadline_s=cfg["deadline_s"], rounds=rounds)
+    """The open round (pooled contributions against the quorum, deadline), tokens/s, the run's target
+    with an ETA, and per round: opened/sealed times, peers that contributed, accepted tokens, loss."""
+    return _board(svc).progress(svc.ctx.run_config["rounds"], rounds=rounds)

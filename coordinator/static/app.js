@@ -277,9 +277,31 @@ function renderProgress(p) {
     $("p-quorum-text").textContent = "no round open";
   }
   tickDeadline();
+  renderTarget(p.target);
   $("p-rate").textContent = fmtRate(p.tokens_per_s);
   const w = p.rate_window;
   $("p-window").textContent = w ? `rates over rounds ${w.first_round}–${w.last_round} (${fmtDuration(w.seconds)})` : "rates after the first sealed round";
+}
+
+function fmtSpan(s) {
+  if (s < 90) return Math.round(s) + " s";
+  if (s < 5400) return Math.round(s / 60) + " min";
+  if (s < 172800) return (s / 3600).toFixed(1) + " h";
+  return (s / 86400).toFixed(1) + " days";
+}
+
+function renderTarget(t) {
+  $("p-target").hidden = !t;
+  if (!t) return;
+  const meter = $("p-target-meter");
+  meter.style.setProperty("--fill", t.fraction);
+  meter.setAttribute("aria-valuenow", t.fraction.toFixed(3));
+  const fmt = t.unit === "tokens" ? fmtCompact : fmtInt;
+  const of = `${fmt(t.done)} of ${fmt(t.goal)} ${t.unit} (${fmtPct(t.fraction)})`;
+  meter.setAttribute("aria-valuetext", of);
+  const eta = t.eta_s === 0 ? "reached" : t.eta_s == null ? "ETA after the first sealed rounds"
+    : `ETA ${fmtSpan(t.eta_s)} (${fmtWhen(t.eta_at)}) at the recent pace`;
+  $("p-target-text").textContent = `${of} · ${eta}`;
 }
 
 function tickDeadline() {

@@ -32,7 +32,7 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
-RUN_CONFIG = {"run_id": "volunteer-view", "rounds": {"quorum": 3, "deadline_s": 300.0}}
+RUN_CONFIG = {"run_id": "volunteer-view", "rounds": {"quorum": 3, "deadline_s": 300.0, "target_rounds": 64}}
 ROUNDS = 8  # conftest.seed_history: round r opens at T0 + 60 r and seals 40 s later; round 8 is open
 MADDR = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
 AUTHORITY = "7f" * 32
@@ -154,6 +154,8 @@ def test_progress_charts_and_accessibility(browser, dashboard, tmp_path):
     assert page.get_attribute("#p-quorum", "aria-valuetext") == "2 of 3 contributions"
     assert re.fullmatch(r"4:[45]\d", page.inner_text("#p-deadline"))  # 300 s deadline, 10 s into the round
     assert page.inner_text("#p-rate").endswith("tok/s")
+    # 8 of 64 rounds sealed in 460 s: the other 56 take 56 × 57.5 s = 53.7 min at that pace
+    assert page.inner_text("#p-target-text").startswith("8 of 64 rounds (12.5%) · ETA 54 min (")
     # the join command is honest about a loopback-only coordinator
     assert page.inner_text("#join-hint") == "on this machine only"
     assert "loopback" in page.inner_text("#join-warn") and page.is_visible("#join-warn")

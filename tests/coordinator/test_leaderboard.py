@@ -15,6 +15,8 @@ from coordinator.api import ApiContext, create_app
 from coordinator.history import History, HistoryReader
 from coordinator.liveness import Liveness
 from nord.checks import fingerprint
+from nord.config import RoundConfig
+from nord.errors import ConfigError
 from nord.transport import Transport, TransportConfig
 
 RUN_CONFIG = {"run_id": "board-test", "rounds": {"quorum": 3, "deadline_s": 300.0}}
@@ -22,6 +24,7 @@ ROUNDS = 8  # conftest.seed_history: round r opens at T0 + 60 r, seals 40 s late
 NOW = T0 + 60 * ROUNDS + 10
 TOKENS = 40_960  # per contribution
 WINDOW_S = 60 * (ROUNDS - 1) + 40  # round 0 opened .. round 7 sealed
+SEALED_TOKENS = (4 * ROUNDS - 3) * TOKENS  # three of PEERS[3]'s were rejected
 
 
 @pytest.fixture
@@ -98,9 +101,8 @@ def test_progress_reports_open_round_rates_and_contributors_per_round(client):
         "rejected": 0,
         "quorum_fill": 0.0,
     }
-    sealed_tokens = (4 * ROUNDS - 3) * TOKENS  # three of PEERS[3]'s were rejected
-    assert p["tokens_seen"] == sealed_tokens
-    assert p["tokens_per_s"] == pytest.approx(sealed_tokens / WINDOW_S)
+    assert p["tokens_seen"] == SEALED_TOKENS and p["sealed_rounds"] == ROUNDS and p["target"] is None
+    assert p["tokens_per_s"] == pytest.approx(SEALED_TOKENS / WINDOW_S)
     assert [r["round"] for r in p["rounds"]] == list(range(ROUNDS + 1))
     assert [r["contributors"] for r in p["rounds"]] == [4] * ROUNDS + [0]
     assert p["rounds"][1]["accepted"] == 3 and p["rounds"][1]["sealed_at"] == T0 + 60 + 40
@@ -108,6 +110,43 @@ def test_progress_reports_open_round_rates_and_contributors_per_round(client):
     assert [r["round"] for r in client.get("/api/progress?rounds=2").json()["rounds"]] == [ROUNDS - 1, ROUNDS]
     assert client.get("/api/progress?rounds=0").status_code == 422
     assert client.get("/api/progress?round=1").status_code == 400
+
+
+@pytest.mark.parametrize(
+    "target, unit, goal",
+    [
+        ({"target_tokens": 2 * SEALED_TOKENS}, "tokens", 2 * SEALED_TOKENS),
+        ({"target_rounds": 16}, "rounds", 16),
+    ],
+    ids=["tokens", "rounds"],
+)
+def test_progress_target_is_half_done_with_an_eta_at_the_recent_pace(seeded, target, unit, goal):
+    history, ckpt = seeded
+    config = {**RUN_CONFIG, "rounds": {**RUN_CONFIG["rounds"], **target}}
+    reader = HistoryReader(history.path)
+    app = create_app(
+        ApiContext(history=reader, run_config=config, checkpoint_dir=ckpt, model={}, clock=lambda: NOW)
+    )
+    with TestClient(app) as c:
+        got = c.get("/api/progress").json()["target"]
+    reader.close()
+    # half the goal is done in WINDOW_S seconds, so the other half takes as long again
+    assert got == {
+        "unit": unit,
+        "goal": goal,
+        "done": goal // 2,
+        "fraction": 0.5,
+        "eta_s": pytest.approx(WINDOW_S),
+        "eta_at": pytest.approx(NOW + WINDOW_S),
+    }
+
+
+@pytest.mark.parametrize(
+    "fields", [{"target_rounds": 1, "target_tokens": 1}, {"target_rounds": -1}, {"target_tokens": 1.5}]
+)
+def test_run_config_refuses_two_targets_or_a_bad_one(fields):
+    with pytest.raises(ConfigError, match="target"):
+        RoundConfig(**fields)
 
 
 def test_progress_counts_pooled_contributions_against_the_quorum(seeded):
