@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from node.options import apply_sources
+from nord.checks import MAX_NAME_CHARS, is_display_name
 from nord.cli import run_command
 
 
@@ -34,6 +35,16 @@ def _common_peer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--local-only", action="store_true", help="loopback only: no UPnP/NAT-PMP/AutoNAT/relays (tests)"
     )
+
+
+def display_name(value: str) -> str:
+    """`--name`: what nord.checks.is_display_name accepts (surrounding spaces dropped)."""
+    name = value.strip()
+    if not is_display_name(name):
+        raise argparse.ArgumentTypeError(
+            f"--name {value[:40]!r}: use 1-{MAX_NAME_CHARS} printable characters (no control characters)"
+        )
+    return name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="this machine cannot accept inbound connections (Colab, NAT)",
     )
     join.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    join.add_argument(
+        "--name",
+        type=display_name,
+        default=None,
+        help=f"a display name shown beside your id on the coordinator's leaderboard (at most "
+        f"{MAX_NAME_CHARS} printable characters; public)",
+    )
     join.add_argument("--max-rounds", type=int, default=None, metavar="N", help="stop after N sealed rounds")
     join.add_argument("--shard", default=None, metavar="i/n", help="data shard (default: from the peer id)")
     join.add_argument(

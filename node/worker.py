@@ -209,16 +209,18 @@ class Worker:
                 # The round interrupted after its contribution was saved is finished by this run: it
                 # counts toward --max-rounds whether its seal comes before or after we are back.
                 self.wait_for_seal(self.resumed_round)
+                tqdm.write(f"round {self.resumed_round} | {self.verdict(self.resumed_round)}")
                 done += 1
                 bar.update(1)
             while max_rounds is None or done < max_rounds:
                 self._catch_up()
                 report = self.contribute()
                 self.wait_for_seal(report.round)
+                verdict = self.verdict(report.round)  # before compaction folds the round's seal away
                 self._compact_if_due()
                 done += 1
                 bar.update(1)
-                self._report(report)
+                self._report(report, verdict)
         finally:
             bar.close()
             self.gossip.close()
@@ -300,6 +302,16 @@ class Worker:
             reached,
         )
 
+    def verdict(self, rnd: int) -> str:
+        """What the authority did with our contribution to sealed round `rnd`: its seal lists it
+        (accepted), a signed removal gives the validator's reason (rejected), or neither (yet)."""
+        me = self.identity.public_key
+        with self.gossip.lock:
+            mine = [cid for cid, e in self.replica.contributions(round=rnd) if e.peer_key == me]
+            seal = next((s for s in self.replica.seals() if s.round == rnd), None)
+            reasons = {r.contribution_id: r.reason for r in self.replica.removals()}
+        return contribution_verdict(mine, seal.contribution_ids if seal else None, reasons)
+
     def _contributed(self, rnd: int) -> bool:
         me = self.identity.public_key
         return any(e.peer_key == me for _, e in self.replica.contributions(round=rnd))
@@ -355,7 +367,7 @@ class Worker:
             "bytes_down": self.transport.bytes_received,
         }
 
-    def _report(self, report: RoundReport) -> None:
+    def _report(self, report: RoundReport, verdict: str) -> None:
         peers = len(self.gossip.peers())
         status = {
             **self._status(report.round),
@@ -368,10 +380,25 @@ class Worker:
         loss = f"{report.loss:.3f}" if report.loss is not None else "  -  "
         rate = f"{report.firing_rate:.3f}" if report.firing_rate is not None else "  -  "
         tqdm.write(
-            f"round {report.round} | loss {loss} | firing rate {rate} | peers {peers} | "
+            f"round {report.round} | {verdict} | loss {loss} | firing rate {rate} | peers {peers} | "
             f"up {_mb(status['bytes_up'])} down {_mb(status['bytes_down'])} | "
             f"weights {status['sealed_weights_hash'][:12]}"
         )
+
+
+def contribution_verdict(mine: list[str], sealed: tuple[str, ...] | None, reasons: dict[str, str]) -> str:
+    """One line on our contributions `mine` to a round: accepted if its seal (`sealed`: the ids it folded;
+    None when the seal is not held) lists one, rejected with the removal's reason, else still undecided."""
+    if not mine:
+        return "no contribution from this peer"
+    if sealed is not None and any(cid in sealed for cid in mine):
+        return "contribution accepted"
+    rejected = [reasons[cid] for cid in mine if cid in reasons]
+    if rejected:
+        return f"contribution rejected: {rejected[0]}"
+    if sealed is None:
+        return "contribution pending (the round's seal is not held here)"
+    return "contribution not in the seal (no reason received yet: it may have arrived late)"
 
 
 def _mb(n: int) -> str:

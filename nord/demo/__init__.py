@@ -240,11 +240,10 @@ def ensure_run_config(cfg: DemoConfig, env: dict[str, str]) -> Path:
 
 
 def serve_argv(cfg: DemoConfig, run_json: Path) -> list[str]:
-    port = free_port(cfg.host)
     argv = [sys.executable, "-m", "coordinator", "serve", "--run-config", str(run_json)]
     argv += ["--state-dir", str(cfg.state_dir / "coordinator"), "--data-dir", str(cfg.data_dir)]
     argv += ["--http", cfg.http]
-    argv += ["--host-maddrs", f"/ip4/{cfg.host}/tcp/{port}"]
+    argv += ["--host-maddrs", f"/ip4/{cfg.host}/tcp/0"]  # port 0: the coordinator keeps its first port
     if cfg.host == "127.0.0.1":
         argv.append("--local-only")
     return argv
