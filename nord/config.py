@@ -150,7 +150,9 @@ class RunConfig:
         for name, section_cls in _sections().items():
             if name in raw:
                 kwargs[name] = _build_section(name, section_cls, raw[name])
-        return cls(**kwargs)
+        run = cls(**kwargs)
+        object.__setattr__(run, "_signed_body", _canonical(raw))
+        return run
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
@@ -174,9 +176,11 @@ class RunConfig:
     # ---- the trust anchor ----------------------------------------------------------------------------
 
     def signing_message(self) -> bytes:
-        """Canonical bytes of every field but the signature (what an authority signs)."""
-        body = {k: v for k, v in self.to_dict().items() if k != "signature"}
-        return SIGNING_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        """Canonical bytes of every field but the signature (what an authority signs): of the document
+        as received for a parsed config (a newer version's defaults for fields it lacked do not change
+        what its authority signed), else of this config."""
+        body = getattr(self, "_signed_body", None) or _canonical(self.to_dict())
+        return SIGNING_DOMAIN + body
 
     def signed(self, identity: Any) -> RunConfig:
         """This config signed by `identity`, which must be one of its authorities; the genesis hash must
@@ -214,6 +218,15 @@ class RunConfig:
                 f"not the pinned {pinned}: refusing it (a different or impostor run)"
             )
         return key
+
+
+def _canonical(raw: dict[str, Any]) -> bytes | None:
+    """Sorted, compact JSON of a config document without its signature (None if not plain JSON)."""
+    try:
+        body = {k: v for k, v in raw.items() if k != "signature"}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    except (TypeError, ValueError):
+        return None
 
 
 def check_fingerprint(value: str, where: str) -> str:

@@ -1,5 +1,6 @@
 """RunConfig: JSON round trip, and every kind of bad input is a one-line ConfigError."""
 
+import dataclasses
 import json
 
 import pytest
@@ -73,7 +74,6 @@ def test_a_signed_config_verifies_against_its_pinned_authority_only():
 
 
 def test_any_change_to_a_signed_config_breaks_its_signature():
-    import dataclasses
 
     run, authority, _ = signed_pair()
     for changed in (
@@ -88,7 +88,6 @@ def test_any_change_to_a_signed_config_breaks_its_signature():
 
 
 def test_signing_needs_an_authority_key_and_a_genesis_hash():
-    import dataclasses
 
     run, authority, impostor = signed_pair()
     with pytest.raises(ConfigError, match="is not an authority"):
@@ -121,3 +120,19 @@ def test_fingerprints_are_checked():
     for bad in ("0123", "xyz0123456789abcdef", "0" * 65):
         with pytest.raises(ConfigError, match="16-64 hex digits"):
             check_fingerprint(bad, "--authority")
+
+
+def test_a_signature_holds_for_the_document_as_signed_whatever_this_version_adds():
+    """A config written by an older version lacks fields this one fills with defaults: its signature is
+    over the document its authority signed, so it still verifies (and still breaks if that changes)."""
+    run, authority, _ = signed_pair()
+    from nord.config import SIGNING_DOMAIN
+
+    raw = {k: v for k, v in json.loads(run.to_json()).items() if k != "signature"}
+    del raw["train"]["seed"]  # as if `seed` were new in this version (its default is the same value)
+    signed_then = SIGNING_DOMAIN + json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
+    document = {**raw, "signature": authority.sign(signed_then).hex()}
+    assert RunConfig.from_dict(document).verify(authority.fingerprint) == authority.public_hex
+    document["train"]["seed"] = 1
+    with pytest.raises(ConfigError, match="signature by none"):
+        RunConfig.from_dict(document).verify(authority.fingerprint)
