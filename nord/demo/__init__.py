@@ -135,8 +135,10 @@ def wait_until_ready(coordinator: Child, url: str, timeout_s: float) -> dict:
     )
 
 
-def round_line(summary: dict, metrics: list[dict], elapsed_s: float) -> str:
-    """One status line per sealed round: held-out loss, firing rate, peers, contributions, bytes."""
+def round_line(summary: dict, metrics: list[dict], elapsed_s: float, progress: str = "") -> str:
+    """One status line per sealed round: held-out loss, firing rate, peers, contributions, bytes.
+
+    `progress` (e.g. "2 of 6") says how far the demo is toward its --rounds."""
     last = metrics[-1] if metrics else {}
 
     def number(key: str, fmt: str) -> str:
@@ -146,7 +148,8 @@ def round_line(summary: dict, metrics: list[dict], elapsed_s: float) -> str:
     kib = (last.get("bytes") or 0) / 1024
     return " | ".join(
         [
-            f"round {last.get('round', summary['sealed_rounds'] - 1):>3} sealed",
+            f"round {last.get('round', summary['sealed_rounds'] - 1):>3} sealed"
+            + (f" ({progress})" if progress else ""),
             f"val loss {number('val_loss', '.3f')}",
             f"firing rate {number('firing_rate_mean', '.3f')}",
             f"peers {summary.get('peers_online', 0)}",
@@ -179,7 +182,8 @@ def watch(cfg: DemoConfig, coordinator: Child, workers: list[Child], *, start_se
             continue
         sealed = summary["sealed_rounds"]
         metrics = get_json(f"{url}/api/metrics") or []
-        print(round_line(summary, metrics, time.monotonic() - round_started), flush=True)
+        progress = f"{sealed - start_sealed} of {cfg.rounds}" if cfg.rounds else ""
+        print(round_line(summary, metrics, time.monotonic() - round_started, progress), flush=True)
         round_started = time.monotonic()
 
 
@@ -258,6 +262,12 @@ def print_banner(cfg: DemoConfig, summary: dict) -> None:
     authority = f" --authority {fingerprint(summary['authority'])}" if summary.get("authority") else ""
     print(f"  nord-node join --initial-peers {remote[0]} --run {RUN_ID}{authority}")
     print(f"{cfg.workers} worker(s) training {cfg.model} {rounds}; logs in {cfg.state_dir}", flush=True)
+    if summary.get("sealed_rounds"):
+        print(
+            f"resuming the run in {cfg.state_dir}: {summary['sealed_rounds']} round(s) already sealed"
+            " (--fresh starts over)",
+            flush=True,
+        )
 
 
 def pull_checkpoint(cfg: DemoConfig, env: dict[str, str]) -> Path | None:
