@@ -38,8 +38,9 @@ _ROUND_ROW = (
 )
 _PEER_ROW = (
     "SELECT p.peer, p.name, p.mode, p.device, p.first_seen, p.last_seen, "
-    "COALESCE(t.accepted, 0) AS accepted, COALESCE(t.rejected, 0) AS rejected, COALESCE(t.pending, 0) AS pending, "
-    "COALESCE(t.bytes, 0) AS bytes, COALESCE(t.tokens, 0) AS tokens, b.reason AS ban_reason "
+    "COALESCE(t.accepted, 0) AS accepted, COALESCE(t.rejected, 0) AS rejected, "
+    "COALESCE(t.pending, 0) AS pending, COALESCE(t.bytes, 0) AS bytes, COALESCE(t.tokens, 0) AS tokens, "
+    "b.reason AS ban_reason "
     "FROM peers p LEFT JOIN peer_totals t ON t.peer = p.peer LEFT JOIN bans b ON b.peer = p.peer"
 )
 
@@ -51,10 +52,13 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class HistoryQueries:
-    """The reads both sides make; `_rows(sql, params)` runs one query on the side's own connection."""
+    """The reads both sides make; `_fetch(sql, params)` runs one query on the side's own connection."""
+
+    def _fetch(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        raise NotImplementedError
 
     def _rows(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        return [dict(r) for r in self._fetch(sql, params)]
 
     def _one(self, sql: str, params: tuple = ()) -> dict[str, Any] | None:
         rows = self._rows(sql, params)
@@ -139,13 +143,13 @@ class HistoryQueries:
 
     def metrics(self, *, first: int | None = None, last: int | None = None) -> dict[int, dict[str, float]]:
         """round -> {metric name -> value}, for the rounds in [first, last] (all by default)."""
-        rows = self._rows(
+        rows = self._fetch(  # rows, not dicts: a page of 1,000 rounds is ~10,000 of them
             "SELECT round, name, value FROM metrics WHERE round BETWEEN ? AND ? ORDER BY round, name",
             (-_BEFORE_ALL if first is None else first, _BEFORE_ALL if last is None else last),
         )
         out: dict[int, dict[str, float]] = {}
-        for row in rows:
-            out.setdefault(row["round"], {})[row["name"]] = row["value"]
+        for rnd, name, value in rows:
+            out.setdefault(rnd, {})[name] = value
         return out
 
     def tokens_seen(self) -> int:
@@ -206,9 +210,9 @@ class History(HistoryQueries):
                 raise
             self._conn.execute("COMMIT")
 
-    def _rows(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+    def _fetch(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return [dict(r) for r in self._conn.execute(sql, params).fetchall()]
+            return self._conn.execute(sql, params).fetchall()
 
     def set_meta(self, key: str, value: str) -> None:
         with self._tx() as c:
@@ -413,8 +417,8 @@ class HistoryReader(HistoryQueries):
                 self._all.append(conn)
         return conn
 
-    def _rows(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._conn().execute(sql, params).fetchall()]
+    def _fetch(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        return self._conn().execute(sql, params).fetchall()
 
     @contextmanager
     def snapshot(self) -> Iterator[HistoryReader]:

@@ -2,7 +2,8 @@
 their headers (or after the first 64 KiB of a chunked body), without the server buffering them.
 
 Run as a script (`python test_http_limits.py HISTORY TOKEN`), this file is that server: the coordinator's
-app over a real history, on a free 127.0.0.1 port that it prints.
+app over a real history (checkpoints beside it), on a free 127.0.0.1 port that it prints;
+bench/http_attacks.py runs it on this tree and on older ones.
 """
 
 from __future__ import annotations
@@ -117,10 +118,15 @@ def _serve(history_path: str, token: str) -> None:
     import uvicorn
 
     from coordinator.api import ApiContext, create_app
-    from coordinator.history import HistoryReader
 
+    try:
+        from coordinator.history import HistoryReader
+
+        history = HistoryReader(history_path)
+    except ImportError:  # a tree before HistoryReader (bench/http_attacks.py --ref): its API took History
+        history = History.open(history_path)
     ctx = ApiContext(
-        history=HistoryReader(history_path),
+        history=history,
         run_config={"run_id": "limits", "rounds": {"quorum": 2, "deadline_s": 60.0}},
         checkpoint_dir=Path(history_path).parent,
         model={},
