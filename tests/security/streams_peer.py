@@ -17,6 +17,7 @@ Hostile peers write raw frames (a release of Nord would not), through the transp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -76,10 +77,13 @@ def flood(addr: str, count: int) -> None:
         header = HEADER.pack(MAGIC, PROTOCOL_VERSION, KIND_REQUEST, MAX_DELTA_BYTES)
 
         async def open_all():
-            streams = [await _open_push(transport, peer) for _ in range(count)]
-            for _, writer in streams:
+            streams = []
+            for _ in range(count):
+                reader, writer = await _open_push(transport, peer)
+                streams.append((reader, writer))
                 writer.write(header)
-                await writer.drain()
+                with contextlib.suppress(ConnectionError):  # a refused stream may be closed already
+                    await writer.drain()
             return streams
 
         streams = transport._run(open_all(), timeout=60)
@@ -111,7 +115,8 @@ def drip(addr: str, interval_s: float) -> None:
                 if reply.done():
                     break
                 writer.write(bytes([byte]))
-                await writer.drain()
+                with contextlib.suppress(ConnectionError):  # cut: the reply says why
+                    await writer.drain()
                 await asyncio.wait([reply], timeout=interval_s)
             message = await reply
             writer.close()
