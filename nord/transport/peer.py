@@ -63,6 +63,7 @@ class Transport:
         self.config = config
         self.peer_id = ""
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(self._on_loop_error)
         self._thread = threading.Thread(target=self._loop.run_forever, name="nord-transport", daemon=True)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=HANDLER_THREADS, thread_name_prefix="nord-handler"
@@ -173,6 +174,19 @@ class Transport:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=TASK_CANCEL_TIMEOUT_S)
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Once shutdown began, streams ending (cancelled, cut off by p2pd's exit) are expected: DEBUG.
+
+        hivemind reads each inbound stream's header before calling a handler; a stream caught there by
+        shutdown would otherwise be logged by asyncio with a traceback.
+        """
+        error = context.get("exception")
+        expected = (asyncio.CancelledError, asyncio.IncompleteReadError, ConnectionError)
+        if self._closed and isinstance(error, expected):
+            logger.debug("after shutdown: %s (%r)", context.get("message"), error)
+            return
+        loop.default_exception_handler(context)
 
     def __enter__(self) -> Transport:
         return self

@@ -303,6 +303,22 @@ STALLED_PEER_SCRIPT = textwrap.dedent(
 )
 
 
+def test_streams_ending_at_shutdown_are_not_logged_as_errors(caplog):
+    """A stream that shutdown catches inside hivemind, before any handler runs, ends in an exception
+    asyncio would log with a traceback; once shutdown began that is expected, not an error."""
+    import asyncio
+
+    transport = Transport.start(TransportConfig(local_only=True))
+    context = {"message": "Unhandled exception in client_connected_cb", "exception": asyncio.CancelledError()}
+    transport._on_loop_error(transport._loop, context)
+    assert [r.levelname for r in caplog.records if r.name == "asyncio"] == ["ERROR"]  # while serving
+    caplog.clear()
+    transport.shutdown()
+    for error in (asyncio.CancelledError(), asyncio.IncompleteReadError(b"", 10), ConnectionResetError()):
+        transport._on_loop_error(transport._loop, {**context, "exception": error})
+    assert [r for r in caplog.records if r.levelno >= 30] == []
+
+
 def _error_of(transport: Transport, peer_id: str, name: str) -> Exception | None:
     try:
         transport.request(peer_id, name, b"x")
