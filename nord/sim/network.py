@@ -13,7 +13,6 @@ message, which hivemind drops above 4 MiB (../shared/notes/hivemind.md), so such
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 SMALL = 64 << 10
@@ -78,7 +77,8 @@ class Dht:
 
     record_bytes: int
     ttl_s: float = 900.0  # nord.gossip.wire.RECORD_TTL_S
-    records: dict[int, deque] = field(default_factory=dict)  # round -> (stored at, count), in time order
+    bucket_s: float = 10.0  # records are counted per 10 s of storing time
+    records: dict[int, dict[int, int]] = field(default_factory=dict)  # round -> time bucket -> count
     failed_gets: int = 0
     bytes_read: int = 0
     bytes_stored: int = 0
@@ -86,17 +86,20 @@ class Dht:
     def announce(self, rnd: int, count: int, at: float) -> int:
         """Store `count` holder records for round `rnd` at time `at`; bytes the storing peer sends."""
         if count:
-            self.records.setdefault(rnd, deque()).append((at, count))
+            buckets = self.records.setdefault(rnd, {})
+            key = int(at // self.bucket_s)
+            buckets[key] = buckets.get(key, 0) + count
         nbytes = count * self.record_bytes
         self.bytes_stored += nbytes
         return nbytes
 
     def live(self, rnd: int, now: float) -> int:
-        """Records of round `rnd` stored by `now` and not expired (stores land out of order: scan)."""
-        entries = self.records.get(rnd, ())
-        while entries and entries[0][0] < now - 2 * self.ttl_s:  # long gone: forget
-            entries.popleft()
-        return sum(n for at, n in entries if now - self.ttl_s <= at <= now)
+        """Records of round `rnd` stored by `now` and not expired (to the bucket)."""
+        buckets = self.records.get(rnd, {})
+        first, last = int((now - self.ttl_s) // self.bucket_s), int(now // self.bucket_s)
+        if len(buckets) <= last - first:
+            return sum(n for k, n in buckets.items() if first <= k <= last)
+        return sum(buckets.get(k, 0) for k in range(first, last + 1))
 
     def get(self, rnd: int, now: float) -> tuple[bool, int]:
         """(whether the reply arrives, its bytes) for a get of round `rnd`'s key at `now`."""
