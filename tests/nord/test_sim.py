@@ -8,11 +8,13 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from nord.errors import ConfigError
 from nord.protocol import admission_error, budgeted_count, next_fetch, reachable, seal_reason, sync_partners
 from nord.sim import SimConfig, run_world, simulate
+from nord.sim.peers import dense_next_fetch
 
 SMALL = dict(model="tiny", rounds=4, peers=30)
 
@@ -58,6 +60,23 @@ def test_seal_reason_waits_for_every_verdict_then_quorum_or_deadline():
     assert seal_reason(pooled=1, all_accepted=True, age_s=61.0, **rule) == "deadline"
     assert seal_reason(pooled=1, all_accepted=True, age_s=1.0, **rule) is None
     assert seal_reason(pooled=0, all_accepted=True, age_s=99.0, **rule) is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dense_next_fetch_follows_next_fetch(seed):
+    """The simulator's vectorized holder choice takes a holder of the same count and the same items."""
+    rng = np.random.default_rng(seed)
+    holds = rng.random((7, 12)) < rng.uniform(0.1, 0.9)
+    skip = rng.random(7) < 0.3
+    remaining = {f"c{j}": {f"p{i}" for i in range(7) if holds[i, j]} for j in range(12)}
+    tried = {f"p{i}" for i in range(7) if skip[i]}
+    ref, dense = next_fetch(remaining, tried), dense_next_fetch(holds.copy(), skip.copy())
+    assert (ref is None) == (dense is None)
+    if ref is not None:
+        row, cols = dense
+        assert len(ref[1]) == len(cols)  # both chose a holder of most
+        assert ref[1] == sorted(f"c{j}" for j in np.flatnonzero(holds[int(ref[0][1:])]))
+        assert not skip[row]
 
 
 # ---- simulations -------------------------------------------------------------------------------------
