@@ -288,7 +288,14 @@ def sweep_row(cfg) -> dict:
 
 
 def sweep(
-    peers: list[int], relays: list[int], hs: list[int], rounds: int, model: str, aggregate: bool, extra: dict
+    peers: list[int],
+    relays: list[int],
+    hs: list[int],
+    rounds: int,
+    model: str,
+    aggregate: bool,
+    extra: dict,
+    on_row=None,
 ) -> dict:
     """N's baseline row, then one setting changed at a time (relays, H, aggregate adoption)."""
     from tqdm import tqdm
@@ -299,11 +306,14 @@ def sweep(
     grid += [(n, r, hs[0], "contributions") for n in peers for r in relays if r]
     grid += [(n, 0, h, "contributions") for n in peers for h in hs[1:]]
     grid += [(n, r, hs[0], "aggregate") for n in peers for r in relays[:1] + relays[-1:]] if aggregate else []
-    rows = [
-        sweep_row(SimConfig(peers=n, relays=r, inner_steps=h, rounds=rounds, model=model, adopt=a, **extra))
-        for n, r, h, a in tqdm(grid, desc="sweep")
-    ]
-    return {"machine": _machine(), "model": model, "rounds": rounds, "extra": extra, "rows": rows}
+    grid.sort(key=lambda setting: setting[0])  # smallest N first; rows are saved as they finish
+    out = {"machine": _machine(), "model": model, "rounds": rounds, "extra": extra, "rows": []}
+    for n, r, h, a in tqdm(grid, desc="sweep"):
+        cfg = SimConfig(peers=n, relays=r, inner_steps=h, rounds=rounds, model=model, adopt=a, **extra)
+        out["rows"].append(sweep_row(cfg))
+        if on_row is not None:
+            on_row(out)
+    return out
 
 
 def sweep_table(rows: list[dict]) -> str:
@@ -412,10 +422,17 @@ def main() -> None:
         from nord.sim import SimConfig
 
         extra = {k: type(getattr(SimConfig(), k))(v) for k, v in (item.split("=", 1) for item in args.set)}
+        path = RESULTS / f"simulate_{args.name}.json"
         out = sweep(
-            args.sweep_peers, args.sweep_relays, args.sweep_h, args.rounds, args.model, args.aggregate, extra
+            args.sweep_peers,
+            args.sweep_relays,
+            args.sweep_h,
+            args.rounds,
+            args.model,
+            args.aggregate,
+            extra,
+            on_row=lambda partial: path.write_text(json.dumps(partial, indent=1)),
         )
-        (RESULTS / f"simulate_{args.name}.json").write_text(json.dumps(out, indent=1))
         print(sweep_table(out["rows"]))
         print("figures:", *sweep_plots(out["rows"], args.name))
     if args.speed:
