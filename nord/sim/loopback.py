@@ -56,6 +56,7 @@ def spread(peers: int, model: str, machine: Loopback, rnd: int = 8) -> dict:
     )
     world = World(cfg, [link] * (peers - 1), sizes, (machine.bytes_per_s, machine.bytes_per_s))
     world.net.share_cores(machine.cores)
+    world.net.latency_s = [machine.latency_s] * world.n_nodes  # node 0 too: every peer is on this machine
     world.request_s = machine.request_s
     for node in range(world.n_nodes):
         world.set_online(node, True)
