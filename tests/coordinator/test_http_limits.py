@@ -73,7 +73,7 @@ def post(port: int, path: str, headers: dict[str, str], *, chunked: bool) -> tup
                 sent += s.send(frame)
             except (BrokenPipeError, ConnectionResetError):
                 break
-        s.setblocking(True)
+        s.settimeout(120)  # back to blocking reads, with a deadline
         reply = b""
         try:
             while chunk := s.recv(65536):
