@@ -227,8 +227,10 @@ def test_trained_model_runs_exactly_as_a_ttfs_network(trained):
     for hook in hooks:
         hook.remove()
     torch.testing.assert_close(simulated.logits, reference, rtol=0, atol=2e-4)
-    positive = sum(int(((h @ w_in.t() - th) > 0).sum()) for h, w_in, th, _ in inputs[len(inputs) // 2 :])
-    assert stats.hidden_spikes == positive  # exactly the neurons with a positive pre-activation fire
+    pre = [h @ w_in.t() - th for h, w_in, th, _ in inputs[len(inputs) // 2 :]]
+    margin = 1e-6  # a pre-activation within float32 rounding of 0 may go either way in another matmul order
+    surely, possibly = (sum(int((v > bound).sum()) for v in pre) for bound in (margin, -margin))
+    assert surely <= stats.hidden_spikes <= possibly  # the neurons with a positive pre-activation fire
     assert stats.tokens == x.numel() and stats.hidden_neuron_tokens == x.numel() * 512 * 4
     assert stats.saturated == 0 and 0 < stats.spikes_per_neuron < 1
     assert 0 < stats.events_per_mac < 1
