@@ -36,6 +36,7 @@ from pathlib import Path
 from coordinator.history import History
 from coordinator.validate import ValidationConfig, Validator
 from nord.checkpoint import save_checkpoint
+from nord.checks import is_reason
 from nord.config import RunConfig
 from nord.crdt import Removal, Replica, Seal
 from nord.errors import MergeError
@@ -337,6 +338,9 @@ class Authority:
         with self.lock:
             pooled = set(self.replica.pool())
             theirs = [cid for cid, e in self.replica.contributions() if e.peer_key.hex() == peer]
+        removal_reason = f"peer banned: {reason}"
+        if not is_reason(removal_reason):  # the signed removal takes at most MAX_REASON_CHARS
+            removal_reason = "peer banned (the full reason is in /api/revocations)"
         for cid in theirs:
             if cid in pooled:
-                self._reject(cid, f"peer banned: {reason}", by=by)
+                self._reject(cid, removal_reason, by=by)

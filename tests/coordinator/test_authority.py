@@ -22,6 +22,7 @@ from coordinator.history import History
 from coordinator.server import seal_bytes
 from coordinator.validate import ValidationConfig, Validator
 from nord.checkpoint import load_checkpoint
+from nord.checks import MAX_REASON_CHARS
 from nord.codec import DeltaEncoder
 from nord.config import RoundConfig, RunConfig, TrainConfig
 from nord.crdt import Replica, Seal
@@ -246,6 +247,18 @@ def test_banned_and_non_allowlisted_peers_are_removed_on_arrival(corpus, tmp_pat
     assert "allowlist" in auth.history.contribution(stranger)["reason"]
     assert auth.history.contribution(banned)["reason"] == "peer is banned"
     assert auth.replica.pool() == [ok]
+    close(auth)
+
+
+def test_a_ban_with_the_longest_reason_still_removes_the_pending_contributions(corpus, tmp_path):
+    auth = make_authority(make_run(quorum=3), corpus, tmp_path, Clock())
+    pending = contribute(auth, 1, 1e-4)
+    auth.step()
+    assert auth.replica.pool() == [pending]
+    reason = "x" * MAX_REASON_CHARS  # valid for the ban, too long once "peer banned: " is prefixed
+    auth.ban(WORKERS[1].public_key.hex(), reason=reason, by="admin")
+    assert auth.replica.pool() == []
+    assert auth.history.contribution(pending)["reason"].startswith("peer banned")
     close(auth)
 
 
