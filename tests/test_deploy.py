@@ -126,7 +126,7 @@ def test_notebook_warns_about_the_free_tier_and_names_alternatives():
 
 def test_notebook_has_form_fields_for_the_bootstrap_address_and_run():
     values = form_values(notebook())
-    for name in ("INITIAL_PEERS", "RUN_ID", "STATE_DIR"):
+    for name in ("INITIAL_PEERS", "RUN_ID", "AUTHORITY", "STATE_DIR"):
         assert isinstance(values[name], str) and values[name]
 
 
@@ -154,7 +154,7 @@ def test_notebook_join_command_parses_with_the_real_worker_cli():
     args = build_parser().parse_args(argv[1:])
     assert args.client_mode
     values = form_values(notebook())
-    assert args.run == values["RUN_ID"]
+    assert args.run == values["RUN_ID"] and args.authority == values["AUTHORITY"]
 
 
 # -------------------------------------------------------------------------------------------- systemd
@@ -273,3 +273,4 @@ def test_compose_commands_parse_with_the_real_clis():
     join = shlex.split(commands["worker"].split("exec ", 1)[1])
     args = node_parser().parse_args(join[1:])
     assert args.client_mode and args.initial_peers[0].startswith("/dns4/coordinator/tcp/31337/p2p/")
+    assert args.authority  # pinned from the coordinator's summary at the first join
