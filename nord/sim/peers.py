@@ -180,7 +180,8 @@ def idle(world: World, node: int, until: float):
     skipped = int((env.now - world.last_pass[node]) / cfg.poll_s) - 1
     if skipped > 0:
         digest = costs.digest_bytes(held_dots(world, node, env.now))
-        dht = sum(world.dht.get(q, env.now)[1] for q in world.window(node) if q in world.rounds)
+        pulls = cfg.adopt == "contributions"  # with aggregates, volunteers read no holder records
+        dht = sum(world.dht.get(q, env.now)[1] for q in world.window(node) if q in world.rounds and pulls)
         world.dht.bytes_read += (skipped - 1) * dht  # `get` counted one of them
         world.net.bytes_down[node] += skipped * (dht + cfg.fanout * digest)
         world.net.bytes_up[node] += skipped * cfg.fanout * digest
