@@ -43,7 +43,7 @@ from nord.config import RunConfig, check_fingerprint
 from nord.crdt import Seal
 from nord.errors import CheckpointError, ConfigError, MergeError, TransportError
 from nord.fsutil import atomic_write_bytes
-from nord.gossip import fetch_snapshot, fetch_tokenizer
+from nord.gossip import fetch_snapshot, fetch_tokenizer, snapshot_max_bytes
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +264,10 @@ def pull_p2p(args, out: Path, pinned: str | None) -> tuple[str, int]:
         announce_trust(signer, pinned, f"peer {peer[-8:]}")
         with tempfile.TemporaryDirectory(prefix="nord-pull-") as tmp:
             target = Path(tmp) / "snapshot.safetensors"
+            budget = snapshot_max_bytes(run.model)
             path = with_retries(
-                "fetching the snapshot", lambda: fetch_snapshot(transport, peer, args.run, target)
+                "fetching the snapshot",
+                lambda: fetch_snapshot(transport, peer, args.run, target, max_bytes=budget),
             )
             tensors, meta = load_checkpoint(path)
         digest = weights_hash(tensors)

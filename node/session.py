@@ -25,7 +25,7 @@ from nord.config import RunConfig, check_fingerprint
 from nord.crdt import Replica
 from nord.crdt.log import Store
 from nord.errors import CheckpointError, ConfigError, MergeError, TransportError
-from nord.gossip import RunNotFound, fetch_run_config_json, fetch_snapshot, hello
+from nord.gossip import RunNotFound, fetch_run_config_json, fetch_snapshot, hello, snapshot_max_bytes
 from nord.model import NordLM
 from nord.transport import Transport, TransportConfig, peer_id_of
 
@@ -181,8 +181,10 @@ def fetch_replica(run: RunConfig, transport: Transport, peer: str, replica_dir: 
     naming the peer otherwise, with nothing left in `replica_dir`."""
     with tempfile.TemporaryDirectory(prefix="nord-snapshot-") as tmp:
         out = Path(tmp) / "snapshot.safetensors"
+        budget = snapshot_max_bytes(run.model)
         path = with_retries(
-            "fetching the sealed snapshot", lambda: fetch_snapshot(transport, peer, run.run_id, out)
+            "fetching the sealed snapshot",
+            lambda: fetch_snapshot(transport, peer, run.run_id, out, max_bytes=budget),
         )
         try:
             tensors, meta = load_checkpoint(path)

@@ -42,7 +42,7 @@ Public API (stable):
         .peers() / .reachable_peers()  .close()
     hello(transport, peer, run_id) -> dict          (RunNotFound)
     fetch_run_config_json(transport, peer, run_id) -> str
-    fetch_snapshot(transport, peer, run_id, out_path) -> Path
+    fetch_snapshot(transport, peer, run_id, out_path, max_bytes=snapshot_max_bytes(model)) -> Path
     fetch_tokenizer(transport, peer, run_id) -> bytes
 
 Files: wire.py (limits, msgpack/Delta helpers, the joining peer's calls), service.py (Gossip).
@@ -56,6 +56,7 @@ from nord.gossip.wire import (
     fetch_snapshot,
     fetch_tokenizer,
     hello,
+    snapshot_max_bytes,
 )
 
 __all__ = [
@@ -66,4 +67,5 @@ __all__ = [
     "fetch_snapshot",
     "fetch_tokenizer",
     "hello",
+    "snapshot_max_bytes",
 ]

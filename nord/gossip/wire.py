@@ -20,6 +20,8 @@ from nord.codec import CodecConfig
 from nord.crdt import Delta
 from nord.errors import MergeError, TransportError
 from nord.fsutil import atomic_write_bytes
+from nord.memory import count_params
+from nord.model import ModelConfig
 from nord.protocol import budgeted_count
 from nord.transport import Transport
 
@@ -30,7 +32,7 @@ RECORD_TTL_S = 900.0  # contribution records
 SYNC_BUDGET_BYTES = 32 << 20  # envelope bytes per sync reply; the caller asks again while `more`
 SMALL_REQUEST_BYTES = 1 << 20
 MAX_DELTA_BYTES = SYNC_BUDGET_BYTES + CodecConfig().max_payload_bytes + SMALL_REQUEST_BYTES
-MAX_SNAPSHOT_BYTES = 16 << 30
+SNAPSHOT_META_BYTES = 64 << 20  # a snapshot's window: folded ids, dots and round hashes, with room to spare
 MAX_TOKENIZER_BYTES = 64 << 20
 MAX_FETCH_IDS = 4096  # contribution ids in one fetch request (≈ 270 KB); pull_announced asks in several
 
@@ -123,10 +125,18 @@ def fetch_run_config_json(transport: Transport, peer_id: str, run_id: str) -> st
         raise TransportError(f"peer {peer_id[-8:]} sent a run config that is not UTF-8 text") from None
 
 
-def fetch_snapshot(transport: Transport, peer_id: str, run_id: str, out_path: str | Path) -> Path:
-    """Download the peer's sealed snapshot to `out_path` (checked by the caller with load_checkpoint)."""
+def snapshot_max_bytes(model: ModelConfig) -> int:
+    """The most a snapshot of `model` can take (fp32 weights + its window): a peer's reply past it is cut."""
+    return 4 * count_params(model) + SNAPSHOT_META_BYTES
+
+
+def fetch_snapshot(
+    transport: Transport, peer_id: str, run_id: str, out_path: str | Path, *, max_bytes: int
+) -> Path:
+    """Download the peer's sealed snapshot to `out_path` (checked by the caller with load_checkpoint);
+    `max_bytes` (snapshot_max_bytes of the run's model) bounds what a lying peer can make us take."""
     data = transport.request(
-        peer_id, "snapshot", pack({"run_id": run_id}), max_reply_bytes=MAX_SNAPSHOT_BYTES, timeout_s=600
+        peer_id, "snapshot", pack({"run_id": run_id}), max_reply_bytes=max_bytes, timeout_s=600
     )
     atomic_write_bytes(out_path, data)
     return Path(out_path)

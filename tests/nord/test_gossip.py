@@ -92,7 +92,12 @@ def test_joining_peer_gets_config_and_snapshot_and_wrong_run_is_refused(swarm, t
     joiner = swarm[3].transport
     assert hello(joiner, boot.transport.peer_id, RUN)["role"] == "coordinator"
     assert fetch_run_config_json(joiner, boot.transport.peer_id, RUN) == CONFIG_JSON
-    path = fetch_snapshot(joiner, boot.transport.peer_id, RUN, tmp_path / "snap.safetensors")
+    with pytest.raises(TransportError):  # a reply past the model's budget is cut, never taken whole
+        fetch_snapshot(joiner, boot.transport.peer_id, RUN, tmp_path / "cut.safetensors", max_bytes=1024)
+    assert not (tmp_path / "cut.safetensors").exists()
+    path = fetch_snapshot(
+        joiner, boot.transport.peer_id, RUN, tmp_path / "snap.safetensors", max_bytes=1 << 30
+    )
     from nord.checkpoint import load_checkpoint
 
     tensors, meta = load_checkpoint(path)
@@ -135,3 +140,16 @@ def test_type_confused_requests_get_a_specific_error(swarm, caplog):
             public_a.transport.request(boot.transport.peer_id, name, msgpack.packb(fields, use_bin_type=True))
         assert "internal error" not in str(refused.value)
     assert not [r for r in caplog.records if r.exc_info], "a handler let a non-NordError escape"
+
+
+def test_the_snapshot_budget_holds_a_real_models_snapshot_and_little_more(tmp_path):
+    from nord.checkpoint import save_checkpoint
+    from nord.gossip.wire import SNAPSHOT_META_BYTES, snapshot_max_bytes
+    from nord.model import NordLM
+    from nord.recipes import get_config
+
+    cfg = get_config("tiny")
+    weights = {k: v.float() for k, v in NordLM(cfg).state_dict().items()}
+    save_checkpoint(tmp_path / "w.safetensors", weights)
+    size = (tmp_path / "w.safetensors").stat().st_size
+    assert size < snapshot_max_bytes(cfg) <= size + SNAPSHOT_META_BYTES + 4096

@@ -38,7 +38,7 @@ from nord.checkpoint import load_checkpoint, save_checkpoint, weights_hash
 from nord.config import RunConfig
 from nord.crdt import Delta, Replica
 from nord.fsutil import atomic_write_bytes
-from nord.gossip import fetch_run_config_json, fetch_snapshot
+from nord.gossip import fetch_run_config_json, fetch_snapshot, snapshot_max_bytes
 from nord.identity import Identity
 from nord.model import NordLM
 
@@ -110,7 +110,10 @@ class Hostile:
         self.run_json = fetch_run_config_json(self.transport, source, args.run)
         run = RunConfig.from_json(self.run_json)
         with tempfile.TemporaryDirectory() as tmp:
-            real = fetch_snapshot(self.transport, source, args.run, Path(tmp) / "real.safetensors")
+            real = fetch_snapshot(
+                self.transport, source, args.run, Path(tmp) / "real.safetensors",
+                max_bytes=snapshot_max_bytes(run.model),
+            )
             self.snapshot = forged_snapshot(run, args.mode, real, Path(tmp), self.me)
         if args.mode == "impostor":
             self.run_json = impostor_config(run, self.me)
