@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import pytest
 from conftest import PEERS, T0
@@ -289,3 +290,18 @@ def test_openapi_documents_errors_and_checkpoint_content_types(client):
     assert "404" in paths["/api/admin/revoke/{contribution_id}"]["post"]["responses"]
     assert "422" in paths["/api/rounds"]["get"]["responses"]
     assert "application/json" in paths["/tokenizer.json"]["get"]["responses"]["200"]["content"]
+
+
+def test_api_reads_never_wait_for_the_authoritys_lock(client, seeded):
+    """While the authority holds the history's lock mid-transaction, pages still answer, from the last
+    commit (the API reads on its own WAL connections)."""
+    history, _ = seeded
+    answers: list[dict] = []
+    with history._lock:  # what History._tx holds while the authority writes
+        history._conn.execute("BEGIN IMMEDIATE")
+        history._conn.execute("UPDATE rounds SET sealed_at = 1.0 WHERE round = 8")  # not committed
+        reader = threading.Thread(target=lambda: answers.append(client.get("/api/summary").json()))
+        reader.start()
+        reader.join(timeout=60)
+        history._conn.execute("ROLLBACK")
+    assert answers and answers[0]["sealed_rounds"] == 8, "the page waited for the writer's lock"
