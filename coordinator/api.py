@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def create_app(ctx: ApiContext) -> FastAPI:
     """The API and dashboard over `ctx`, behind the request gate."""
     app = FastAPI(
-        title="Nord coordinator", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json"
+        title="Nord coordinator", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json"
     )
     app.state.service = RunService(ctx)
     for router in (run.router, files.router, admin.router, metrics.router, volunteers.router):

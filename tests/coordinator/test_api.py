@@ -292,6 +292,12 @@ def test_openapi_documents_errors_and_checkpoint_content_types(client):
     assert "application/json" in paths["/tokenizer.json"]["get"]["responses"]["200"]["content"]
 
 
+def test_no_api_page_loads_scripts_from_a_cdn(client):
+    """The schema is served as JSON; no Swagger page that pulls its scripts from a CDN (blank offline)."""
+    assert client.get("/api/docs").status_code == 404
+    assert client.get("/api/openapi.json").status_code == 200
+
+
 def test_api_reads_never_wait_for_the_authoritys_lock(client, seeded):
     """While the authority holds the history's lock mid-transaction, pages still answer, from the last
     commit (the API reads on its own WAL connections)."""
