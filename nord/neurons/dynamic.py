@@ -56,7 +56,7 @@ class SpikeConfig(NamedTuple):
 # On a CPU the neuron works through time in tiles of about this many elements (512 KiB of float32, within a
 # core's L2 cache): gates, scan and backward of a tile then run in cache, ~20 small ops per tile in place of
 # ~30 passes over memory (bench/neurons.py). On CUDA one tile covers the whole sequence.
-_CPU_TILE_ELEMENTS = 2**22
+_CPU_TILE_ELEMENTS = 2**17
 
 
 def _tile_length(x: Tensor, k: int) -> int:
