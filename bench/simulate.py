@@ -192,7 +192,6 @@ def measure_loopback(requests: int = 30, mbytes: int = 20):
             t = time.perf_counter()
             hello(client, server.peer_id, gossip.RUN)
             walls.append(time.perf_counter() - t)
-        cpu_scale = _wall_per_cpu_second()
         payload = os.urandom(mbytes << 20)
         t = time.perf_counter()
         client.request(server.peer_id, "sink", payload, timeout_s=600, max_reply_bytes=64)
@@ -205,17 +204,7 @@ def measure_loopback(requests: int = 30, mbytes: int = 20):
         latency_s=0.0,
         request_s=statistics.median(walls),
         cores=os.cpu_count(),
-        cpu_scale=cpu_scale,
     )
-
-
-def _wall_per_cpu_second(seconds: float = 2.0) -> float:
-    """Wall seconds a busy single-threaded loop takes per CPU second it gets (1.0 on an idle core)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    x = 0
-    while time.process_time() - cpu < seconds:
-        x += sum(range(1000))
-    return (time.perf_counter() - wall) / (time.process_time() - cpu)
 
 
 def validate(peers: list[int], repeats: int) -> dict:

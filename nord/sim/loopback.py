@@ -3,9 +3,8 @@
 N peers on one machine, all public, one author: it adds a contribution and `publish`es it (the same
 function the volunteers' processes call). Links are the loopback stream rate, every request costs
 `request_s` on the peer that serves it (framing, hashing, handler thread: the measured wall time of a
-small request), each holder record it then stores costs that on DHT_REPLICAS peers, the fitted merge
-cost is scaled by the wall/CPU ratio measured in the same run, and all processes' CPU work queues on
-the machine's `cores` (`Network.shared_cores`).
+small request), each holder record it then stores costs that on DHT_REPLICAS peers, merging costs the
+fitted CPU time, and all processes' CPU work queues on the machine's `cores` (`Network.shared_cores`).
 """
 
 from __future__ import annotations
@@ -22,14 +21,13 @@ from nord.sim.world import World
 
 @dataclass(frozen=True, kw_only=True)
 class Loopback:
-    """What the machine gives: stream rate (bytes/s), one-way latency, wall time of a small request,
-    cores, and wall seconds per CPU second of a busy process (> 1 when other work shares the cores)."""
+    """What the machine gives: stream rate (bytes/s), one-way latency, wall time of a small request
+    (it carries the machine's load: CPU costs are otherwise taken as fitted), cores."""
 
     bytes_per_s: float
     latency_s: float
     request_s: float
     cores: int
-    cpu_scale: float = 1.0
 
 
 def spread(peers: int, model: str, machine: Loopback, rnd: int = 8) -> dict:
@@ -41,7 +39,6 @@ def spread(peers: int, model: str, machine: Loopback, rnd: int = 8) -> dict:
         model=model,
         client_share=0.0,
         straggler_share=0.0,
-        cost_scale=machine.cpu_scale,
     )
     link = Traits(
         population="server",
