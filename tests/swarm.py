@@ -187,8 +187,29 @@ class Swarm(Procs):
             assert rc == 0, f"{name} exited {rc} on SIGTERM:\n{self.log(name)}"
         for name in names:
             self.join(name, "--max-rounds", "1")
-        for name in names:
-            assert self.running[name].wait(timeout=timeout_s) == 0, self.log(name)
+        deadline = time.monotonic() + timeout_s
+        while any(self.running[n].poll() is None for n in names):
+            assert time.monotonic() < deadline, f"workers still running {timeout_s:.0f} s after their restart"
+            for n in names:
+                assert self.running[n].poll() in (None, 0), f"{n} failed:\n{self.log(n)}"
+            for n in self._left_the_open_round(names):  # it counted a seal it caught up with as its round
+                self.join(n, "--max-rounds", "1")
+            time.sleep(1.0)
+
+    def _left_the_open_round(self, names: list[str]) -> list[str]:
+        """The workers of `names` that have exited while the open round cannot reach its quorum without
+        them: every one still running has sent its contribution for it."""
+        exited = [n for n in names if self.running[n].poll() is not None]
+        if not exited or len(exited) == len(names):
+            return []
+        open_round = self.get("/api/rounds?limit=1")[-1]
+        if open_round["sealed_at"] is not None or open_round["pending"] >= self.quorum:
+            return []
+        for n in names:
+            sent = {int(m[2]) for m in SENT.finditer(self.log(n, tail=10**9))}
+            if n not in exited and open_round["round"] not in sent:
+                return []
+        return exited
 
 
 def sealed_hash(state_dir: Path) -> str:
