@@ -21,7 +21,7 @@ Arms (--arms, trained one after the other from the same seed on the same batches
 
 The model is a checkpoint written by `nord train` (--checkpoint, one arm) or trained here (--model).
 
-    python bench/length.py [--quick] [--model tiny --train-steps 300 --arms old,default,default+carry |
+    python bench/length.py [--quick] [--model tiny --train-steps 300 --arms old,log,old+carry |
                             --checkpoint runs/x/model.safetensors]
 """
 
@@ -207,7 +207,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=None, help="model.safetensors from `nord train`")
     parser.add_argument("--model", default="tiny", choices=sorted(RECIPES), help="recipe to train here")
-    parser.add_argument("--arms", default="old,default", help="comma-separated: old, default, +carry suffix")
+    parser.add_argument("--arms", default="old,log", help="comma-separated: old, log, default; +carry suffix")
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512, help="training window (the length to exceed)")
