@@ -53,7 +53,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 BLOCK_BYTES = {False: (52, 8, 8), True: (46, 6, 6)}
 # The same for a frozen block that backward passes through: no weight gradients, so matmuls keep only
 # what the input gradient needs (measured the same way, three shapes, residual < 2 B).
-FROZEN_BLOCK_BYTES = {False: (36, 4, 4), True: (32, 4, 4)}
+FROZEN_BLOCK_BYTES = {False: (32, 4, 4), True: (28, 4, 4)}
 # Per token and unit of D: what the final norm and a training head save, h_D (a frozen one saves < 1 B).
 HEAD_BYTES = {False: 12, True: 10}
 
