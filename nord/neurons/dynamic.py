@@ -59,11 +59,12 @@ class SpikeConfig(NamedTuple):
 _CPU_TILE_ELEMENTS = 2**17
 
 
-def _tile_length(x: Tensor, k: int) -> int:
+def _tile_length(x: Tensor, k: int, chunk_size: int) -> int:
     B, T, D = x.shape
-    if x.device.type != "cpu":
-        return T
-    return max(k - 1, 1, min(T, _CPU_TILE_ELEMENTS // (B * D)))
+    steps = _CPU_TILE_ELEMENTS // (B * D)
+    if x.device.type != "cpu" or steps > 2 * chunk_size:  # narrow: a tile would scan in chunks, ~2C steps
+        return T  # each, so many tiles would cost more Python steps than their cache saves
+    return max(k - 1, 1, min(T, steps))
 
 
 def _conv_into(out: Tensor, ext: Tensor, taps: Tensor, bias: Tensor) -> Tensor:
@@ -90,7 +91,7 @@ class _DynamicDecay(torch.autograd.Function):
         ctx.chunk_size, ctx.x_dtype = chunk_size, x.dtype
         dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for gradcheck
         x, window, weight, bias, h0 = (t.to(dtype) for t in (x, window, weight, bias, h0))
-        T, tau = x.shape[1], _tile_length(x, weight.shape[1])
+        T, tau = x.shape[1], _tile_length(x, weight.shape[1], chunk_size)
         taps = weight.t().contiguous()  # (k, D): a strided tap would defeat vectorisation over D
         a, h = torch.empty_like(x), torch.empty_like(x)
         before, state = window, h0  # the k−1 inputs and the state before the tile
@@ -109,7 +110,7 @@ class _DynamicDecay(torch.autograd.Function):
     def backward(ctx, dh: Tensor):
         x, window, weight, a, h, h0 = ctx.saved_tensors
         (B, T, D), k = x.shape, weight.shape[1]
-        tau = _tile_length(x, k)
+        tau = _tile_length(x, k, ctx.chunk_size)
         taps = weight.t().contiguous()
         dx, dtaps, dbias = torch.empty_like(x), torch.zeros_like(taps), torch.zeros_like(h0[0])
         dz_after = x.new_zeros(B, k - 1, D)  # dz of the k−1 steps after the tile (0 past the end)

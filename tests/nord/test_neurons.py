@@ -260,7 +260,7 @@ PLANS = {  # (the CPU width from which the scan runs sequentially, the neuron's 
     "sequential-one-tile": (1, 2**40),
     "chunked-one-tile": (2**40, 2**40),
     "sequential-tiles": (1, 1),  # tiles of max(k − 1, 1) steps
-    "chunked-tiles": (2**40, 7 * 17 * 3),  # 7 steps of B·D = 51: T is never a multiple
+    "uneven-tiles": (2**40, 150),  # 5 steps at B·D = 26, 3 at 39 (T never a multiple); wider: one tile
 }
 
 
