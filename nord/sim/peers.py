@@ -199,10 +199,11 @@ def relay(world: World, node: int):
 
 
 def catch_up(world: World, node: int, now: float) -> float:
-    """A rejoining volunteer whose round was compacted away restarts from a snapshot (`_catch_up`)."""
-    oldest = min(world.rounds, default=world.round_of[node])
-    if world.round_of[node] >= oldest:
-        return now
+    """A volunteer whose next seal lists contributions no longer in play restarts from a snapshot
+    (the worker's `_catch_up` when peers have compacted past it)."""
+    seal = world.seals.get(world.round_of[node])
+    if seal is None or all(q in world.rounds for q, cols in seal.listed.items() if cols):
+        return now  # the contributions its next seal lists are still in play
     sources = [p for p in reachable(world.live_public, world.backoff[node], now) if serves(world, p)]
     if not sources:
         return now
@@ -228,11 +229,14 @@ def volunteer(world: World, node: int):
         if t > env.now:
             yield env.timeout(t - env.now)
         while env.now < end and not world.finished.triggered:
+            t = catch_up(world, node, env.now)
+            if t > env.now:
+                yield env.timeout(t - env.now)
             r = world.round_of[node]
             if r not in contributed:
                 if env.now + traits.train_s > end:  # preempted mid-round: the work is lost
                     world.count("preempted_rounds")
-                    yield env.timeout(end - env.now)
+                    yield env.timeout(max(0.0, end - env.now))
                     break
                 yield env.timeout(traits.train_s)
                 contributed.add(r)
