@@ -38,7 +38,7 @@ from swarm import Swarm, ledger  # noqa: E402
 WORKERS = ["w0", "w1"]
 
 
-def scenario(swarm: Swarm, victims: list[str], rng: random.Random, max_delay_s: float, bar: tqdm) -> dict:
+def scenario(swarm: Swarm, victims: list[str], rng: random.Random, args: argparse.Namespace, bar) -> dict:
     """One scenario's kills, healing and checks; an error (a wait that timed out) ends it unhealed."""
     kills, error = [], None
     try:
@@ -46,7 +46,8 @@ def scenario(swarm: Swarm, victims: list[str], rng: random.Random, max_delay_s: 
         for name in WORKERS:
             swarm.join(name)
         for victim in victims:
-            kills.append(swarm.kill_at_random_moment(victim, rng, max_delay_s))
+            at_checkpoint = victim == "coord" and args.on_checkpoint > 0 and rng.random() < args.on_checkpoint
+            kills.append(swarm.kill_at_random_moment(victim, rng, args.max_delay_s, at_checkpoint))
             bar.update(1)
             bar.set_postfix(sealed=kills[-1]["after_round"], victim=victim, moment=kills[-1]["moment"])
         swarm.finish_workers(WORKERS)
@@ -93,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills-per-scenario", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-delay-s", type=float, default=5.0, help="kill this long after a seal, at most")
+    p.add_argument(
+        "--on-checkpoint", type=float, default=0.0,
+        help="share of coordinator kills made the moment its next checkpoint file appears",
+    )  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=600, help="start no new scenario after this long")
     p.add_argument("--tmp", type=Path, help="state and logs here (default: a temporary dir, removed)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "chaos.json")
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             while bar.n < args.kills and time.time() - started < args.max_minutes * 60:
                 n = min(args.kills_per_scenario, args.kills - bar.n)
                 victims = [rng.choice(("coord", *WORKERS)) for _ in range(n)]
-                result = scenario(swarm, victims, rng, args.max_delay_s, bar)
+                result = scenario(swarm, victims, rng, args, bar)
                 lost = len(result["ledger"]["lost"]) if result["ledger"] else None
                 result["lost_in_scenario"] = None if lost is None else lost - lost_before
                 lost_before = lost or lost_before

@@ -9,6 +9,7 @@ acknowledged is in the coordinator's history exactly once and sealed into exactl
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -136,19 +137,26 @@ class Swarm(Procs):
             return "checkpoint"
         return "between seals"
 
-    def kill_at_random_moment(self, victim: str, rng: random.Random, max_delay_s: float) -> dict:
+    def kill_at_random_moment(
+        self, victim: str, rng: random.Random, max_delay_s: float, on_checkpoint: bool = False
+    ) -> dict:
         """Once the swarm has sealed one more round, SIGKILL `victim` after a random delay (wherever that
         lands: training, sending, scoring, sealing, writing a checkpoint) and restart it on its state dir.
+        `on_checkpoint` (the coordinator): kill it the moment its next checkpoint file appears instead —
+        the checkpoint write (its temporary file) or just after it (evaluation, history).
 
         Returns the round, what the victim was doing, and the p2pd of it still alive 60 s after the kill
         (its watchdog must end it)."""
         progressed = self.sealed_rounds() + 1
-        wait_for(lambda: self.sealed_rounds() >= progressed, 600, f"round {progressed} sealed")
-        time.sleep(rng.uniform(0.0, max_delay_s))
-        try:
-            moment = self.moment(victim)
-        except (OSError, ValueError, KeyError):  # status.json mid-rewrite, API busy: kill anyway
-            moment = "?"
+        if on_checkpoint and victim == "coord":
+            moment = self._at_next_checkpoint()
+        else:
+            wait_for(lambda: self.sealed_rounds() >= progressed, 600, f"round {progressed} sealed")
+            time.sleep(rng.uniform(0.0, max_delay_s))
+            try:
+                moment = self.moment(victim)
+            except (OSError, ValueError, KeyError):  # status.json mid-rewrite, API busy: kill anyway
+                moment = "?"
         daemons = self.daemon_of[victim]
         self.kill(victim)
         deadline = time.monotonic() + 60
@@ -159,6 +167,19 @@ class Swarm(Procs):
         else:
             self.join(victim)
         return {"victim": victim, "after_round": progressed, "moment": moment, "p2pd_left": sorted(left)}
+
+    def _at_next_checkpoint(self, timeout_s: float = 600) -> str:
+        """Return (for the kill) as soon as a new file appears in the coordinator's checkpoints dir:
+        `checkpoint write` while a file of it is not a finished `<round>.safetensors`, else `after
+        checkpoint`. Polled every few ms: the write of the tiny model's 3.3 MB is short."""
+        folder = self.tmp / "coord" / "checkpoints"
+        before = set(os.listdir(folder))
+        deadline = time.monotonic() + timeout_s
+        while not (new := set(os.listdir(folder)) - before):
+            assert time.monotonic() < deadline, "no new checkpoint"
+            time.sleep(0.002)
+        done = re.compile(r"\d+\.safetensors")
+        return "after checkpoint" if all(done.fullmatch(n) for n in new) else "checkpoint write"
 
     def leftovers(self) -> list[int]:
         """Live processes still in a process group this swarm started (each of its processes leads one)."""
