@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER = Path("tests/coordinator/test_http_limits.py")
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests/coordinator")]
 from test_http_limits import PEERS, TOKEN, _status, post  # noqa: E402 (the test's client and probes)
+
+sys.path.insert(0, str(ROOT / "bench"))
+from _revision import older_tree, print_side_by_side  # noqa: E402
 
 NAMES = {
     "²": "%C2%B2.safetensors",
@@ -133,28 +135,13 @@ def main() -> None:
     parser.add_argument("--ref", help="also measure this git revision (in a temporary worktree)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/http_attacks.json"))
     args = parser.parse_args()
-    trees = {"this tree": ROOT}
-    tmp = None
-    if args.ref:
-        tmp = Path(tempfile.mkdtemp(prefix="nord-bench-ref-"))
-        subprocess.run(
-            ["git", "worktree", "add", "-q", "--detach", str(tmp / "tree"), args.ref], cwd=ROOT, check=True
-        )
-        shutil.copy(ROOT / SERVER, tmp / "tree" / SERVER)  # the same server script, on the older API
-        trees = {args.ref: tmp / "tree", **trees}
     results = {}
-    try:
+    with older_tree(args.ref, carry=(SERVER,)) as old:  # the same server script, on the older API
+        trees = {args.ref: old, "this tree": ROOT} if old else {"this tree": ROOT}
         for name, tree in trees.items():
             print(f"measuring {name} ...", flush=True)
             results[name] = measure(tree)
-    finally:
-        if tmp is not None:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "tree")], cwd=ROOT, check=False)
-            shutil.rmtree(tmp, ignore_errors=True)
-    keys = list(next(iter(results.values())))
-    print(f"\n{'':<34}" + "".join(f"{name:>44}" for name in results))
-    for key in keys:
-        print(f"{key:<34}" + "".join(f"{str(r[key])[:42]:>44}" for r in results.values()))
+    print_side_by_side(results, 34, 44)
     record = {
         "command": "python bench/http_attacks.py" + (f" --ref {args.ref}" if args.ref else ""),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",

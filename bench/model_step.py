@@ -30,11 +30,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from _revision import older_tree  # noqa: E402
+
 PARTS = (  # profile rows: label -> what it covers
     ("neuron: gates + scan", "the mixer neuron's decay gates, convolution and linear scan, fwd + bwd"),
     ("spikes (surrogate)", "every Heaviside spike and its surrogate gradient (mixer, memory gate, MLP)"),
@@ -232,25 +234,18 @@ def main() -> int:
         return 0
     from tqdm import tqdm
 
-    with tempfile.TemporaryDirectory(prefix="nord-baseline-") as tmp:
+    with older_tree(args.baseline) as baseline_tree:
         variants: dict[str, str | None] = {"nord": None}
-        if args.baseline:
-            baseline_tree = str(Path(tmp) / "tree")
-            git = ["git", "-C", str(REPO), "worktree"]
-            subprocess.run([*git, "add", "--detach", baseline_tree, args.baseline], check=True)
-            variants[f"nord@{args.baseline}"] = baseline_tree
+        if baseline_tree is not None:
+            variants[f"nord@{args.baseline}"] = str(baseline_tree)
         if not args.no_gpt:
             variants["gpt"] = None
         if args.extras:
             variants |= {"nord+keep-freed": None, "nord+bf16": None}
-        try:
-            runs: dict[str, list[dict]] = {name: [] for name in variants}
-            for _ in tqdm(range(args.rounds), desc="rounds"):
-                for name, tree in variants.items():
-                    runs[name].append(run_variant(name if tree is None else "nord", tree, args))
-        finally:
-            if args.baseline:
-                subprocess.run([*git, "remove", "--force", baseline_tree], check=True)
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
+        for _ in tqdm(range(args.rounds), desc="rounds"):
+            for name, tree in variants.items():
+                runs[name].append(run_variant(name if tree is None else "nord", tree, args))
 
     rows = {}
     for name, results in runs.items():

@@ -37,6 +37,9 @@ from tqdm import tqdm
 
 from nord.neurons import DynamicDecayNeuron, LIFNeuron, spike
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _revision import older_tree  # noqa: E402
+
 
 class PSNLayer(nn.Module):
     """Parallel spiking neuron: H_t = Σ_{s≤t} W_ts X_s, S_t = Θ(H_t − θ); W is T×T (fixed max length)."""
@@ -114,33 +117,25 @@ def main() -> int:
     torch.manual_seed(0)
     device = torch.device(args.device)
 
-    with tempfile.TemporaryDirectory(prefix="nord-baseline-") as tmp:
-        tree = Path(tmp) / "tree"
-        git = ["git", "-C", str(Path(__file__).resolve().parent.parent), "worktree"]
-        if args.baseline:
-            subprocess.run([*git, "add", "--detach", str(tree), args.baseline], check=True)
-        try:
-            rows = []
-            for T in tqdm(args.lengths, desc="lengths"):
-                B = max(1, args.elements // (T * args.dim))
-                N = args.elements // (B * T)
-                x = torch.randn(B, T, N, device=device, requires_grad=True)
-                steps = {
-                    "dynamic": make_step(DynamicDecayNeuron(N, chunk_size=args.chunk_size).to(device), x),
-                    "lif": make_step(LIFNeuron(N).to(device), x),
-                }
-                # PSN's T×T weight, its gradient and the masked copy must fit --psn-max-gib
-                if 3 * T * T * 4 <= args.psn_max_gib * 2**30:
-                    steps["psn"] = make_step(PSNLayer(N, T).to(device), x)
-                times = time_interleaved(steps, args.repeats, device)
-                del x, steps
-                row = {"T": T, "B": B, "N": N, **{n: times.get(n) for n in ("dynamic", "lif", "psn")}}
-                if args.baseline:
-                    row["baseline"] = measure_baseline(tree, T, args, Path(tmp) / f"T{T}.json")
-                rows.append(row)
-        finally:
+    with tempfile.TemporaryDirectory(prefix="nord-baseline-") as tmp, older_tree(args.baseline) as tree:
+        rows = []
+        for T in tqdm(args.lengths, desc="lengths"):
+            B = max(1, args.elements // (T * args.dim))
+            N = args.elements // (B * T)
+            x = torch.randn(B, T, N, device=device, requires_grad=True)
+            steps = {
+                "dynamic": make_step(DynamicDecayNeuron(N, chunk_size=args.chunk_size).to(device), x),
+                "lif": make_step(LIFNeuron(N).to(device), x),
+            }
+            # PSN's T×T weight, its gradient and the masked copy must fit --psn-max-gib
+            if 3 * T * T * 4 <= args.psn_max_gib * 2**30:
+                steps["psn"] = make_step(PSNLayer(N, T).to(device), x)
+            times = time_interleaved(steps, args.repeats, device)
+            del x, steps
+            row = {"T": T, "B": B, "N": N, **{n: times.get(n) for n in ("dynamic", "lif", "psn")}}
             if args.baseline:
-                subprocess.run([*git, "remove", "--force", str(tree)], check=True)
+                row["baseline"] = measure_baseline(tree, T, args, Path(tmp) / f"T{T}.json")
+            rows.append(row)
 
     names = ("dynamic", "lif", "psn")
     header = f"{'T':>6} {'B':>3} {'N':>4} |"

@@ -19,17 +19,18 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = Path("tests/security/streams_peer.py")
+sys.path.insert(0, str(ROOT / "bench"))
+from _revision import older_tree, print_side_by_side  # noqa: E402
+
 RUN = "crdt-test"
 
 
@@ -131,30 +132,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench/results/stream_attacks.json"))
     args = parser.parse_args()
 
-    trees = {"this tree": ROOT}
-    tmp = None
-    if args.ref:
-        tmp = Path(tempfile.mkdtemp(prefix="nord-bench-ref-"))
-        subprocess.run(
-            ["git", "worktree", "add", "-q", "--detach", str(tmp / "tree"), args.ref], cwd=ROOT, check=True
-        )
-        (tmp / "tree" / PEER_SCRIPT).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / PEER_SCRIPT, tmp / "tree" / PEER_SCRIPT)  # the same victim, on the older library
-        trees = {args.ref: tmp / "tree", **trees}
     results = {}
-    try:
+    with older_tree(args.ref, carry=(PEER_SCRIPT,)) as old:  # the same victim, on the older library
+        trees = {args.ref: old, "this tree": ROOT} if old else {"this tree": ROOT}
         for name, tree in trees.items():
             print(f"measuring {name} ...", flush=True)
             results[name] = measure(tree, args)
-    finally:
-        if tmp is not None:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "tree")], cwd=ROOT, check=False)
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    keys = list(next(iter(results.values())))
-    print(f"\n{'':<22}" + "".join(f"{name:>34}" for name in results))
-    for key in keys:
-        print(f"{key:<22}" + "".join(f"{str(r[key])[:32]:>34}" for r in results.values()))
+    print_side_by_side(results, 22, 34)
     record = {
         "command": "python bench/stream_attacks.py" + (f" --ref {args.ref}" if args.ref else ""),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",

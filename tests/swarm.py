@@ -279,3 +279,14 @@ def ledger(swarm: Swarm, workers: list[str]) -> dict:
         "acknowledged": len(acked), "lost": lost, "double_folded": double, "empty_seals": empty,
         "sealed_rounds": len(sealed), "last_sealed": last, "stale_replicas": stale,
     }  # fmt: skip
+
+
+def assert_nothing_lost(swarm: Swarm, workers: list[str], final_summary: dict) -> None:
+    """The chaos tests' verdict on a stopped swarm: every acknowledged contribution sealed exactly once,
+    no round folding two of one peer or none, every replica on the newest seal (`ledger`)."""
+    book = ledger(swarm, workers)
+    assert book["acknowledged"] > 0
+    assert not book["lost"], book["lost"]
+    assert not book["double_folded"] and not book["empty_seals"], book
+    assert book["last_sealed"]["round"] == final_summary["sealed_rounds"] - 1
+    assert not book["stale_replicas"], book["stale_replicas"]

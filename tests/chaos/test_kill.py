@@ -16,7 +16,7 @@ import os
 import random
 
 import pytest
-from swarm import Swarm, ledger
+from swarm import Swarm, assert_nothing_lost
 
 pytestmark = [pytest.mark.p2p, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -46,9 +46,4 @@ def test_sigkill_at_random_moments_loses_nothing_and_leaves_nothing(tmp_path):
         swarm.assert_daemons_gone()
         assert all(p.poll() is not None for p in swarm.procs)
 
-    book = ledger(swarm, WORKERS)
-    assert book["acknowledged"] > 0
-    assert not book["lost"], book["lost"]
-    assert not book["double_folded"] and not book["empty_seals"], book
-    assert book["last_sealed"]["round"] == final["sealed_rounds"] - 1
-    assert not book["stale_replicas"], book["stale_replicas"]
+    assert_nothing_lost(swarm, WORKERS, final)

@@ -24,7 +24,7 @@ import subprocess
 
 import pytest
 from procs import wait_for
-from swarm import Swarm, ledger
+from swarm import Swarm, assert_nothing_lost
 
 pytestmark = [pytest.mark.p2p, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -164,11 +164,6 @@ def test_partitions_heal_with_every_acknowledged_contribution_sealed_once(tmp_pa
         swarm.assert_daemons_gone()
         assert not swarm.leftovers()
 
-    book = ledger(swarm, WORKERS)
-    assert book["acknowledged"] > 0
-    assert not book["lost"], book["lost"]
-    assert not book["double_folded"] and not book["empty_seals"], book
-    assert book["last_sealed"]["round"] == final["sealed_rounds"] - 1
-    assert not book["stale_replicas"], book["stale_replicas"]
+    assert_nothing_lost(swarm, WORKERS, final)
     with contextlib.suppress(FileNotFoundError):
         assert not [ns for ns in os.listdir("/run/netns") if ns.startswith(net.prefix)]
