@@ -34,6 +34,7 @@ from node.bootstrap import serving_run
 from node.session import authorize_run
 from node.state import StateDir
 from nord.checkpoint import read_metadata
+from nord.checks import host_port
 from nord.config import RunConfig
 from nord.data import prepare
 from nord.errors import CheckpointError, ConfigError
@@ -52,10 +53,10 @@ HTTP_GRACE_S = 2.0  # on stop, open keep-alive connections (a dashboard tab) get
 
 
 def parse_http(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    parsed = host_port(value)
+    if parsed is None:
         raise ConfigError(f"--http {value!r}: write HOST:PORT, e.g. 0.0.0.0:8000")
-    return host.strip("[]"), int(port)
+    return parsed
 
 
 def load_allowlist(path: str | None) -> frozenset[str] | None:

@@ -47,7 +47,7 @@ from nord.errors import CodecError, ConfigError, MergeError, NordError, Transpor
 from nord.gossip import PEER_TTL_S, Gossip
 from nord.identity import Identity
 from nord.memory import device_memory_bytes
-from nord.model import NordLM
+from nord.model import NordLM, resolve_device
 from nord.shards import (
     ShardPlan,
     contribution_delta,
@@ -405,14 +405,6 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible (use --device cpu or auto)")
-    return torch.device(name)
-
-
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
@@ -437,7 +429,7 @@ def join(args) -> int:
     """`nord-node join`: everything from flags to the training loop, with a clean shutdown on any exit."""
     state = StateDir(args.state_dir or Path.home() / ".nord" / args.run)
     pinned = pinned_authority(args.authority, state)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     state.recover_replica()
     transport = start_transport(args, state.p2p_key)
     transport.install_signal_handlers()

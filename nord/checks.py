@@ -74,3 +74,13 @@ def is_fingerprint(value: Any) -> bool:
 
 def matches_fingerprint(key_hex: str, pinned: str) -> bool:
     return is_hex64(key_hex) and is_fingerprint(pinned) and key_hex.startswith(pinned)
+
+
+def host_port(value: Any) -> tuple[str, int] | None:
+    """`HOST:PORT` (an IPv6 host in brackets) as (host, port 0-65535); None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        return None
+    return host.strip("[]"), int(port)

@@ -320,7 +320,10 @@ class NordLM(nn.Module):
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """A torch device from a CLI string; ConfigError (not a traceback) if it is unknown or absent."""
+    """A torch device from a CLI string ("auto": CUDA when there is one); ConfigError (not a traceback)
+    if it is unknown or absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:

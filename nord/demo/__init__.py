@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from nord.checks import fingerprint
+from nord.checks import fingerprint, host_port
 from nord.demo.processes import (
     Child,
     die_with_parent,
@@ -74,10 +74,8 @@ class DemoConfig:
             object.__setattr__(self, "inner_steps", DEFAULT_INNER_STEPS.get(self.model, 10))
         if self.inner_steps < 1:
             raise ConfigError(f"--inner-steps must be >= 1, got {self.inner_steps}")
-        http_host, _ = split_host_port(self.http)
+        split_host_port(self.http)
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser().resolve())
-        if not http_host:
-            raise ConfigError(f"--http needs HOST:PORT, got {self.http!r}")
 
     @property
     def data_dir(self) -> Path:
@@ -90,10 +88,10 @@ class DemoConfig:
 
 
 def split_host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"expected HOST:PORT with a port in 1-65535, got {value!r}")
-    return host, int(port)
+    parsed = host_port(value)
+    if parsed is None or parsed[1] == 0:
+        raise ConfigError(f"--http needs HOST:PORT with a port in 1-65535, got {value!r}")
+    return parsed
 
 
 def free_port(host: str) -> int:
