@@ -185,7 +185,7 @@ def serve(args) -> int:
 def print_ready(run: RunConfig, identity: Identity, multiaddrs: list[str], dashboard_url: str) -> None:
     print(f"run {run.run_id}: coordinator ready (authority fingerprint {identity.fingerprint})", flush=True)
     print("volunteers join with (--authority pins this coordinator's key: others are refused):", flush=True)
-    print(f"  {join_command(multiaddrs, run.run_id)} --authority {identity.fingerprint}", flush=True)
+    print(f"  {join_command(multiaddrs, run.run_id, identity.public_hex)}", flush=True)
     for addr in multiaddrs[1:]:
         print(f"  (or --initial-peers {addr})", flush=True)
     if reach_note(multiaddrs):

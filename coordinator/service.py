@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from coordinator.history import HistoryReader
 from coordinator.liveness import ONLINE_WINDOW_S
-from nord.checks import MAX_REASON_CHARS, is_hex64, is_reason
+from nord.checks import MAX_REASON_CHARS, fingerprint, is_hex64, is_reason
 
 MAX_ROUND = 10**9 - 1  # rounds the API names: at most 9 decimal digits
 CHECKPOINT_NAME = re.compile(r"(latest|0|[1-9][0-9]{0,8})\.(safetensors|seal)", re.ASCII)
@@ -62,10 +62,12 @@ class ApiContext:
     clock: Callable[[], float] = time.time
 
 
-def join_command(multiaddrs: Sequence[str], run_id: str) -> str:
-    """The exact command a volunteer runs; the first multiaddr is the one to give out."""
+def join_command(multiaddrs: Sequence[str], run_id: str, authority: str | None = None) -> str:
+    """The exact command a volunteer runs; the first multiaddr is the one to give out, and `--authority`
+    pins the run's authority key (hex) so that a config or weights signed by any other are refused."""
     maddr = multiaddrs[0] if multiaddrs else "<coordinator-multiaddr>"
-    return f"nord-node join --initial-peers {maddr} --run {run_id}"
+    pin = f" --authority {fingerprint(authority)}" if authority else ""
+    return f"nord-node join --initial-peers {maddr} --run {run_id}{pin}"
 
 
 class RunService:
@@ -101,7 +103,7 @@ class RunService:
             "peers_online": peers_online,
             "online_window_s": ONLINE_WINDOW_S,
             "multiaddrs": multiaddrs,
-            "join_command": join_command(multiaddrs, self.run_id),
+            "join_command": join_command(multiaddrs, self.run_id, live.get("authority")),
             "authority": live.get("authority"),
             "quorum": rounds["quorum"],
             "deadline_s": rounds["deadline_s"],

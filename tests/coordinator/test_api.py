@@ -10,7 +10,7 @@ from conftest import PEERS, T0
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.api import ApiContext, create_app
+from coordinator.api import ApiContext, create_app, join_command
 from coordinator.history import HistoryReader
 from nord.checkpoint import load_checkpoint, weights_hash
 
@@ -79,7 +79,13 @@ def test_summary_reports_round_tokens_hash_and_join_command(client, seeded):
     assert s["parameters"] == 1_022_208
     assert s["tokens_seen"] == history.tokens_seen() > 0
     assert s["weights_hash"] == history.latest_checkpoint()["weights_hash"]
-    assert s["join_command"] == f"nord-node join --initial-peers {MADDR} --run api-test"
+    assert s["join_command"] == f"nord-node join --initial-peers {MADDR} --run api-test"  # no key known
+
+
+def test_the_join_command_pins_the_runs_authority():
+    key = "ab" * 32
+    command = join_command([MADDR], "api-test", key)
+    assert command == f"nord-node join --initial-peers {MADDR} --run api-test --authority {key[:20]}"
 
 
 def test_peers_rounds_and_metrics_lists(client):
