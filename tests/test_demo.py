@@ -239,7 +239,7 @@ def test_demo_runs_a_round_and_leaves_a_checkpoint_nord_generate_loads(tmp_path,
         assert demo.exit_code() == 0, demo.output()
         text = demo.output()
         demo.assert_nothing_left()
-    assert "round   0 sealed | val loss" in text
+    assert "round   0 sealed (1 of 1) | val loss" in text  # how far toward --rounds
 
     # the pull, checked against the seal (a second round may have sealed before it)
     assert re.search(r"weights sealed in round (\d+) \(the base of round \d+\)", text)
