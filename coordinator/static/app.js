@@ -445,12 +445,18 @@ function boardPath() {
   return `/api/leaderboard?limit=${BOARD_ROWS}` + (q ? "&q=" + encodeURIComponent(q) : "");
 }
 
+let perSeal = null; // metrics and checkpoints change only when a round is sealed: fetched once per seal
+
 async function refresh() {
   try {
-    const [summary, progress, board, metrics, ckpts, revs] = await Promise.all(
-      ["/api/summary", "/api/progress?rounds=1000", boardPath(), "/api/metrics", "/api/checkpoints", "/api/revocations"].map(getJSON));
+    const summary = await getJSON("/api/summary");
+    const sealed = !perSeal || perSeal.sealedRounds !== summary.sealed_rounds;
+    const [progress, board, revs, metrics, ckpts] = await Promise.all(
+      ["/api/progress?rounds=1000", boardPath(), "/api/revocations",
+        ...(sealed ? ["/api/metrics", "/api/checkpoints"] : [])].map(getJSON));
+    if (sealed) perSeal = { sealedRounds: summary.sealed_rounds, metrics, ckpts };
     clockSkew = summary.now - Date.now() / 1000;
-    last = { summary, progress, board, metrics, ckpts, revs };
+    last = { summary, progress, board, metrics: perSeal.metrics, ckpts: perSeal.ckpts, revs };
     render();
     $("status").dataset.state = "live";
     $("status").textContent = "live";

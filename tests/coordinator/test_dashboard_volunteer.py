@@ -118,6 +118,20 @@ def screenshot(page, name: str, tmp_path: Path, *, full_page: bool) -> None:
     page.screenshot(path=str(out / name), full_page=full_page)
 
 
+def test_polling_fetches_the_per_round_metrics_once_per_seal(browser, dashboard):
+    """/api/metrics is the heaviest read at long histories: between seals the page reuses it."""
+    page = browser.new_page(viewport=DESKTOP)
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url.split("?")[0].rsplit("/", 1)[-1]))
+    page.goto(dashboard.url + "/")
+    page.wait_for_selector("#status[data-state=live]", timeout=60_000)
+    deadline = time.monotonic() + 120
+    while asked.count("summary") < 3 and time.monotonic() < deadline:  # three polls, no seal in between
+        page.wait_for_timeout(500)
+    assert asked.count("summary") >= 3
+    assert asked.count("metrics") == 1 and asked.count("checkpoints") == 1, asked
+
+
 def test_leaderboard_ranks_contributors_and_finds_a_volunteer_by_name_or_id(browser, dashboard, tmp_path):
     page = open_page(browser, dashboard, DESKTOP)
     board = dashboard.get("/api/leaderboard")["peers"]
