@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import Procs, alive, comm, descendants, still_running, wait_for
+from procs import Procs, alive, comm, descendants, free_port, still_running, wait_for
 
 from nord.cli import main
-from nord.demo import DemoConfig, free_port, shut_down
+from nord.demo import DemoConfig, shut_down
 from nord.demo.processes import spawn, stop_children, stop_signals_raise
 from nord.errors import ConfigError
 
@@ -189,7 +189,7 @@ class Demo:
         (state_dir / ".nord-demo").touch()
         self.state_dir, self.procs = state_dir, procs
         argv = ["-m", "nord.cli", "demo", "--model", "tiny", "--workers", "2", "--inner-steps", "5"]
-        argv += ["--state-dir", str(state_dir), "--http", f"127.0.0.1:{free_port('127.0.0.1')}", *flags]
+        argv += ["--state-dir", str(state_dir), "--http", f"127.0.0.1:{free_port()}", *flags]
         self.proc = procs.start("demo", sys.executable, *argv)
         self.seen: dict[int, int] = {}
 

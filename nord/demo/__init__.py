@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -92,13 +91,6 @@ def split_host_port(value: str) -> tuple[str, int]:
     if parsed is None or parsed[1] == 0:
         raise ConfigError(f"--http needs HOST:PORT with a port in 1-65535, got {value!r}")
     return parsed
-
-
-def free_port(host: str) -> int:
-    """A TCP port the OS says is free now (for the coordinator's libp2p listen address)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------------
