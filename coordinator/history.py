@@ -15,7 +15,8 @@ on the contributions table, so no read scans the contributions.
 
 A peer's `last_seen` is the last time it was heard from: a request from it (coordinator.liveness), its
 presence record in the DHT, or a contribution of it arriving; holding its contributions is not hearing
-from it.
+from it. A peer is online while it was heard from within ONLINE_WINDOW_S; each seal records how many were
+(`rounds.peers_online`), so the dashboard can chart peers online over time.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from coordinator.history_queries import HistoryQueries
 from coordinator.history_schema import migrate
 
 STATUSES = ("pending", "accepted", "rejected", "revoked")
+ONLINE_WINDOW_S = 60.0  # a peer heard from this recently is online
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -215,12 +217,14 @@ class History(HistoryQueries):
         metrics: Mapping[str, float],
         at: float | None = None,
     ) -> None:
-        """Record the seal of `round` (the weights it produced) and its metrics, in one transaction."""
+        """Record the seal of `round` (the weights it produced), its metrics and how many peers were online
+        then (heard from within ONLINE_WINDOW_S of `at`, as far as the history knows), in one transaction."""
         now = time.time() if at is None else at
         with self._tx() as c:
             cur = c.execute(
-                "UPDATE rounds SET sealed_at = ?, seal_reason = ?, weights_hash = ? WHERE round = ?",
-                (now, reason, weights_hash, round),
+                "UPDATE rounds SET sealed_at = ?, seal_reason = ?, weights_hash = ?, "
+                "peers_online = (SELECT COUNT(*) FROM peers WHERE last_seen >= ?) WHERE round = ?",
+                (now, reason, weights_hash, now - ONLINE_WINDOW_S, round),
             )
             if cur.rowcount != 1:
                 raise ValueError(f"round {round} was never opened")

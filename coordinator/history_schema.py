@@ -1,10 +1,12 @@
-"""The history's SQLite schema (version 2) and the migration of a version-1 state dir.
+"""The history's SQLite schema (version 3) and the migration of older state dirs.
 
 Every query the authority runs each tick and every page the API serves is an index lookup or a bounded
 range scan (the one exception, counting sealed rounds, reads one partial index), so their cost does not
 grow with the run's length:
 
-    rounds          INTEGER PRIMARY KEY; `rounds_sealed` (partial) for the sealed count and the latest seal
+    rounds          INTEGER PRIMARY KEY; `rounds_sealed` (partial) for the sealed count and the latest seal;
+                    `peers_online`: peers heard from within ONLINE_WINDOW_S of the seal (version 3; NULL
+                    for rounds sealed before it, nothing can tell how many were online then)
     contributions   `contributions_peer_status` for a peer's rejections; `contributions_round_arrival` for
                     a round's contributions in arrival order
     round_totals    per round: accepted, rejected, pending, bytes, tokens (version 1 computed them with a
@@ -14,7 +16,10 @@ grow with the run's length:
 
 The totals are kept by triggers on `contributions`, inside the transaction that changes a row, so they are
 derived from the contributions table and cannot drift from it; a version-1 file gets them computed once
-when it is opened.
+when it is opened. Each migration runs in one transaction when an older file is opened:
+
+    1 -> 2    the totals tables, computed from the contributions
+    2 -> 3    rounds.peers_online (the online count sampled at each seal)
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import sqlite3
 
 from nord.errors import ConfigError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -33,7 +38,7 @@ CREATE TABLE IF NOT EXISTS peers (
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, opened_at REAL NOT NULL, sealed_at REAL, seal_reason TEXT,
-    weights_hash TEXT, base_hash TEXT
+    weights_hash TEXT, base_hash TEXT, peers_online INTEGER
 );
 CREATE TABLE IF NOT EXISTS contributions (
     id TEXT PRIMARY KEY, round INTEGER NOT NULL, peer TEXT NOT NULL, received_at REAL NOT NULL,
@@ -151,8 +156,8 @@ REBUILD_TOTALS = "".join(_rebuild(t, cols) for t, cols in _TOTALS.items())
 
 
 def migrate(conn: sqlite3.Connection, path: str) -> None:
-    """Bring the file to SCHEMA_VERSION: create what is missing and, for a version-1 file, compute the
-    totals from its contributions (once, in one transaction)."""
+    """Bring the file to SCHEMA_VERSION in one transaction: create what is missing, compute a version-1
+    file's totals from its contributions, add the columns later versions gave existing tables."""
     version = _version(conn)
     if version is not None and version > SCHEMA_VERSION:
         raise ConfigError(
@@ -163,8 +168,8 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
     try:
         for statement in _statements(TABLES + TRIGGERS + (REBUILD_TOTALS if version == 1 else "")):
             conn.execute(statement)
-        if "name" not in {row[1] for row in conn.execute("PRAGMA table_info(peers)")}:
-            conn.execute("ALTER TABLE peers ADD COLUMN name TEXT")  # display names: nullable, no version bump
+        _add_column(conn, "peers", "name TEXT")  # display names: nullable, no version bump
+        _add_column(conn, "rounds", "peers_online INTEGER")  # version 3
         conn.execute(
             "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
@@ -172,6 +177,12 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _add_column(conn: sqlite3.Connection, table: str, column: str) -> None:
+    """Add `column` ("name TYPE") to an existing `table` that lacks it (a file from an older version)."""
+    if column.split()[0] not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
 
 def _version(conn: sqlite3.Connection) -> int | None:

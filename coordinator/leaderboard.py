@@ -8,7 +8,8 @@ never the authority's lock); each answer is one read transaction.
                   display name and tokens/s; `query` finds a row by key prefix or name
     progress      the open round (contributions pooled against the quorum, deadline), tokens/s, the run's
                   target (rounds.target_tokens or target_rounds) with an ETA at the recent pace, and per
-                  round: opened/sealed times, peers that contributed, accepted tokens, validation loss
+                  round: opened/sealed times, peers that contributed, peers online at the seal, accepted
+                  tokens, validation loss
 
 Rates are measured over the last RATE_ROUNDS sealed rounds: the accepted tokens of contributions made for
 them divided by the seconds from the first one's opening to the last one's seal, so the peers' rates add
@@ -21,8 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from coordinator.history import HistoryReader
-from coordinator.liveness import ONLINE_WINDOW_S
+from coordinator.history import ONLINE_WINDOW_S, HistoryReader
 from nord.checks import fingerprint
 
 RATE_ROUNDS = 10  # sealed rounds a tokens/s figure covers
@@ -126,6 +126,7 @@ class Leaderboard:
                 "opened_at": r["opened_at"],
                 "sealed_at": r["sealed_at"],
                 "contributors": contributors.get(r["round"], 0),
+                "peers_online": r["peers_online"],
                 "accepted": r["accepted"],
                 "tokens": r["tokens"],
                 "val_loss": losses.get(r["round"], {}).get("val_loss"),

@@ -1,4 +1,4 @@
-"""Who is online: a peer is online while it was heard from within `ONLINE_WINDOW_S` (60 s).
+"""Who is online: a peer is online while it was heard from within ONLINE_WINDOW_S (60 s, in history.py).
 
 Heard from means one of:
 
@@ -10,6 +10,7 @@ Heard from means one of:
 and its row's `last_seen` is the latest of those times. Holding a peer's contributions is not hearing from
 it. So a peer that stops is shown offline at most ONLINE_WINDOW_S after its last request or contribution,
 and at most ONLINE_WINDOW_S + PEER_TTL_S + 20 s after its last heartbeat (its record outlives it in the DHT).
+Each seal records how many peers were online then (History.seal_round), from the times written here.
 
 Requests and presence records name the libp2p peer id, the history names the signing key: a presence record
 that carries its `key` links the two (a peer that announces no key is heard only through contributions).
@@ -22,13 +23,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from coordinator.history import History
+from coordinator.history import ONLINE_WINDOW_S, History
 from nord.checks import is_display_name, is_hex_key
 from nord.errors import TransportError
 
 log = logging.getLogger(__name__)
 
-ONLINE_WINDOW_S = 60.0  # a peer heard from this recently is online
 MAX_DEVICE_CHARS = 64
 
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from coordinator.history import HistoryReader
-from coordinator.liveness import ONLINE_WINDOW_S
+from coordinator.history import ONLINE_WINDOW_S, HistoryReader
 from nord.checks import MAX_REASON_CHARS, fingerprint, is_hex64, is_reason
 
 MAX_ROUND = 10**9 - 1  # rounds the API names: at most 9 decimal digits
@@ -120,13 +119,14 @@ class RunService:
         return self.history.rounds(before=before, limit=limit)
 
     def metrics(self, before: int | None, limit: int) -> list[dict[str, Any]]:
-        """Per sealed round: validation loss and perplexity, firing rate per layer, bytes, contributions."""
+        """Per sealed round: validation loss and perplexity, firing rate per layer, bytes, contributions,
+        peers online at the seal."""
         with self.history.snapshot() as h:
             rounds = h.rounds(before=before, limit=limit, sealed_only=True)
             if not rounds:
                 return []
             by_round = h.metrics(first=rounds[0]["round"], last=rounds[-1]["round"])
-        keep = ("round", "bytes", "accepted", "rejected", "tokens")
+        keep = ("round", "bytes", "accepted", "rejected", "tokens", "peers_online")
         return [{**{k: r[k] for k in keep}, **by_round.get(r["round"], {})} for r in rounds]
 
     def revocations(self, limit: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 
-from coordinator.liveness import ONLINE_WINDOW_S
+from coordinator.history import ONLINE_WINDOW_S
 from coordinator.routes import service
 from coordinator.service import PAGE_MAX, RunService
 

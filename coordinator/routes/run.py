@@ -47,7 +47,9 @@ def get_peers(svc: Service, limit: Limit = PAGE_MAX) -> JSONResponse:
 def get_rounds(
     request: Request, svc: Service, before: Before = None, limit: Limit = PAGE_DEFAULT
 ) -> JSONResponse:
-    """Rounds with their contribution counters (accepted, rejected, pending, bytes, tokens)."""
+    """Rounds with their contribution counters (accepted, rejected, pending, bytes, tokens) and
+    `peers_online`: peers heard from within `online_window_s` when the round was sealed (null while open,
+    and for rounds sealed before the history recorded it)."""
     return _paged(request, svc.rounds(before, limit), limit)
 
 
@@ -55,7 +57,8 @@ def get_rounds(
 def get_metrics(
     request: Request, svc: Service, before: Before = None, limit: Limit = PAGE_MAX
 ) -> JSONResponse:
-    """Per sealed round: validation loss, perplexity, firing rate per layer, bytes, contributions."""
+    """Per sealed round: validation loss, perplexity, firing rate per layer, bytes, contributions, and
+    `peers_online` at the seal (peers heard from within `online_window_s`; null before it was recorded)."""
     return _paged(request, svc.metrics(before, limit), limit)
 
 

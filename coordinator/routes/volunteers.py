@@ -66,5 +66,7 @@ def get_progress(
     ] = PROGRESS_ROUNDS,
 ) -> dict[str, Any]:
     """The open round (pooled contributions against the quorum, deadline), tokens/s, the run's target
-    with an ETA, and per round: opened/sealed times, peers that contributed, accepted tokens, loss."""
+    with an ETA, and per round: opened/sealed times, peers that contributed, `peers_online` when it was
+    sealed (heard from within `online_window_s`; null while open or before it was recorded), accepted
+    tokens, loss."""
     return _board(svc).progress(svc.ctx.run_config["rounds"], rounds=rounds)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 
-from conftest import PEERS, seed_history
+from conftest import PEERS, T0, seed_history
 
-from coordinator.history import History
+from coordinator.history import ONLINE_WINDOW_S, History
+from coordinator.history_schema import SCHEMA_VERSION
 
 
 def test_history_survives_reopen_with_every_round_and_checkpoint(tmp_path):
@@ -165,8 +166,43 @@ def test_a_version_1_history_is_migrated_with_its_counters(tmp_path):
     history.mark_sealed(["d"], 1)  # later writes keep the migrated counters current
     assert history.round(1)["accepted"] == 2 and history.tokens_seen() == 30
     history.close()
-    version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key = 'schema_version'")
-    assert version.fetchone()[0] == "2"
+    assert _schema_version(path) == SCHEMA_VERSION
+
+
+def _schema_version(path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_a_version_2_history_gains_the_online_count_of_each_seal(tmp_path):
+    """Version 2 is version 3 without rounds.peers_online: its rounds keep their counters and show no
+    online count (none was recorded), and the next seal records one."""
+    path = tmp_path / "history.sqlite"
+    history = History.open(path)
+    seed_history(history, tmp_path)
+    counters = [{k: r[k] for k in ("round", "accepted", "rejected", "tokens")} for r in history.rounds()]
+    history.close()
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "ALTER TABLE rounds DROP COLUMN peers_online; "
+        "UPDATE meta SET value = '2' WHERE key = 'schema_version';"
+    )
+    conn.close()
+
+    history = History.open(path)
+    assert _schema_version(path) == SCHEMA_VERSION == 3
+    rounds = history.rounds()
+    assert [{k: r[k] for k in ("round", "accepted", "rejected", "tokens")} for r in rounds] == counters
+    assert {r["peers_online"] for r in rounds} == {None}
+    seal_at = T0 + 60 * 8 + 40
+    history.touch_peer(PEERS[0], at=seal_at - ONLINE_WINDOW_S)  # heard just within the window
+    history.touch_peer(PEERS[1], at=seal_at - ONLINE_WINDOW_S - 0.5)  # just outside it
+    history.seal_round(8, weights_hash="ab" * 32, reason="deadline", metrics={}, at=seal_at)
+    assert history.round(8)["peers_online"] == 1 and history.round(7)["peers_online"] is None
+    history.close()
 
 
 def _plans(history: History, calls) -> dict[str, list[str]]:

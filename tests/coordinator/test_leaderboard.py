@@ -112,6 +112,36 @@ def test_progress_reports_open_round_rates_and_contributors_per_round(client):
     assert client.get("/api/progress?round=1").status_code == 400
 
 
+def test_each_seal_records_the_peers_online_then_contributing_or_not(seeded):
+    """A peer heard from (its presence record) but sending nothing counts online in the seal's sample;
+    a peer last heard more than the window before the seal does not."""
+    history, ckpt = seeded
+    seal_at = NOW + 30
+    lurker = "ee" * 32  # heard from, never contributes
+    history.touch_peer(lurker, mode="client", device="cpu", at=seal_at - 50)
+    history.record_contribution("ab" * 32, round=ROUNDS, peer=PEERS[0], nbytes=1, tokens=1, at=seal_at - 5)
+    history.mark_sealed(["ab" * 32], ROUNDS)
+    history.seal_round(ROUNDS, weights_hash="cd" * 32, reason="deadline", metrics={}, at=seal_at)
+    history.open_round(ROUNDS + 1, base_hash="cd" * 32, at=seal_at)
+    reader = HistoryReader(history.path)
+    app = create_app(
+        ApiContext(history=reader, run_config=RUN_CONFIG, checkpoint_dir=ckpt, model={}, clock=lambda: NOW)
+    )
+    with TestClient(app) as c:
+        progress = c.get("/api/progress").json()["rounds"]
+        rounds = c.get("/api/rounds").json()
+        metrics = c.get("/api/metrics").json()
+    reader.close()
+    # PEERS[1..3] last contributed in round 7, more than 60 s before this seal: offline at it
+    assert [(r["round"], r["contributors"], r["peers_online"]) for r in progress[-3:]] == [
+        (ROUNDS - 1, 4, 4),
+        (ROUNDS, 1, 2),
+        (ROUNDS + 1, 0, None),
+    ]
+    assert [r["peers_online"] for r in rounds] == [4] * ROUNDS + [2, None]
+    assert [m["peers_online"] for m in metrics] == [4] * ROUNDS + [2]
+
+
 @pytest.mark.parametrize(
     "target, unit, goal",
     [
