@@ -98,7 +98,8 @@ def fill(path: Path, rounds: int, per_round: int, seed: int = 0) -> None:
         )
         conn.executemany("INSERT INTO revocations VALUES (?, ?, ?, ?, ?, ?)", revoked)
         conn.execute(
-            "INSERT INTO rounds VALUES (?, ?, ?, 'quorum', ?, ?)",
+            "INSERT INTO rounds(round, opened_at, sealed_at, seal_reason, weights_hash, base_hash) "
+            "VALUES (?, ?, ?, 'quorum', ?, ?)",
             (r, t, t + ROUND_S - 1, _hex("w", r + 1), _hex("w", r)),
         )
         loss = 7.0 * math.exp(-r / max(rounds / 4, 1)) + 2.5
