@@ -138,8 +138,9 @@ function emptyChart(container, message) {
   container.appendChild(s);
 }
 
-// series: [{name, color, points: [[x, y, round], ...]}]; the text alternative names each series' latest value.
-// `counts`: whole numbers from 0 (peers), so the axis never shows 3.6 … 4.4 for a steady 4.
+// series: [{name, color, points: [[x, y, round], ...], area}]; the text alternative names each series' latest
+// value. `area` (per series, else the option) shades under the line. `counts`: whole numbers from 0 (peers),
+// so the axis never shows 3.6 … 4.4 for a steady 4.
 function lineChart(container, series, { fmtY = fmtNum, yTitle, what, axisOf, area = false, counts = false }) {
   const pts = series.flatMap((s) => s.points);
   if (!pts.length) return emptyChart(container, `${what}: waiting for the first sealed round`);
@@ -156,7 +157,7 @@ function lineChart(container, series, { fmtY = fmtNum, yTitle, what, axisOf, are
   for (const s of series) {
     if (!s.points.length) continue;
     const d = s.points.map((p, i) => `${i ? "L" : "M"}${f.sx(p[0]).toFixed(1)},${f.sy(p[1]).toFixed(1)}`).join("");
-    if (area && s.points.length > 1) {
+    if ((s.area ?? area) && s.points.length > 1) {
       const base = f.sy(yTicks[0]);
       const a = `${d}L${f.sx(s.points[s.points.length - 1][0]).toFixed(1)},${base}L${f.sx(s.points[0][0]).toFixed(1)},${base}Z`;
       f.root.appendChild(svg("path", { d: a, class: "area", fill: s.color }));
@@ -392,6 +393,16 @@ function renderRevocations(data) {
   $("bans").textContent = bans.length ? "Banned: " + bans.map((b) => `${b.peer.slice(0, 20)} (${b.reason})`).join(", ") : "";
 }
 
+function legend(container, series) {
+  container.replaceChildren(...series.map((s) => {
+    const span = el("span");
+    const sw = el("i");
+    sw.style.background = s.color;
+    span.append(sw, document.createTextNode(s.name));
+    return span;
+  }));
+}
+
 function renderCharts(metrics, progress) {
   const sealedAt = new Map(progress.rounds.filter((r) => r.sealed_at != null).map((r) => [r.round, r.sealed_at]));
   const byTime = xMode === "time";
@@ -407,22 +418,24 @@ function renderCharts(metrics, progress) {
   $("h-loss").textContent = loss.length ? `latest ${fmtNum(loss[loss.length - 1][1])} nats/token` : "";
   $("h-ppl").textContent = ppl.length ? `latest ${fmtNum(ppl[ppl.length - 1][1])}` : "";
 
-  const contributing = progress.rounds.filter((r) => r.sealed_at != null)
-    .map((r) => [byTime ? r.sealed_at : r.round, r.contributors, r.round]);
-  lineChart($("chart-online"), [{ name: "peers contributing", color: css("--ok"), points: contributing }],
-    { fmtY: (v) => fmtInt(v), yTitle: "peers", what: "Peers that sent a contribution per round", axisOf, counts: true });
+  // both sampled at each seal: peers heard from within the online window then, and peers that contributed
+  const atSeals = (key) => progress.rounds.filter((r) => r.sealed_at != null && r[key] != null)
+    .map((r) => [byTime ? r.sealed_at : r.round, r[key], r.round]);
+  const peerSeries = [
+    { name: "peers online", color: css("--accent"), points: atSeals("peers_online"), area: true },
+    { name: "peers contributing", color: css("--ok"), points: atSeals("contributors") },
+  ];
+  lineChart($("chart-online"), peerSeries, {
+    fmtY: (v) => fmtInt(v), yTitle: "peers", axisOf, counts: true,
+    what: `Peers online (heard from within ${progress.online_window_s} s) and peers that sent a contribution, at each seal`,
+  });
+  legend($("legend-online"), peerSeries);
   $("h-online").textContent = `${fmtInt(progress.peers_online)} online now`;
 
   const layers = [...new Set(metrics.flatMap((m) => Object.keys(m).filter((k) => k.startsWith("firing_rate/"))))].sort();
   const rateSeries = layers.map((k, i) => ({ name: k.slice("firing_rate/".length), color: PALETTE[i % PALETTE.length], points: series(k) }));
   lineChart($("chart-rates"), rateSeries, { fmtY: fmtPct, yTitle: "firing rate", what: "Firing rate per layer", axisOf });
-  $("legend-rates").replaceChildren(...rateSeries.map((s) => {
-    const span = el("span");
-    const sw = el("i");
-    sw.style.background = s.color;
-    span.append(sw, document.createTextNode(s.name));
-    return span;
-  }));
+  legend($("legend-rates"), rateSeries);
 
   barChart($("chart-bytes"), metrics, [{ key: "bytes", name: "bytes", color: css("--accent") }],
     { fmtY: fmtBytes, yTitle: "bytes received", what: "Bytes per round" });

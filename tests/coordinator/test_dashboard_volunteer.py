@@ -177,7 +177,12 @@ def test_progress_charts_and_accessibility(browser, dashboard, tmp_path):
     loss = page.get_attribute("#chart-loss svg", "aria-label")
     last_loss = dashboard.get("/api/metrics")[-1]["val_loss"]
     assert f"latest: validation loss {last_loss:.2f} at round {ROUNDS - 1}" in loss
-    assert "Peers that sent a contribution per round" in page.get_attribute("#chart-online svg", "aria-label")
+    # peers online (heard within 60 s) beside peers contributing, both sampled at each seal
+    for series in ("peers online", "peers contributing"):  # flat lines here: drawn, with no height
+        assert page.locator(f"#chart-online path.line[data-series='{series}']").count() == 1
+    latest = f"latest: peers online 4 at round {ROUNDS - 1}; peers contributing 4 at round {ROUNDS - 1}"
+    assert latest in page.get_attribute("#chart-online svg", "aria-label")
+    assert page.inner_text("#legend-online").split() == ["peers", "online", "peers", "contributing"]
     assert page.text_content("#chart-loss .axis .title >> nth=0") == "time (local)"
     page.click("button[data-x=round]")
     page.wait_for_function("document.querySelector('#chart-loss .axis .title').textContent === 'round'")
@@ -195,8 +200,10 @@ def test_progress_charts_and_accessibility(browser, dashboard, tmp_path):
     page.click("button[data-x=time]")
     page.evaluate("scrollTo(0, 0)")
     screenshot(page, "dashboard.png", tmp_path, full_page=True)
-    # a sealed round is announced to screen readers
+    # a sealed round is announced to screen readers; PEERS[2], heard from but not contributing, counts
+    # online at the seal (PEERS[0] and PEERS[1] sent round 8's two contributions)
     history, now = dashboard.history, dashboard.clock()
+    history.touch_peer(PEERS[2], at=now)
     history.seal_round(ROUNDS, weights_hash="ab" * 32, reason="deadline", metrics={"val_loss": 3.0}, at=now)
     history.open_round(ROUNDS + 1, base_hash="ab" * 32, at=now)
     page.wait_for_function(
@@ -204,6 +211,11 @@ def test_progress_charts_and_accessibility(browser, dashboard, tmp_path):
         timeout=60_000,
     )
     assert page.get_attribute("#round-announcer", "aria-live") == "polite"
+    sealed = f"peers online 3 at round {ROUNDS}; peers contributing 2 at round {ROUNDS}"
+    page.wait_for_function(
+        f"document.querySelector('#chart-online svg').getAttribute('aria-label').includes('{sealed}')",
+        timeout=60_000,
+    )
     assert page.errors == []
 
 
