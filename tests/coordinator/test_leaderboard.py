@@ -131,7 +131,10 @@ def test_each_seal_records_the_peers_online_then_contributing_or_not(seeded):
         progress = c.get("/api/progress").json()["rounds"]
         rounds = c.get("/api/rounds").json()
         metrics = c.get("/api/metrics").json()
+        documented = c.get("/api/openapi.json").json()["paths"]
     reader.close()
+    for path in ("/api/rounds", "/api/metrics", "/api/progress"):
+        assert "`peers_online`" in documented[path]["get"]["description"], path
     # PEERS[1..3] last contributed in round 7, more than 60 s before this seal: offline at it
     assert [(r["round"], r["contributors"], r["peers_online"]) for r in progress[-3:]] == [
         (ROUNDS - 1, 4, 4),
