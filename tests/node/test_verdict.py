@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.worker import contribution_verdict
+from node.report import contribution_verdict
 
 MINE, OTHER = "a" * 64, "b" * 64
 
