@@ -160,7 +160,7 @@ def test_stopping_the_demo_spares_processes_it_did_not_start_even_if_they_name_i
         )
         wait_for(lambda: b"--data-dir" in Path(f"/proc/{by_hand.pid}/cmdline").read_bytes(), 30, "exec")
 
-        assert shut_down(cfg, dict(os.environ), None, [worker]) is None
+        assert shut_down(cfg, dict(os.environ), None, [worker], None) is None
 
         assert worker.proc.returncode is not None
         assert untouched(tail) and untouched(by_hand)
@@ -241,8 +241,10 @@ def test_demo_runs_a_round_and_leaves_a_checkpoint_nord_generate_loads(tmp_path,
         demo.assert_nothing_left()
     assert "round   0 sealed (1 of 1) | val loss" in text  # how far toward --rounds
 
-    # the pull, checked against the seal (a second round may have sealed before it)
+    # the pull, checked against the seal (a second round may have sealed before it), requires the authority
+    # the banner printed: nothing is trusted on first use
     assert re.search(r"weights sealed in round (\d+) \(the base of round \d+\)", text)
+    assert "on first use" not in text and "--authority " in text
     (command,) = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("nord generate ")]
     argv = shlex.split(command)
     assert "--tokenizer" not in argv  # the pull saved the run's tokenizer beside the checkpoint

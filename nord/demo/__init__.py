@@ -4,8 +4,9 @@ The demo prepares the default corpus (cached), writes a small run config, then s
 `nord-coordinator serve` and N `nord-node join` workers (the last one in client mode, as a peer behind
 NAT would be) as subprocesses on 127.0.0.1. It prints the dashboard URL and the join command another
 machine would use, one status line per sealed round, and at the end pulls the merged checkpoint over
-HTTP, exactly as a user would (weights checked against the authority's seal, the tokenizer saved beside
-them), and prints the `nord generate` command that loads it.
+HTTP, exactly as a user would (weights checked against the authority's seal, the authority pinned to the
+fingerprint the banner printed, the tokenizer saved beside them), and prints the `nord generate` command
+that loads it.
 
 Every child runs in its own process group (session), so Ctrl-C in the terminal reaches only the demo,
 which then stops the children it started, by process group: SIGTERM to each group, SIGKILL to what is
@@ -260,13 +261,16 @@ def print_banner(cfg: DemoConfig, summary: dict) -> None:
         )
 
 
-def pull_checkpoint(cfg: DemoConfig, env: dict[str, str]) -> Path | None:
-    """Download the latest sealed weights from the coordinator as a user would (`nord-node pull`)."""
+def pull_checkpoint(cfg: DemoConfig, env: dict[str, str], authority: str | None) -> Path | None:
+    """Download the latest sealed weights from the coordinator as a user would (`nord-node pull`), requiring
+    `authority` (hex, the key the coordinator announced at start) rather than trusting it on first use."""
     summary = get_json(f"{cfg.dashboard_url}/api/summary")
     if not summary or summary.get("sealed_rounds", 0) < 1:
         return None
     out = cfg.state_dir / "checkpoint.safetensors"
     argv = [sys.executable, "-m", "node", "pull", "--from", cfg.dashboard_url, "--out", str(out)]
+    if authority:
+        argv += ["--authority", fingerprint(authority)]
     try:
         done = subprocess.run(
             argv, env=env, capture_output=True, text=True, timeout=120, preexec_fn=die_with_parent()
@@ -296,13 +300,17 @@ def worker_argv(cfg: DemoConfig, index: int, bootstrap: list[str]) -> list[str]:
 
 
 def shut_down(
-    cfg: DemoConfig, env: dict[str, str], coordinator: Child | None, workers: list[Child]
+    cfg: DemoConfig,
+    env: dict[str, str],
+    coordinator: Child | None,
+    workers: list[Child],
+    authority: str | None,
 ) -> Path | None:
-    """Pull the merged checkpoint while the coordinator still serves it, then stop every child at once.
-    Returns the checkpoint (None if no round was sealed)."""
+    """Pull the merged checkpoint while the coordinator still serves it (signed by `authority`), then stop
+    every child at once. Returns the checkpoint (None if no round was sealed)."""
     checkpoint = None
     if coordinator is not None and coordinator.proc.poll() is None:
-        checkpoint = pull_checkpoint(cfg, env)
+        checkpoint = pull_checkpoint(cfg, env, authority)
     started = time.monotonic()
     stop_children([*workers, *([coordinator] if coordinator else [])])
     log.info("stopped %d process group(s) in %.1f s", len(workers) + 1, time.monotonic() - started)
@@ -361,10 +369,12 @@ def run_demo(cfg: DemoConfig) -> int:
     coordinator: Child | None = None
     workers: list[Child] = []
     checkpoint: Path | None = None
+    authority: str | None = None  # the coordinator's key as it announced it at start: the pull requires it
     interrupted = False
     try:
         coordinator = spawn("coordinator", serve_argv(cfg, run_json), cfg.state_dir / "coordinator.log", env)
         summary = wait_until_ready(coordinator, cfg.dashboard_url, cfg.ready_timeout_s)
+        authority = summary.get("authority")
         print_banner(cfg, summary)
         for i in range(cfg.workers):
             workers.append(
@@ -381,7 +391,7 @@ def run_demo(cfg: DemoConfig) -> int:
         print("\ninterrupted: stopping the workers and the coordinator…", file=sys.stderr)
     finally:
         with signals_ignored_while_stopping():
-            checkpoint = shut_down(cfg, env, coordinator, workers)
+            checkpoint = shut_down(cfg, env, coordinator, workers, authority)
     if checkpoint is None:
         print(f"no round was sealed yet, so there is no checkpoint; logs are in {cfg.state_dir}")
     else:
