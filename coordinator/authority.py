@@ -13,10 +13,10 @@ One `step()` (called a few times a second by the server):
 
 Locking. `lock` is the gossip lock: every peer's request handler needs it to read or change the replica.
 The authority holds it only to copy a consistent view of the replica (its pool, a clone of the sealed
-weights) and to apply a change to it (a seal, a removal, a compaction); scoring, evaluation, checkpoint
-writes and history bookkeeping run outside it. Seals and removals are pushed to peers by a publisher
-thread, so a peer that takes a push and never answers delays only its own copy (anti-entropy repairs it),
-never the next round.
+weights) and to apply a change to it (a seal, a removal, a compaction's commit); scoring, evaluation,
+checkpoint writes, history bookkeeping and compaction's folding and writing run outside it. Seals and
+removals are pushed to peers by a publisher thread, so a peer that takes a push and never answers
+delays only its own copy (anti-entropy repairs it), never the next round.
 
 Crash safety: the replica's log is the truth for contributions, removals and seals; the history catches
 up from it on the next step (a seal on the replica's chain that the history lacks is recorded then), so a
@@ -259,8 +259,7 @@ class Authority:
             weights = self.replica.weights(include_open_round=False)
         self._record_seal(seal, weights, reason=reason)
         self.publisher.put(self.publish_seal, seal)
-        with self.lock:
-            self.replica.compact(keep_rounds=COMPACT_KEEP_ROUNDS)
+        self.replica.compact(keep_rounds=COMPACT_KEEP_ROUNDS, lock=self.lock)  # the lock only to copy, commit
         log.info(
             "sealed round %d (%s): %d contribution(s), weights %s",
             seal.round,

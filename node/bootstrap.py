@@ -164,7 +164,7 @@ def seal_open_round(
         seal = replica.seal(identity)
         held = dict(replica.contributions())
         authors = sorted(held[c].peer_key.hex() for c in seal.contribution_ids if c in held)
-        replica.compact(keep_rounds=COMPACT_KEEP_ROUNDS)
+    replica.compact(keep_rounds=COMPACT_KEEP_ROUNDS, lock=lock)
     recent.append({"round": seal.round, "contributors": authors, "ids": list(seal.contribution_ids)})
     state.write_status(
         {"open_round": seal.round + 1, "sealed_weights_hash": seal.weights_hash, "seals": list(recent)}

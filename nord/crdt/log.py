@@ -9,7 +9,11 @@ A record is framed as  u32 length | u32 crc32(payload) | payload  (little-endian
 [kind, bytes]. `append` fsyncs before it returns, so anything a replica acknowledged survives kill -9.
 On reopen, a frame that is truncated or fails its checksum ends the log: it and everything after it is
 cut off (with a warning) and never used. Compaction writes generation g+1 beside g (snapshot, then
-log, then CURRENT); a crash at any step leaves CURRENT on a complete generation.
+log, then CURRENT); a crash at any step leaves CURRENT on a complete generation. It does so in two
+steps, so that the slow one runs while records are still appended to g: `stage` writes g+1's snapshot
+and log from a copy of the state; `finish_rewrite` appends to g+1 what g received since
+`begin_rewrite`, then makes g+1 current. Files of other generations (a crash before CURRENT moved) and
+temporary files are removed when the directory is loaded.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import msgpack
@@ -72,6 +76,7 @@ class Store:
         self.directory = Path(directory)
         self.generation = -1
         self._file = None
+        self._since: list[tuple[str, bytes]] | None = None  # appended since begin_rewrite
 
     @property
     def exists(self) -> bool:
@@ -92,18 +97,66 @@ class Store:
         self, base: Mapping[str, torch.Tensor], meta: Mapping[str, object], records: list[tuple[str, bytes]]
     ) -> None:
         """Start generation g+1 with this snapshot and these records; then drop generation g."""
-        old, new = self.generation, self.generation + 1
+        self.begin_rewrite()
+        self.stage(base, meta, records)
+        self.finish_rewrite()
+
+    def begin_rewrite(self) -> None:
+        """Keep a copy of every record appended from now on, for `finish_rewrite`."""
+        if self._since is not None:
+            raise MergeError(f"{self.directory}: a rewrite is already in progress")
+        self._since = []
+
+    def stage(
+        self,
+        base: Mapping[str, torch.Tensor],
+        meta: Mapping[str, object],
+        records: Iterable[tuple[str, bytes]],
+    ) -> None:
+        """Write generation g+1 (snapshot, log; fsynced) beside g, which stays current. Thread-safe
+        against `append` (another file)."""
+        new = self.generation + 1
         save_checkpoint(self._snapshot(new), base, dict(meta))
-        with atomic_path(self._log(new)) as tmp:
-            tmp.write_bytes(b"".join(frame(kind, data) for kind, data in records))
-        current = {"format_version": FORMAT_VERSION, "generation": new}
-        atomic_write_bytes(self.directory / "CURRENT", json.dumps(current).encode())
+        with atomic_path(self._log(new)) as tmp, open(tmp, "wb") as f:
+            for kind, data in records:
+                f.write(frame(kind, data))
+
+    def finish_rewrite(self) -> None:
+        """Append to the staged generation what was appended since `begin_rewrite`, make it current and
+        drop the old one. On an error the old generation stays current and the staged one is removed."""
+        old, new = self.generation, self.generation + 1
+        since, self._since = self._since or [], None
+        try:
+            if since:
+                with open(self._log(new), "ab") as f:
+                    f.write(b"".join(frame(kind, data) for kind, data in since))
+                    f.flush()
+                    os.fsync(f.fileno())
+            current = {"format_version": FORMAT_VERSION, "generation": new}
+            atomic_write_bytes(self.directory / "CURRENT", json.dumps(current).encode())
+        except BaseException:
+            self.abandon_rewrite()
+            raise
         self.close()
         self.generation = new
         if old >= 0:
             self._snapshot(old).unlink(missing_ok=True)
             self._log(old).unlink(missing_ok=True)
             fsync_dir(self.directory)
+
+    def abandon_rewrite(self) -> None:
+        """Forget a staged generation (the current one is untouched)."""
+        self._since = None
+        self._snapshot(self.generation + 1).unlink(missing_ok=True)
+        self._log(self.generation + 1).unlink(missing_ok=True)
+
+    def _remove_leftovers(self) -> None:
+        """Files of other generations and temporary files: what a crash mid-compaction leaves."""
+        keep = {"CURRENT", self._snapshot(self.generation).name, self._log(self.generation).name}
+        for path in self.directory.iterdir():
+            if path.name not in keep and path.name.lstrip(".").startswith(("snapshot-", "log-", "CURRENT.")):
+                log.info("%s: removing %s, left by an unfinished compaction", self.directory, path.name)
+                path.unlink(missing_ok=True)
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, str], list[tuple[str, bytes]]]:
         """(snapshot tensors, snapshot metadata, valid log records); cuts a corrupt log tail."""
@@ -131,6 +184,7 @@ class Store:
                 f.truncate(valid)
                 os.fsync(f.fileno())
         self.generation = generation
+        self._remove_leftovers()
         return tensors, meta, records
 
     def append(self, kind: str, data: bytes) -> None:
@@ -145,6 +199,8 @@ class Store:
         except OSError:
             self._file.truncate(start)  # never leave a torn record in front of later ones
             raise
+        if self._since is not None:
+            self._since.append((kind, data))
 
     def close(self) -> None:
         if self._file is not None:

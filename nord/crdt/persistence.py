@@ -8,22 +8,29 @@ weights are exactly those before compaction.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nord.checkpoint import save_checkpoint
+from nord.crdt.compaction import Compaction, CompactionView, Window, trimmed_window
 from nord.crdt.config import MergeConfig
 from nord.crdt.log import Store
 from nord.crdt.messages import Removal, Seal, window_hash
-from nord.crdt.orset import ContributionSet, Dot
+from nord.crdt.orset import ContributionSet
 from nord.errors import CodecError, MergeError
 
 log = logging.getLogger(__name__)
+
+
+def _contribution_id(envelope: Any) -> str:
+    return envelope.contribution_id
 
 
 class Persistence:
@@ -33,12 +40,12 @@ class Persistence:
         if self._store is not None:
             self._store.append(kind, data)
 
-    def _window(self, rnd: int) -> tuple[dict[str, int], set[Dot], dict[int, str]]:
+    def _window(self, rnd: int) -> Window:
         """What a base at round `rnd` must remember: ids and dots folded before it, and base hashes,
         for the rounds a contribution could still claim (>= rnd - max_staleness)."""
-        return self._trimmed_window(rnd, *self._folded_before(rnd))
+        return trimmed_window(rnd, *self._folded_before(rnd), self.merge.max_staleness, self._hash_at)
 
-    def _window_after(self, rnd: int, ids: Sequence[str]) -> tuple[dict[str, int], set[Dot], dict[int, str]]:
+    def _window_after(self, rnd: int, ids: Sequence[str]) -> Window:
         """The window of a base at round `rnd` + 1 once round `rnd` (on this chain) folds `ids`: what its
         seal's `window_hash` covers."""
         folded, dots = self._folded_before(rnd)
@@ -46,85 +53,133 @@ class Persistence:
             dot = ContributionSet.dot(self._set.envelopes[cid])
             folded[cid] = dot[1]
             dots.add(dot)
-        return self._trimmed_window(rnd + 1, folded, dots)
+        return trimmed_window(rnd + 1, folded, dots, self.merge.max_staleness, self._hash_at)
 
-    def _trimmed_window(
-        self, rnd: int, ids: dict[str, int], dots: set[Dot]
-    ) -> tuple[dict[str, int], set[Dot], dict[int, str]]:
-        oldest = rnd - self.merge.max_staleness
-        folded = {c: q for c, q in ids.items() if q >= oldest}
-        dots = {d for d in dots if d[1] >= oldest}
-        hashes = {q: h for q in range(oldest, rnd) if (h := self._hash_at(q)) is not None}
-        return folded, dots, hashes
-
-    def compact(self, keep_rounds: int = 0) -> None:
+    def compact(self, keep_rounds: int = 0, *, lock: AbstractContextManager | None = None) -> bool:
         """Fold sealed rounds into the base snapshot and drop their payloads (those rounds become final).
 
         Args:
             keep_rounds: the most recent sealed rounds to keep unfolded, so that a competing seal for
                 them can still win (module docstring of nord.crdt.replica). Weights are unchanged.
+            lock: the lock that guards this replica, held only to copy the view and to commit
+                (nord.crdt.compaction); the folding and writing run outside it. Without one, the
+                caller serialises access.
+        Returns:
+            False if a better seal for a folded round won meanwhile (nothing changed; compact later).
         """
+        guard = lock if lock is not None else contextlib.nullcontext()
+        with guard:
+            job = self.begin_compaction(keep_rounds)
+        try:
+            job.prepare()
+        except BaseException:
+            with guard:
+                self.abandon_compaction(job)
+            raise
+        with guard:
+            return self.finish_compaction(job)
+
+    def begin_compaction(self, keep_rounds: int = 0) -> Compaction:
+        """Phase 1 of `compact` (under the lock): copy what it reads and start tracking the log."""
         if keep_rounds < 0:
             raise MergeError(f"keep_rounds must be >= 0, got {keep_rounds}")
+        if self._compaction is not None:
+            raise MergeError("a compaction of this replica is already in progress")
         cut = max(0, len(self._chain) - keep_rounds)
-        new_round, kept, tip = self._base_round + cut, self._chain[cut:], self._tip
-        base = self._weights_at(new_round)
-        folded, dots, hashes = self._window(new_round)
-        if cut:
-            self._base_seal = self._chain[cut - 1]
-        gone = [c for seal in self._chain[:cut] for c in seal.contribution_ids]
-        self._set.discard(gone)
-        self._seals = {r: s for r, s in self._seals.items() if r >= new_round}
-        self._verified = {s.seal_id for s in kept}
-        self._reset_base(base, new_round, folded=folded, folded_dots=dots, hashes=hashes)
-        self._chain, self._tip = kept, tip
-        self._rebuild_pool()
-        self._prune()
-        self._norms = {c: n for c, n in self._norms.items() if c in self._set.envelopes}
+        folded_seals = tuple(self._chain[:cut])
+        gone = {c for seal in folded_seals for c in seal.contribution_ids}
+        view = CompactionView(
+            base=self._base,
+            base_round=self._base_round,
+            base_hash=self._base_hash,
+            compacted=(dict(self._compacted_folded), set(self._compacted_dots), dict(self._compacted_hashes)),
+            folded_seals=folded_seals,
+            envelopes={c: self._set.envelopes[c] for c in gone},
+            norms={c: self._norms[c] for c in gone if c in self._norms},
+            tip=self._tip if cut == len(self._chain) else None,
+            records=tuple(self._records(self._base_round + cut, gone)),
+            staleness=self.merge.max_staleness,
+        )
+        self._compaction = Compaction(
+            view=view,
+            store=self._store,
+            new_accumulator=self._new_accumulator,
+            merge=self.merge,
+            snapshot_meta=self._snapshot_meta,
+        )
         if self._store is not None:
-            self._store.rewrite(self._base, self._snapshot_meta(), self._records())
+            self._store.begin_rewrite()
+        return self._compaction
 
-    def _records(self) -> list[tuple[str, bytes]]:
-        """The held state as log records, in an order that replays: round by round, seals then
-        contributions (a seal waits for its contributions, and lets a listed one into a full round), and
-        removals last."""
-        records: list[tuple[str, bytes]] = []
-        rounds = sorted({e.round for e in self._set.envelopes.values()} | set(self._seals))
-        for rnd in rounds:
-            held = sorted(
-                (e for e in self._set.envelopes.values() if e.round == rnd), key=lambda e: e.contribution_id
-            )
-            records += [
-                ("seal", s.to_bytes()) for s in sorted(self._seals.get(rnd, {}).values(), key=Seal.rank)
-            ]
-            records += [("add", e.to_bytes()) for e in held]
-        return records + [("remove", r.to_bytes()) for r in self.removals()]
+    def abandon_compaction(self, job: Compaction) -> None:
+        """Drop a compaction begun here (its staged files too); the replica is as it was."""
+        if self._compaction is job:
+            self._compaction = None
+            if self._store is not None:
+                self._store.abandon_rewrite()
+
+    def finish_compaction(self, job: Compaction) -> bool:
+        """Phase 3 of `compact` (under the lock): commit a prepared compaction if the chain still starts
+        with the seals it folded; else drop it and return False."""
+        if self._compaction is not job or not job.prepared:
+            raise MergeError("finish_compaction needs the prepared compaction begun on this replica")
+        view = job.view
+        cut = len(view.folded_seals)
+        if self._base_round != view.base_round or self._chain[:cut] != list(view.folded_seals):
+            log.info("compaction dropped: the chain changed below round %d meanwhile", view.new_round)
+            self.abandon_compaction(job)
+            return False
+        self._compaction = None
+        if self._store is not None:
+            self._store.finish_rewrite()
+        if cut:
+            self._base_seal = job.base_seal
+        folded, dots, hashes = job.window
+        self._base, self._base_round, self._base_hash = job.weights, view.new_round, job.weights_hash
+        self._compacted_folded, self._compacted_dots, self._compacted_hashes = folded, dots, hashes
+        self._chain = self._chain[cut:]
+        self._seals = {r: s for r, s in self._seals.items() if r >= view.new_round}
+        self._verified = {s.seal_id for s in self._chain}
+        self._forget_folded(set(view.envelopes))
+        return True
+
+    def _records(self, from_round: int, gone: set[str]) -> list[tuple[str, Any]]:
+        """The held state but `gone` contributions and seals before `from_round`, as (kind, message) log
+        records in an order that replays: round by round, seals then contributions (a seal waits for its
+        contributions, and lets a listed one into a full round), and removals last."""
+        records: list[tuple[str, Any]] = []
+        held = [e for c, e in self._set.envelopes.items() if c not in gone]
+        seals = {r: s for r, s in self._seals.items() if r >= from_round}
+        for rnd in sorted({e.round for e in held} | set(seals)):
+            records += [("seal", s) for s in sorted(seals.get(rnd, {}).values(), key=Seal.rank)]
+            records += [("add", e) for e in sorted((e for e in held if e.round == rnd), key=_contribution_id)]
+        return records + [("remove", r) for r in self.removals() if r.contribution_id not in gone]
+
+    def snapshot_view(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        """The sealed tip's weights and the window a new replica needs (cheap: call it under the lock,
+        then write it with `save_checkpoint` outside)."""
+        meta = self._snapshot_meta(self.round, self._window(self.round), self.tip_seal)
+        return self._tip, meta
 
     def save_snapshot(self, path: str | Path) -> str:
         """Write the sealed tip (weights + the window a new replica needs) for a lagging peer; its hash."""
-        folded, dots, hashes = self._window(self.round)
-        meta = self._snapshot_meta(self.round, folded, dots, hashes, self.tip_seal)
-        return save_checkpoint(path, self._tip, meta)
+        return save_checkpoint(path, *self.snapshot_view())
 
-    def _snapshot_meta(
-        self,
-        base_round: int | None = None,
-        folded: dict[str, int] | None = None,
-        dots: set[Dot] | None = None,
-        hashes: dict[int, str] | None = None,
-        seal: Seal | None = None,
-    ) -> dict[str, object]:
-        seal = self._base_seal if base_round is None else seal
+    def _snapshot_meta(self, base_round: int, window: Window, seal: Seal | None) -> dict[str, object]:
+        folded, dots, hashes = window
         return {
             "run_id": self.run_id,
             "seal": seal.to_bytes().hex() if seal is not None else "",
-            "base_round": self._base_round if base_round is None else base_round,
-            "folded": self._compacted_folded if folded is None else folded,
-            "folded_dots": sorted([p.hex(), r] for p, r in (self._compacted_dots if dots is None else dots)),
-            "round_hashes": {
-                str(k): v for k, v in (self._compacted_hashes if hashes is None else hashes).items()
-            },
+            "base_round": base_round,
+            "folded": folded,
+            "folded_dots": sorted([p.hex(), r] for p, r in dots),
+            "round_hashes": {str(k): v for k, v in hashes.items()},
         }
+
+    def _base_meta(self) -> dict[str, object]:
+        """Snapshot metadata of the current base."""
+        window = (self._compacted_folded, self._compacted_dots, self._compacted_hashes)
+        return self._snapshot_meta(self._base_round, window, self._base_seal)
 
     @classmethod
     def from_snapshot(
@@ -191,7 +246,7 @@ class Persistence:
         replica._reset_base(replica._base, base_round, folded=folded, folded_dots=dots, hashes=hashes)
         if log_dir is not None:
             store = Store(log_dir)
-            store.create(replica._base, replica._snapshot_meta())
+            store.create(replica._base, replica._base_meta())
             replica._store = store
         return replica
 

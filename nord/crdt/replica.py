@@ -39,13 +39,9 @@ from typing import Any
 import torch
 
 from nord.checkpoint import weights_hash
-from nord.crdt.accumulator import (
-    FixedPointAccumulator,
-    SparseFixedPointAccumulator,
-    contribution_norm,
-    median_scales,
-)
+from nord.crdt.accumulator import FixedPointAccumulator, SparseFixedPointAccumulator, contribution_norm
 from nord.crdt.antientropy import AntiEntropy
+from nord.crdt.compaction import Compaction, chain_hash_at, fold_envelopes, folded_by
 from nord.crdt.config import MergeConfig
 from nord.crdt.log import Store
 from nord.crdt.messages import Removal, Seal, window_hash
@@ -92,9 +88,10 @@ class Replica(AntiEntropy, Persistence):
         self._base_seal: Seal | None = None  # the seal whose weights are the base (None: the run's start)
         self._reset_base(self._checked_base(base), base_round, folded={}, folded_dots=set(), hashes={})
         self._store: Store | None = None
+        self._compaction: Compaction | None = None  # begun, not yet finished (nord.crdt.compaction)
         if log_dir is not None:
             store = Store(log_dir)
-            store.create(self._base, self._snapshot_meta())
+            store.create(self._base, self._base_meta())
             self._store = store
 
     # ----------------------------------------------------------------------------------------- state
@@ -149,22 +146,18 @@ class Replica(AntiEntropy, Persistence):
 
     def _hash_at(self, rnd: int) -> str | None:
         """Base hash of round `rnd` on this replica's chain (None if unknown)."""
-        if rnd < self._base_round:
-            return self._compacted_hashes.get(rnd)
-        i = rnd - self._base_round
-        if i > len(self._chain):
-            return None
-        return self._base_hash if i == 0 else self._chain[i - 1].weights_hash
+        return chain_hash_at(
+            rnd,
+            base_round=self._base_round,
+            base_hash=self._base_hash,
+            chain=self._chain,
+            compacted_hashes=self._compacted_hashes,
+        )
 
     def _folded_before(self, rnd: int) -> tuple[dict[str, int], set[Dot]]:
         """Contributions (id -> their round) and dots folded by compacted rounds and chain seals < `rnd`."""
-        ids, dots = dict(self._compacted_folded), set(self._compacted_dots)
-        for seal in self._chain[: max(0, rnd - self._base_round)]:
-            for cid in seal.contribution_ids:
-                dot = ContributionSet.dot(self._set.envelopes[cid])
-                ids[cid] = dot[1]
-                dots.add(dot)
-        return ids, dots
+        seals = self._chain[: max(0, rnd - self._base_round)]
+        return folded_by(seals, self._set.envelopes, dict(self._compacted_folded), set(self._compacted_dots))
 
     def _foldable(self, cid: str, rnd: int, folded: Mapping[str, int], dots: set[Dot]) -> bool:
         """Whether contribution `cid` may be folded into round `rnd` (liveness aside)."""
@@ -357,11 +350,8 @@ class Replica(AntiEntropy, Persistence):
         """prev + η·S/C over exactly `cids` (median-norm scales taken over this set)."""
         if not self.merge.median_norm_clip and set(cids) == self._pool and prev is self._tip:
             return self._acc.apply_update(prev)
-        scales = median_scales({c: self._norm(c) for c in cids}) if self.merge.median_norm_clip else {}
-        acc = self._new_accumulator()
-        for cid in sorted(cids):
-            acc.add(self._set.envelopes[cid].delta(), key=cid, scale=scales.get(cid, 1.0), checked=True)
-        return acc.apply_update(prev)
+        envelopes = {c: self._set.envelopes[c] for c in cids}
+        return fold_envelopes(prev, envelopes, self._new_accumulator(), self.merge, self._norm)
 
     def _norm(self, cid: str) -> float:
         if cid not in self._norms:
@@ -433,6 +423,18 @@ class Replica(AntiEntropy, Persistence):
             self._rebuild_pool()
             self._set.forget_removals_of(self._folded_ids)
             self._prune()
+
+    def _forget_folded(self, gone: set[str]) -> None:
+        """Drop the payloads of contributions that compaction folded into the base. The pool stays: they
+        were folded, so never pooled, and a dot mate that stops equivocating is still ineligible (its dot
+        stays in the window while it could be pooled); `_sync` confirms it for the mates."""
+        dots = {ContributionSet.dot(self._set.envelopes[cid]) for cid in gone}
+        mates = {c for dot in dots for c in self._set.dots.get(dot, ())}
+        self._set.discard(gone)
+        self._folded_ids, self._folded_dots = self._folded_before(self.round)
+        self._sync(mates, drop=frozenset(gone))
+        self._prune()
+        self._norms = {c: n for c, n in self._norms.items() if c in self._set.envelopes}
 
     def _prune(self) -> None:
         """Forget contributions that are too old to be folded ever again (not those folded on the chain)."""

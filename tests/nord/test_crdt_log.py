@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from crdt_support import AUTHORITY, PEERS, SPEC, envelope, fingerprint, make_replica
+from crdt_support import AUTHORITY, AUTHORITY_2, PEERS, SPEC, envelope, fingerprint, make_replica
 
 from nord.crdt import MergeConfig, Replica
 from nord.crdt.log import frame, read_log
@@ -115,6 +115,7 @@ while True:
     i += 1
     if i % 6 == 0:
         print("sealed", r.seal(AUTHORITY).round, flush=True)
+        r.compact(keep_rounds=1)  # a kill can land mid-compaction too
 """
 
 
@@ -230,3 +231,79 @@ def test_a_snapshot_must_match_its_authority_seal(tmp_path):
             authorities=KEYS,
             genesis_hash=None,
         )
+
+
+def sealed_twice(path: Path) -> Replica:
+    """A replica on disk with rounds 0 and 1 sealed and a contribution open in round 2."""
+    r = make_replica(authorities=[AUTHORITY.public_key, AUTHORITY_2.public_key], log_dir=path)
+    run_two_rounds(r)
+    r.seal(AUTHORITY)
+    r.add(envelope(3, 2, r.base_hash))
+    return r
+
+
+def reopen_both(path: Path) -> Replica:
+    return Replica.open(
+        path, spec=SPEC, merge=MergeConfig(), authorities=[AUTHORITY.public_key, AUTHORITY_2.public_key]
+    )
+
+
+def test_what_is_logged_while_a_compaction_prepares_is_in_the_new_generation(tmp_path):
+    """Compaction folds and writes outside the replica's lock: what peers add meanwhile must survive."""
+    r = sealed_twice(tmp_path / "rep")
+    job = r.begin_compaction(keep_rounds=1)
+    job.prepare()  # a handler that takes the lock now adds and removes (here: in between, same thread)
+    late = envelope(4, 2, r.base_hash)
+    r.add(late)
+    r.remove(envelope(3, 2, r.base_hash).contribution_id, reason="bad", identity=AUTHORITY)
+    assert r.finish_compaction(job)
+    expected = fingerprint(r)
+    assert r.base_round == 1 and r.has(late.contribution_id)
+    r.close()
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
+        "CURRENT",
+        "log-1.bin",
+        "snapshot-1.safetensors",
+    ]
+    again = reopen_both(tmp_path / "rep")
+    assert fingerprint(again) == expected and again.base_round == 1
+
+
+def test_a_crash_before_the_commit_reopens_the_old_generation_with_everything(tmp_path):
+    r = sealed_twice(tmp_path / "rep")
+    job = r.begin_compaction(keep_rounds=0)
+    job.prepare()
+    late = envelope(4, 2, r.base_hash)
+    r.add(late)
+    expected = fingerprint(r)
+    r.close()  # the process dies here: the next generation is written, CURRENT still names the old one
+    assert (tmp_path / "rep" / "snapshot-1.safetensors").exists()
+    again = reopen_both(tmp_path / "rep")
+    assert fingerprint(again) == expected and again.base_round == 0
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
+        "CURRENT",
+        "log-0.bin",
+        "snapshot-0.safetensors",
+    ]
+    assert again.compact(keep_rounds=0) and again.base_round == 2
+    assert fingerprint(again) == fingerprint(reopen_both(tmp_path / "rep"))
+
+
+def test_a_compaction_is_dropped_when_a_better_seal_wins_a_folded_round_meanwhile(tmp_path):
+    r = make_replica(authorities=[AUTHORITY.public_key, AUTHORITY_2.public_key], log_dir=tmp_path / "rep")
+    better = make_replica()
+    envs = [envelope(p, 0, r.base_hash) for p in range(3)]
+    for e in envs[:2]:
+        r.add(e)
+    r.seal(AUTHORITY)
+    job = r.begin_compaction(keep_rounds=0)
+    job.prepare()
+    for e in envs:
+        better.add(e)
+    better.seal(AUTHORITY_2)
+    r.join(better)  # round 0 switches to the seal with three contributions
+    assert not r.finish_compaction(job)
+    assert r.base_round == 0 and fingerprint(r) == fingerprint(better)
+    assert r.compact(keep_rounds=0) and r.base_round == 1 and fingerprint(r)[-1] == fingerprint(better)[-1]
+    r.close()
+    assert reopen_both(tmp_path / "rep").weights_hash() == better.weights_hash()
