@@ -66,6 +66,7 @@ class Setup:
     c0: float = 1.0  # nord damped: S / (C + c0)
     warmup_rounds: int = 0  # nord: CodecConfig.warmup_rounds (density warm-up; 0 = none)
     warmup_density: float = 0.25  # nord: CodecConfig.warmup_density (round 0's density)
+    mask: str = "topk"  # nord: CodecConfig.mask ("shared": a random-k mask shared by all peers)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -127,6 +128,7 @@ class _Merger:
                 ef_decay=setup.ef_decay,
                 warmup_rounds=setup.warmup_rounds,
                 warmup_density=setup.warmup_density,
+                mask=setup.mask,
             )
             self.encoders = [DeltaEncoder(self.codec, spec) for _ in range(k)]
             self.identities = [Identity.generate() for _ in range(k)]

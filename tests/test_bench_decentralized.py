@@ -32,6 +32,9 @@ def test_any_warmup_setup_name_is_parsed_into_densities_per_chunk():
     assert (low.density, low.warmup_density, low.warmup_rounds) == (16 / 4096, 256 / 4096, 16)
     assert low.mean == "damped" and low.kind == "nord" and low.outer_lr == 1.0
     assert bench.warmup_setup("wu16-0.39-from6.25-lr1.5").outer_lr == 1.5
+    shared = bench.warmup_setup("wu0-2.44-shared")
+    assert (shared.mask, shared.warmup_rounds, shared.density) == ("shared", 0, 100 / 4096)
+    assert low.mask == "topk"
     assert bench.warmup_setup("wu8-1.56") == bench.all_setups("1.56")["wu8-1.56"]  # the run default's row
     assert bench.warmup_setup("wu8-1.56").warmup_density == 0.25 and bench.warmup_setup("dense") is None
     with pytest.raises(ConfigError, match="densities must be in"):
@@ -40,11 +43,13 @@ def test_any_warmup_setup_name_is_parsed_into_densities_per_chunk():
 
 def test_bytes_only_measures_each_rounds_envelope_without_training(tmp_path):
     out = tmp_path / "plan.json"
-    setups = ["central", "nord-1.56", "wu2-1.56"]
+    setups = ["central", "nord-1.56", "wu2-1.56", "wu0-1.56-shared"]
     argv = ["--bytes-only", "--rounds", "3", "--setups", *setups, "--out", str(out)]
     assert _bench().main(argv) == 0
     rows = {r["setup"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["nord-1.56", "wu2-1.56"]  # only Nord setups send envelopes
+    assert list(rows) == setups[1:]  # only Nord setups send envelopes
+    # the same 1.56% of values without their indices: ~4.25 of ~13.25 bits per kept value, plus the header
+    assert rows["wu0-1.56-shared"]["bytes_per_peer_round"] < 0.4 * rows["nord-1.56"]["bytes_per_peer_round"]
     flat, warm = rows["nord-1.56"]["first_rounds"], rows["wu2-1.56"]["first_rounds"]
     assert flat[0] == flat[1] == flat[2] and warm[0] > warm[1] > warm[2] == flat[2]  # 25%, 3.1%, then 1.56%
     assert rows["nord-1.56"]["byte_ratio_vs_dense"] > 100 > rows["wu2-1.56"]["byte_ratio_vs_dense"]

@@ -13,10 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from nord.codec.mask import MAX_SEED
 from nord.errors import ConfigError
 from nord.nf4 import BNB_BLOCKSIZES
 
 MAX_CHUNK = 1 << 16  # chunk-local offsets fit in 16 bits
+MASKS = ("topk", "shared")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +39,11 @@ class CodecConfig:
     warmup_rounds: int = 8  # rounds of density warm-up, counted from the run's round 0
     warmup_density: float = 0.25  # density of round 0 when warmup_rounds > 0 (never below density)
     max_payload_bytes: int = 64 * 2**20  # decoders reject larger envelopes
+    # Which positions a round keeps: "topk" (the largest |values| per chunk; their indices travel) or
+    # "shared" (a random-k mask every replica derives from run, round, tensor and mask_seed; only the
+    # values travel: nord.codec.mask).
+    mask: str = "topk"
+    mask_seed: int = 0  # seed of the shared masks, in [0, 2^32)
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= MAX_CHUNK:
@@ -53,6 +60,14 @@ class CodecConfig:
             raise ConfigError(f"codec.warmup_rounds must be an integer >= 0, got {self.warmup_rounds!r}")
         if not 0 < self.warmup_density <= 1:
             raise ConfigError(f"codec.warmup_density must be in (0, 1], got {self.warmup_density}")
+        if self.mask not in MASKS:
+            raise ConfigError(f"codec.mask must be one of {MASKS}, got {self.mask!r}")
+        if isinstance(self.mask_seed, bool) or not (
+            isinstance(self.mask_seed, int) and 0 <= self.mask_seed <= MAX_SEED
+        ):
+            raise ConfigError(
+                f"codec.mask_seed must be an integer in [0, {MAX_SEED}], got {self.mask_seed!r}"
+            )
         if self.max_payload_bytes < 1024:
             raise ConfigError(f"codec.max_payload_bytes must be >= 1024, got {self.max_payload_bytes}")
 

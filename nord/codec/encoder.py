@@ -3,7 +3,8 @@
 Per tensor, each round:
 
     a      = Δ + ef_decay · r            (r: the residual carried from the previous rounds)
-    S      = top-k |a| per chunk          (k = ceil(d(round) · chunk); d: CodecConfig's warm-up schedule)
+    S      = top-k |a| per chunk          (k = ceil(d(round) · chunk); d: CodecConfig's warm-up schedule),
+             or with mask="shared" the round's shared random-k mask (nord.codec.mask; no indices travel)
     â_S    = NF4-dequantize(NF4(a_S))     (what every replica will add)
     r     ← a − scatter(S, â_S)           (unsent values and quantization error, sent later)
 
@@ -21,7 +22,8 @@ import torch
 
 from nord.codec.config import CodecConfig, density_for_round
 from nord.codec.envelope import Envelope, seal_envelope
-from nord.codec.indices import encode_indices
+from nord.codec.indices import SHARED, encode_indices, encode_seed
+from nord.codec.mask import mask_base, shared_mask
 from nord.codec.payload import FP16_MAX, pack_payload
 from nord.errors import CodecError
 from nord.identity import Identity
@@ -47,6 +49,17 @@ def top_k_indices(
         tail = torch.topk(values[full:].abs(), k_last, sorted=False).indices.sort().values
         parts.append(tail + full)
     return torch.cat(parts), chunk, k, k_last
+
+
+def shared_indices(
+    numel: int, cfg: CodecConfig, density: float, key: tuple[str, int, str]
+) -> tuple[torch.Tensor, int, int, int]:
+    """The shared mask of one tensor (key: run_id, round, name) at `density`, as every decoder derives
+    it; also (chunk, k, k_last) as `top_k_indices`."""
+    chunk = min(cfg.chunk_size, numel)
+    k, k_last = cfg.keep(chunk, density), (cfg.keep(numel % chunk, density) if numel % chunk else 0)
+    base = mask_base(*key, seed=cfg.mask_seed)
+    return torch.from_numpy(shared_mask(base, numel, chunk, k, k_last)), chunk, k, k_last
 
 
 class DeltaEncoder:
@@ -77,7 +90,7 @@ class DeltaEncoder:
         self._check(delta, names)
         density = density_for_round(self.cfg, round)
         while True:
-            entries, residuals = self._compress(delta, names, density)
+            entries, residuals = self._compress(delta, names, density, (run_id, round))
             envelope = seal_envelope(
                 run_id=run_id,
                 round=round,
@@ -100,14 +113,20 @@ class DeltaEncoder:
         self._residual.update(residuals)
         return envelope
 
-    def _compress(self, delta, names, density: float) -> tuple[list, dict[str, torch.Tensor]]:
-        """Payload entries and the new residuals of `names` at `density`; changes no state."""
+    def _compress(self, delta, names, density: float, key: tuple[str, int]) -> tuple[list, dict]:
+        """Payload entries and the new residuals of `names` at `density`; changes no state.
+        `key` (run_id, round) picks the shared masks."""
         entries, residuals = [], {}
         for name in names:
             acc = delta[name].detach().reshape(-1).float().clone()
             if name in self._residual:
                 acc += self.cfg.ef_decay * self._residual[name].to(acc.device)
-            indices, chunk, k, k_last = top_k_indices(acc, self.cfg, density)
+            if self.cfg.mask == "shared":
+                indices, chunk, k, k_last = shared_indices(acc.numel(), self.cfg, density, (*key, name))
+                indices = indices.to(acc.device)
+            else:
+                indices, chunk, k, k_last = top_k_indices(acc, self.cfg, density)
+            shared = self.cfg.mask == "shared" and len(indices) < acc.numel()  # else FULL: no bytes
             packed, absmax = quantize(acc[indices], self.cfg.blocksize)
             packed = packed.cpu().numpy()
             if len(indices) % 2:  # the pad nibble is 0.0's code (CUDA kernels may leave another there)
@@ -116,7 +135,10 @@ class DeltaEncoder:
             sent = dequantize_nf4(packed, scales.astype(np.float32), len(indices), self.cfg.blocksize)
             acc[indices] -= torch.from_numpy(sent).to(acc.device)
             residuals[name] = acc
-            index_kind, index_bytes = encode_indices(indices.cpu().numpy(), acc.numel(), chunk)
+            if shared:
+                index_kind, index_bytes = SHARED, encode_seed(self.cfg.mask_seed)
+            else:
+                index_kind, index_bytes = encode_indices(indices.cpu().numpy(), acc.numel(), chunk)
             entries.append([chunk, k, k_last, index_kind, index_bytes, packed.tobytes(), scales.tobytes()])
         return entries, residuals
 

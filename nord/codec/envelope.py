@@ -100,7 +100,8 @@ class Envelope:
 
     @cached_property
     def _delta(self) -> dict[str, SparseTensor]:
-        blocksize, entries = parse_payload(self.payload, self.names, self.shapes)  # not kept: memory
+        mask_key = (self.run_id, self.round)  # shared masks derive their positions from these
+        blocksize, entries = parse_payload(self.payload, self.names, self.shapes, mask_key)  # not kept
         return {name: dequantize_entry(entry, blocksize) for name, entry in entries.items()}
 
 

@@ -5,6 +5,7 @@
              (12 bits for 4096-chunks; the chunk of each entry follows from the per-chunk counts)
     GAPS     LEB128 varints of (index − previous index − 1):         ≈ 1–2 bytes per index at 1.56%
     FULL     every index, nothing stored (density 1)
+    SHARED   the mask seed only (one varint): every replica derives the positions (nord.codec.mask)
 
 At ~1.5% density gaps average 64, so most fit one varint byte: ≈ 9 bits per index against 12 for offsets;
 a bitmap only wins above ~1/8 density. Decoders check sizes before reading, reject padding bits and
@@ -17,8 +18,8 @@ import numpy as np
 
 from nord.errors import CodecError
 
-BITMAP, OFFSETS, GAPS, FULL = 0, 1, 2, 3
-KIND_NAMES = {BITMAP: "bitmap", OFFSETS: "offsets", GAPS: "gaps", FULL: "full"}
+BITMAP, OFFSETS, GAPS, FULL, SHARED = 0, 1, 2, 3, 4
+KIND_NAMES = {BITMAP: "bitmap", OFFSETS: "offsets", GAPS: "gaps", FULL: "full", SHARED: "shared"}
 MAX_VARINT_BYTES = 5  # gaps < 2^35
 
 
@@ -77,6 +78,23 @@ def decode_indices(kind: int, data: bytes, counts: np.ndarray, numel: int, chunk
     if kind != OFFSETS and not np.array_equal(np.bincount(indices // chunk, minlength=len(counts)), counts):
         raise CodecError("indices per chunk do not match the chunk counts")
     return indices
+
+
+def encode_seed(seed: int) -> bytes:
+    """A SHARED code: the mask seed as one LEB128 varint."""
+    value = np.array([seed], dtype=np.int64)
+    return _varint_encode(value, _varint_lengths(value))
+
+
+def decode_seed(data: bytes, max_seed: int) -> int:
+    """The mask seed of a SHARED code: exactly one minimal varint, at most `max_seed`."""
+    try:
+        seed = int(_gaps_decode(data, 1)[0])
+    except CodecError:
+        seed = -1
+    if not 0 <= seed <= max_seed:
+        raise CodecError(f"shared mask seed must be one varint in [0, {max_seed}]")
+    return seed
 
 
 def _bitmap_decode(data: bytes, numel: int) -> np.ndarray:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from nord.codec.config import MAX_CHUNK
-from nord.codec.indices import decode_indices
+from nord.codec.indices import SHARED, decode_indices, decode_seed
+from nord.codec.mask import MAX_SEED, mask_base, shared_mask
 from nord.errors import CodecError
 from nord.nf4 import BNB_BLOCKSIZES, ZERO_CODE, dequantize_nf4
 
@@ -75,9 +76,15 @@ def unpack_strict(data: bytes, max_bytes: int, what: str) -> Any:
 
 
 def parse_payload(
-    payload: bytes, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...]
+    payload: bytes,
+    names: tuple[str, ...],
+    shapes: tuple[tuple[int, ...], ...],
+    mask_key: tuple[str, int] | None = None,
 ) -> tuple[int, dict[str, TensorEntry]]:
-    """Validate a payload against its envelope's tensors; return (blocksize, name -> entry)."""
+    """Validate a payload against its envelope's tensors; return (blocksize, name -> entry).
+
+    `mask_key` is the envelope's (run_id, round), from which SHARED index codes derive their positions
+    (without it a SHARED code is rejected)."""
     raw = unpack_strict(payload, len(payload), "payload")
     if not (isinstance(raw, tuple) and len(raw) == 2 and _is_int(raw[0]) and isinstance(raw[1], tuple)):
         raise CodecError("payload must be [blocksize, entries]")
@@ -89,13 +96,18 @@ def parse_payload(
     entries = {}
     for name, shape, entry in zip(names, shapes, raw_entries, strict=True):
         try:
-            entries[name] = _parse_entry(entry, int(np.prod(shape, dtype=np.int64)), blocksize)
+            numel = int(np.prod(shape, dtype=np.int64))
+            entries[name] = _parse_entry(
+                entry, numel, blocksize, None if mask_key is None else (*mask_key, name)
+            )
         except CodecError as e:
             raise CodecError(f"tensor {name!r}: {e}") from None
     return blocksize, entries
 
 
-def _parse_entry(entry: Any, numel: int, blocksize: int) -> TensorEntry:
+def _parse_entry(
+    entry: Any, numel: int, blocksize: int, mask_key: tuple[str, int, str] | None
+) -> TensorEntry:
     if not (isinstance(entry, tuple) and len(entry) == ENTRY_FIELDS):
         raise CodecError(f"entry must be an array of {ENTRY_FIELDS} fields")
     chunk, k, k_last, kind, index_bytes, codes, scale_bytes = entry
@@ -121,7 +133,13 @@ def _parse_entry(entry: Any, numel: int, blocksize: int) -> TensorEntry:
         raise CodecError("scale is NaN or infinite")
     if np.any(scales.view("<u2") & 0x8000):
         raise CodecError("scale is negative")
-    indices = decode_indices(kind, index_bytes, chunk_counts(numel, chunk, k, k_last), numel, chunk)
+    if kind != SHARED:
+        indices = decode_indices(kind, index_bytes, chunk_counts(numel, chunk, k, k_last), numel, chunk)
+    elif mask_key is None:
+        raise CodecError("a shared-mask code needs the envelope's run id and round")
+    else:
+        base = mask_base(*mask_key, seed=decode_seed(index_bytes, MAX_SEED))
+        indices = shared_mask(base, numel, chunk, k, k_last)
     return TensorEntry(indices=indices, codes=codes, scales=scales)
 
 
