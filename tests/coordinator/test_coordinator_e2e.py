@@ -127,6 +127,9 @@ def test_dashboard_shows_live_peers_and_charts(run, tmp_path):
             assert len(page.query_selector_all("#chart-rates path.line")) == 4  # one line per layer
             assert len(page.query_selector_all("#chart-contrib rect.bar")) >= MIN_ROUNDS
             assert len(page.query_selector_all("#chart-bytes rect.bar")) >= MIN_ROUNDS
+            # each seal recorded the peers online then (the sealed contributions' peers at least)
+            assert page.locator("#chart-online path.line[data-series='peers online']").count() == 1
+            assert all(m["peers_online"] >= 1 for m in run.get("/api/metrics"))
             assert page.query_selector_all("#ckpt-table a[href$='.safetensors']")
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
