@@ -1,6 +1,8 @@
 """Forward+backward time of one spiking layer: dynamic-decay (parallel scan) vs LIF (sequential) vs PSN.
 
-    dynamic  DynamicDecayNeuron: input-dependent decay, chunked parallel scan over time
+    dynamic  DynamicDecayNeuron: input-dependent decay, eager gates + chunked scan (NORD_NEURON_KERNEL=eager)
+    kernel   the same layer through the compiled C++ kernel (nord.neurons.fused; CPU only, compiled before
+             timing): gates, scan and backward each in one pass over time
     lif      LIFNeuron: soft reset, one Python step per token (autograd through the loop)
     psn      PSN-style (Fang et al. 2023): H = W·X over time with a learned lower-triangular T×T matrix W,
              spikes Θ(H − θ); O(T²) time and memory, skipped where W and its gradient exceed --psn-max-gib
@@ -37,6 +39,12 @@ from tqdm import tqdm
 
 from nord.neurons import DynamicDecayNeuron, LIFNeuron, spike
 
+try:  # a --baseline tree from before the kernel has no nord.neurons.fused
+    from nord.neurons import fused
+except ImportError:
+    fused = None
+KERNEL_ENV = "NORD_NEURON_KERNEL"
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _revision import older_tree  # noqa: E402
 
@@ -54,13 +62,16 @@ class PSNLayer(nn.Module):
         return spike(h - self.threshold), h
 
 
-def make_step(layer: nn.Module, x: torch.Tensor):
-    """A closure running one forward + backward of `layer` on `x` with a fixed random upstream gradient."""
+def make_step(layer: nn.Module, x: torch.Tensor, kernel_mode: str | None = None):
+    """A closure running one forward + backward of `layer` on `x` with a fixed random upstream gradient,
+    with NORD_NEURON_KERNEL set to `kernel_mode` (if given) for its dynamic layer."""
     upstream = torch.randn_like(x)
 
     def step() -> None:
         x.grad = None
         layer.zero_grad(set_to_none=True)
+        if kernel_mode:  # read by the layer at each call; the other layers ignore it
+            os.environ[KERNEL_ENV] = kernel_mode
         (layer(x)[0] * upstream).sum().backward()
 
     return step
@@ -90,7 +101,7 @@ def measure_baseline(tree: Path, T: int, args, out: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--lengths", str(T), "--psn-max-gib", "0",
            "--elements", str(args.elements), "--dim", str(args.dim), "--repeats", str(args.repeats),
            "--chunk-size", str(args.chunk_size), "--device", args.device, "--threads", str(args.threads),
-           "--out", str(out)]  # fmt: skip
+           "--no-kernel", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tree)}
     subprocess.run(cmd, check=True, capture_output=True, cwd=tree, env=env)
     row = json.loads(out.read_text())["rows"][0]
@@ -109,6 +120,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="T in {256, 1024}, B·T·N = 2^19, 1 repeat")
     parser.add_argument("--baseline", default="", help="also measure dynamic and LIF at this commit")
+    parser.add_argument("--no-kernel", action="store_true", help="skip the compiled kernel's column")
     parser.add_argument("--out", type=Path, default=Path("bench/results/neurons.json"))
     args = parser.parse_args()
     if args.quick:
@@ -116,6 +128,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    kernel = fused is not None and device.type == "cpu" and not args.no_kernel
+    if kernel:
+        fused.kernel(required=True)  # compile (or load from the cache) before anything is timed
 
     with tempfile.TemporaryDirectory(prefix="nord-baseline-") as tmp, older_tree(args.baseline) as tree:
         rows = []
@@ -123,26 +138,32 @@ def main() -> int:
             B = max(1, args.elements // (T * args.dim))
             N = args.elements // (B * T)
             x = torch.randn(B, T, N, device=device, requires_grad=True)
-            steps = {
-                "dynamic": make_step(DynamicDecayNeuron(N, chunk_size=args.chunk_size).to(device), x),
-                "lif": make_step(LIFNeuron(N).to(device), x),
-            }
+            dynamic = DynamicDecayNeuron(N, chunk_size=args.chunk_size).to(device)
+            steps = {"dynamic": make_step(dynamic, x, "eager" if kernel else None)}
+            if kernel:
+                steps["kernel"] = make_step(dynamic, x, "cpp")
+            steps["lif"] = make_step(LIFNeuron(N).to(device), x)
             # PSN's T×T weight, its gradient and the masked copy must fit --psn-max-gib
             if 3 * T * T * 4 <= args.psn_max_gib * 2**30:
                 steps["psn"] = make_step(PSNLayer(N, T).to(device), x)
             times = time_interleaved(steps, args.repeats, device)
             del x, steps
-            row = {"T": T, "B": B, "N": N, **{n: times.get(n) for n in ("dynamic", "lif", "psn")}}
+            row = {"T": T, "B": B, "N": N, **{n: times.get(n) for n in ("dynamic", "kernel", "lif", "psn")}}
             if args.baseline:
                 row["baseline"] = measure_baseline(tree, T, args, Path(tmp) / f"T{T}.json")
             rows.append(row)
 
-    names = ("dynamic", "lif", "psn")
+    names = ("dynamic", "kernel", "lif", "psn") if kernel else ("dynamic", "lif", "psn")
+    fast = "kernel" if kernel else "dynamic"  # the ratios' denominator: the layer as training runs it
+    ratios = [("lif", "dynamic"), ("lif", "kernel"), ("psn", "kernel")] if kernel else [("lif", "dynamic"),
+              ("psn", "dynamic")]  # fmt: skip
+    short = {"dynamic": "dyn", "kernel": "kern", "lif": "LIF", "psn": "PSN"}
     header = f"{'T':>6} {'B':>3} {'N':>4} |"
     for key in ("CPU", "wall"):
-        header += f" {'dyn ' + key:>9} {'LIF':>8} {'PSN':>8} {'LIF/dyn':>7} {'PSN/dyn':>7} |"
+        header += f" {'dyn ' + key:>9}" + "".join(f" {short[n]:>8}" for n in names[1:])
+        header += "".join(f" {short[a] + '/' + short[b]:>9}" for a, b in ratios) + " |"
     if args.baseline:
-        header += f" {'dyn@' + args.baseline[:7] + ' CPU':>16} {'LIF/dyn':>7} {'old/new':>7} |"
+        header += f" {'dyn@' + args.baseline[:7] + ' CPU':>16} {'LIF/dyn':>7} {'old/' + short[fast]:>8} |"
     print("times in ms (median); CPU = user + sys time of this process, robust to other load")
     print(header)
     print("-" * len(header))
@@ -153,13 +174,13 @@ def main() -> int:
                 f"{r[n][key] * 1e3:{9 if n == 'dynamic' else 8}.1f}" if r[n] else f"{'skipped':>8}"
                 for n in names
             ]
-            ratios = [f"{r[n][key] / r['dynamic'][key]:7.2f}" if r[n] else f"{'-':>7}" for n in names[1:]]
-            line += f" {' '.join(ms)} {' '.join(ratios)} |"
+            shares = [f"{r[a][key] / r[b][key]:9.2f}" if r[a] else f"{'-':>9}" for a, b in ratios]
+            line += f" {' '.join(ms)} {' '.join(shares)} |"
         if args.baseline:
             old = r["baseline"]
             old_ratio = old["lif"]["cpu_s"] / old["dynamic"]["cpu_s"]
-            speedup = old["dynamic"]["cpu_s"] / r["dynamic"]["cpu_s"]
-            line += f" {old['dynamic']['cpu_s'] * 1e3:16.1f} {old_ratio:7.2f} {speedup:7.2f} |"
+            speedup = old["dynamic"]["cpu_s"] / r[fast]["cpu_s"]
+            line += f" {old['dynamic']['cpu_s'] * 1e3:16.1f} {old_ratio:7.2f} {speedup:8.2f} |"
         print(line)
     print(f"PSN skipped where 3·T²·4 bytes > {args.psn_max_gib} GiB (T×T weight, gradient, masked copy).")
     if args.baseline:
@@ -173,6 +194,7 @@ def main() -> int:
         "repeats": args.repeats,
         "elements": args.elements,
         "baseline": args.baseline,
+        "kernel": kernel,
         "loadavg_at_end": os.getloadavg(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

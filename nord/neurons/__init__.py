@@ -5,6 +5,7 @@ naive      `dynamic_decay_naive`: the float32 loop h_t = exp(log_a_t)·h_{t−1}
 chunk      `dynamic_decay_chunk`: the same recurrence, sequential in place or as a chunked parallel scan
 lif        LIF with soft reset: `lif_step`, `lif_scan`, `LIFNeuron` (the sequential baseline)
 dynamic    the dynamic-decay neuron (Huang et al. 2026): `DynamicDecayNeuron`
+fused      its C++ CPU kernel (gates, scan and backward in one pass over time), built once and cached
 """
 
 from nord.neurons.chunk import dynamic_decay_chunk

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from nord.errors import ConfigError
+from nord.neurons import fused
 from nord.neurons.chunk import scan_
 from nord.neurons.surrogate import check_surrogate, integer_spike, spike
 
@@ -67,6 +68,14 @@ def _tile_length(x: Tensor, k: int, chunk_size: int) -> int:
     return max(k - 1, 1, min(T, steps))
 
 
+def _kernel_for(x: Tensor):
+    """The compiled CPU kernel (`nord.neurons.fused`) where it applies and `NORD_NEURON_KERNEL` allows it."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    mode = fused.kernel_mode()
+    return None if mode == "eager" else fused.kernel(required=mode == "cpp")
+
+
 def _conv_into(out: Tensor, ext: Tensor, taps: Tensor, bias: Tensor) -> Tensor:
     """out (B, τ, D) = b + Σ_j w_j ⊙ ext[:, t + j] for ext = [the k−1 inputs before the tile; the tile]."""
     k, tau = taps.shape[0], out.shape[1]
@@ -91,8 +100,13 @@ class _DynamicDecay(torch.autograd.Function):
         ctx.chunk_size, ctx.x_dtype = chunk_size, x.dtype
         dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for gradcheck
         x, window, weight, bias, h0 = (t.to(dtype) for t in (x, window, weight, bias, h0))
-        T, tau = x.shape[1], _tile_length(x, weight.shape[1], chunk_size)
         taps = weight.t().contiguous()  # (k, D): a strided tap would defeat vectorisation over D
+        ctx.kernel = _kernel_for(x)
+        if ctx.kernel is not None:
+            a, h = ctx.kernel.neuron_forward(*(t.contiguous() for t in (x, window, taps, bias, h0)))
+            ctx.save_for_backward(x, window, weight, a, h, h0)
+            return h
+        T, tau = x.shape[1], _tile_length(x, weight.shape[1], chunk_size)
         a, h = torch.empty_like(x), torch.empty_like(x)
         before, state = window, h0  # the k−1 inputs and the state before the tile
         for t0 in range(0, T, tau):
@@ -109,9 +123,13 @@ class _DynamicDecay(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh: Tensor):
         x, window, weight, a, h, h0 = ctx.saved_tensors
+        taps = weight.t().contiguous()
+        if ctx.kernel is not None:
+            grads = ctx.kernel.neuron_backward(dh.to(x.dtype).contiguous(), x, window, taps, a, h, h0)
+            dx, dwindow, dtaps, dbias, dh0 = grads
+            return dx.to(ctx.x_dtype), dwindow, dtaps.t(), dbias, dh0, None
         (B, T, D), k = x.shape, weight.shape[1]
         tau = _tile_length(x, k, ctx.chunk_size)
-        taps = weight.t().contiguous()
         dx, dtaps, dbias = torch.empty_like(x), torch.zeros_like(taps), torch.zeros_like(h0[0])
         dz_after = x.new_zeros(B, k - 1, D)  # dz of the k−1 steps after the tile (0 past the end)
         g_after = None  # g of the step after the tile

@@ -1,9 +1,13 @@
-"""Neurons: the chunked scan agrees with the naive loop (values, final state, every gradient), single steps
-agree with whole sequences, the surrogate is the analytic formula, and LIF follows a hand-computed trace."""
+"""Neurons: the chunked scan and the compiled kernel agree with the naive loop (values, final state, every
+gradient), single steps agree with whole sequences, the kernel falls back to eager when it cannot be built,
+the surrogate is the analytic formula, and LIF follows a hand-computed trace."""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -256,11 +260,60 @@ def test_dynamic_neuron_recurrence_stays_float32_under_autocast():
 
 # --- every plan of the fast paths against the naive loop --------------------------------------------------
 
+
+@pytest.fixture(scope="session")
+def compiled_kernel():
+    """The C++ kernel, built once per session if no earlier run cached it (a minute or two of g++)."""
+    from nord.neurons import fused
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    return fused.kernel(required=True)
+
+
+def test_a_built_kernel_is_imported_from_the_cache_without_compiling(compiled_kernel, monkeypatch):
+    from nord.neurons import fused
+
+    monkeypatch.setattr(fused, "_loaded", {})  # as in a fresh process
+    module = fused.kernel()
+    assert module is not None and not fused._building
+    assert module.__file__.startswith(str(fused.cache_directory()))
+
+
+def test_kernel_falls_back_to_eager_with_one_warning_when_it_cannot_be_built(monkeypatch, tmp_path, caplog):
+    from nord.neurons import fused
+
+    for name, empty in (("_loaded", {}), ("_failures", {}), ("_building", set())):
+        monkeypatch.setattr(fused, name, empty)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no kernel cached here
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    torch.manual_seed(5)
+    neuron, x = DynamicDecayNeuron(6), torch.randn(2, 9, 6)
+    monkeypatch.setenv("NORD_NEURON_KERNEL", "eager")
+    _, reference, _ = neuron(x)
+    monkeypatch.setenv("NORD_NEURON_KERNEL", "cpp")
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        with pytest.raises(RuntimeError, match="could not be built: no C"):
+            neuron(x)
+        monkeypatch.setenv("NORD_NEURON_KERNEL", "auto")
+        for _ in range(2):
+            _, membrane, _ = neuron(x)
+            assert torch.equal(membrane, reference)
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == len(caplog.records) == 1
+
+
+def test_unknown_kernel_mode_is_an_error_naming_the_choices(monkeypatch):
+    monkeypatch.setenv("NORD_NEURON_KERNEL", "gpu")
+    with pytest.raises(ValueError, match="auto, cpp, eager"):
+        DynamicDecayNeuron(4)(torch.randn(1, 3, 4))
+
+
 PLANS = {  # (the CPU width from which the scan runs sequentially, the neuron's CPU tile in elements)
     "sequential-one-tile": (1, 2**40),
     "chunked-one-tile": (2**40, 2**40),
     "sequential-tiles": (1, 1),  # tiles of max(k − 1, 1) steps
     "uneven-tiles": (2**40, 150),  # 5 steps at B·D = 26, 3 at 39 (T never a multiple); wider: one tile
+    "kernel": None,  # the compiled C++ kernel (nord.neurons.fused)
 }
 
 
@@ -268,6 +321,11 @@ PLANS = {  # (the CPU width from which the scan runs sequentially, the neuron's 
 def plan(request, monkeypatch):
     from nord.neurons import chunk, dynamic
 
+    if PLANS[request.param] is None:
+        request.getfixturevalue("compiled_kernel")
+        monkeypatch.setenv("NORD_NEURON_KERNEL", "cpp")
+        return request.param
+    monkeypatch.setenv("NORD_NEURON_KERNEL", "eager")
     width, tile = PLANS[request.param]
     monkeypatch.setattr(chunk, "_CPU_SEQUENTIAL_MIN_WIDTH", width)
     monkeypatch.setattr(dynamic, "_CPU_TILE_ELEMENTS", tile)
@@ -334,12 +392,17 @@ def test_neuron_membranes_match_the_naive_definition_in_every_plan(plan, B, T, D
         assert_close(name, ref, got, ratio)
 
 
-@pytest.mark.parametrize("tile_steps", [1, 3, 4, 64])
+@pytest.mark.parametrize("tile_steps", [1, 3, 4, 64, "kernel"])
 @pytest.mark.parametrize("T", [1, 2, 10])
-def test_neuron_backward_matches_finite_differences(monkeypatch, tile_steps, T):
+def test_neuron_backward_matches_finite_differences(request, monkeypatch, tile_steps, T):
     from nord.neurons import dynamic
 
-    monkeypatch.setattr(dynamic, "_CPU_TILE_ELEMENTS", tile_steps * 2 * 5)
+    if tile_steps == "kernel":  # the C++ kernel in float64
+        request.getfixturevalue("compiled_kernel")
+        monkeypatch.setenv("NORD_NEURON_KERNEL", "cpp")
+    else:
+        monkeypatch.setenv("NORD_NEURON_KERNEL", "eager")
+        monkeypatch.setattr(dynamic, "_CPU_TILE_ELEMENTS", tile_steps * 2 * 5)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(2, T, 5, generator=gen, dtype=torch.float64).requires_grad_()
     window = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64).requires_grad_()
