@@ -9,6 +9,7 @@ weights are exactly those before compaction.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,20 @@ log = logging.getLogger(__name__)
 
 def _contribution_id(envelope: Any) -> str:
     return envelope.contribution_id
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotView:
+    """A replica's sealed tip as of one moment (its tensors are never changed in place)."""
+
+    round: int
+    base_hash: str
+    weights: Mapping[str, torch.Tensor]
+    meta: Mapping[str, object]
+
+    def write(self, path: str | Path) -> str:
+        """Save it as a checkpoint for `Replica.from_snapshot`; its weights hash."""
+        return save_checkpoint(path, self.weights, self.meta)
 
 
 class Persistence:
@@ -155,15 +170,14 @@ class Persistence:
             records += [("add", e) for e in sorted((e for e in held if e.round == rnd), key=_contribution_id)]
         return records + [("remove", r) for r in self.removals() if r.contribution_id not in gone]
 
-    def snapshot_view(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-        """The sealed tip's weights and the window a new replica needs (cheap: call it under the lock,
-        then write it with `save_checkpoint` outside)."""
+    def snapshot_view(self) -> SnapshotView:
+        """The sealed tip for a lagging peer: cheap, take it under the lock and `write` it outside."""
         meta = self._snapshot_meta(self.round, self._window(self.round), self.tip_seal)
-        return self._tip, meta
+        return SnapshotView(round=self.round, base_hash=self.base_hash, weights=self._tip, meta=meta)
 
     def save_snapshot(self, path: str | Path) -> str:
         """Write the sealed tip (weights + the window a new replica needs) for a lagging peer; its hash."""
-        return save_checkpoint(path, *self.snapshot_view())
+        return self.snapshot_view().write(path)
 
     def _snapshot_meta(self, base_round: int, window: Window, seal: Seal | None) -> dict[str, object]:
         folded, dots, hashes = window

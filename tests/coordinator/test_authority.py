@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from lock_probe import probe_lock_during
 from procs import Procs, wait_for
 
 import nord.crdt.log
@@ -163,30 +164,12 @@ def test_each_checkpoint_keeps_its_seal_after_the_replica_compacts_it_away(corpu
     close(auth)
 
 
-HANDLER_WAIT_S = 30.0  # a free lock is taken at once; generous for a loaded machine
-
-
 def test_a_handler_takes_the_gossip_lock_while_the_replica_compacts(corpus, tmp_path, monkeypatch):
-    """Compaction folds and writes the replica's next generation outside the gossip lock: a peer's sync
+    """Compaction folds and writes the replica's next generation outside the gossip lock: a peer's
     handler needing it is served while the new snapshot is being written."""
     lock = threading.RLock()
     auth = make_authority(make_run(quorum=1), corpus, tmp_path, Clock(), lock=lock)
-    write = nord.crdt.log.save_checkpoint
-    served = []
-
-    def write_while_a_handler_asks(*args, **kw):  # the replica's snapshot write, mid-compaction
-        done = threading.Event()
-
-        def sync_handler():  # what Gossip._on_sync does with the lock
-            with lock:
-                auth.replica.digest()
-            done.set()
-
-        threading.Thread(target=sync_handler, daemon=True).start()
-        served.append(done.wait(HANDLER_WAIT_S))
-        return write(*args, **kw)
-
-    monkeypatch.setattr(nord.crdt.log, "save_checkpoint", write_while_a_handler_asks)
+    served = probe_lock_during(monkeypatch, nord.crdt.log, "save_checkpoint", lock)
     for rnd in range(2):  # the second compaction folds round 0 into a new base
         contribute(auth, rnd, 1e-4, seed=rnd + 1)
         assert auth.step() is not None

@@ -7,7 +7,10 @@ import time
 import msgpack
 import pytest
 from crdt_support import AUTHORITY, PEERS, RUN, envelope, fingerprint, make_replica
+from lock_probe import probe_lock_during
 
+import nord.crdt.persistence
+from nord.checkpoint import load_checkpoint
 from nord.crdt import Delta
 from nord.errors import TransportError
 from nord.gossip import Gossip, RunNotFound, fetch_run_config_json, fetch_snapshot, hello
@@ -98,8 +101,6 @@ def test_joining_peer_gets_config_and_snapshot_and_wrong_run_is_refused(swarm, t
     path = fetch_snapshot(
         joiner, boot.transport.peer_id, RUN, tmp_path / "snap.safetensors", max_bytes=1 << 30
     )
-    from nord.checkpoint import load_checkpoint
-
     tensors, meta = load_checkpoint(path)
     assert meta["run_id"] == RUN and int(meta["base_round"]) == 0
     with pytest.raises(RunNotFound, match="run 'other' not found on this peer"):
@@ -153,3 +154,14 @@ def test_the_snapshot_budget_holds_a_real_models_snapshot_and_little_more(tmp_pa
     save_checkpoint(tmp_path / "w.safetensors", weights)
     size = (tmp_path / "w.safetensors").stat().st_size
     assert size < snapshot_max_bytes(cfg) <= size + SNAPSHOT_META_BYTES + 4096
+
+
+def test_the_gossip_lock_is_free_while_a_snapshot_is_serialised(swarm, tmp_path, monkeypatch):
+    """A snapshot is a whole model: written under the lock it stalled every handler of the peer."""
+    boot, joiner = swarm[0], swarm[3].transport
+    served = probe_lock_during(monkeypatch, nord.crdt.persistence, "save_checkpoint", boot.lock)
+    for attempt in range(2):  # the second is served from the cache: no second serialisation
+        path = tmp_path / f"snap-{attempt}.safetensors"
+        fetch_snapshot(joiner, boot.transport.peer_id, RUN, path, max_bytes=1 << 30)
+        assert load_checkpoint(path)[1]["base_round"] == "0"
+    assert served == [True], "a handler waited for the gossip lock until the snapshot was written"
