@@ -26,6 +26,7 @@ Dense baselines (DiLoCo) average fp32 Δ_i exactly:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -99,6 +100,7 @@ class RunShape:
     eval_windows: int = 12  # windows per intermediate validation
     final_windows: int | None = None  # windows of the final validation (None: the whole split)
     device: str = "cpu"
+    progress: str | None = None  # JSONL: a line per validation point (a stopped run still leaves its curve)
 
 
 def _flat_params(model: NordLM) -> dict[str, torch.Tensor]:
@@ -207,6 +209,12 @@ class _Merger:
         return out
 
 
+def _append_line(path: str, point: dict) -> None:
+    """One JSON line, written in one call so that the lines of parallel runs stay whole."""
+    with open(path, "a") as f:
+        f.write(json.dumps(point) + "\n")
+
+
 def _validate(model, corpus, shape: RunShape, windows: int | None) -> dict[str, float]:
     r = evaluate(model, corpus, seq_len=shape.seq_len, max_batches=windows, device=shape.device)
     return {"loss": r.loss, "ppl": r.ppl, "bpb": r.bits_per_byte}
@@ -258,6 +266,11 @@ def run_setup(setup: Setup, seed: int, shape: RunShape) -> dict:
             curve["tokens"].append((rnd + 1) * tokens_per_round)
             curve["val_loss"].append(_validate(models[0], corpus, shape, shape.eval_windows)["loss"])
             log.info("%s seed %d round %d: val %.4f", setup.name, seed, rnd + 1, curve["val_loss"][-1])
+            if shape.progress:
+                point = {"setup": setup.name, "seed": seed, "round": rnd + 1}
+                point["val_loss"] = curve["val_loss"][-1]
+                point["bytes_per_peer_total"] = sum(merger.bytes_per_round) if merger else 0.0
+                _append_line(shape.progress, point)
     train_seconds = time.perf_counter() - start
     final = _validate(models[0], corpus, shape, shape.final_windows)
     params = sum(p.numel() for p in models[0].parameters())

@@ -22,7 +22,8 @@ The same spiking model, corpus, token budget and seeds in every setup; peers' sh
                       -shared: CodecConfig.mask = "shared", a random-k mask all peers derive from the
                       round, so only values travel; wu0-<d> is no warm-up)
 
-Peers run in one process (see bench/_decentralized_sim.py); setups run in parallel worker processes
+Peers run in one process (see bench/_decentralized_sim.py; tables and plots: bench/_decentralized_report.py);
+setups run in parallel worker processes
 (--jobs), each with one torch thread.
 
     nord bench decentralized                # reduced CPU default (tiny model, 9 setups; see docs/benchmarks)
@@ -30,6 +31,7 @@ Peers run in one process (see bench/_decentralized_sim.py); setups run in parall
     nord bench decentralized --quick        # smoke run (seconds)
     nord bench decentralized --scale        # the `small` model on a GPU
     nord bench decentralized --peers 16 --setups central dense nord-6.25
+    nord bench decentralized --combine a.json b.json --out c.json   # one table from runs of one shape
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _decentralized_report import combined_runs, report  # noqa: E402
 from _decentralized_sim import RunShape, Setup, run_setup  # noqa: E402
 
 from nord.codec import CodecConfig, DeltaEncoder, density_for_round  # noqa: E402
@@ -153,6 +156,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default cuda with --scale, else cpu")
     p.add_argument("--out", default="bench/results/decentralized.json", help="JSON output")
     p.add_argument("--plots", default=None, help="PNG prefix (default: the --out path without .json)")
+    p.add_argument("--progress", default=None, help="JSONL: every run appends each validation point")
+    p.add_argument(
+        "--combine", nargs="+", default=None, metavar="JSON",
+        help="no training: one table, gap curve and plots from the runs of earlier --out files (same shape)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.quick and args.scale:
         raise ConfigError("--quick and --scale exclude each other")
@@ -187,7 +195,7 @@ def run_shape(args: argparse.Namespace, corpus_dir: str) -> RunShape:
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     device = args.device or ("cuda" if args.scale else "cpu")
-    return RunShape(corpus_dir=corpus_dir, lr=args.lr, device=device, **preset)
+    return RunShape(corpus_dir=corpus_dir, lr=args.lr, device=device, progress=args.progress, **preset)
 
 
 def _task(item: tuple[Setup, int, RunShape]) -> dict:
@@ -204,102 +212,6 @@ def _run_all(tasks: list, jobs: int):
         return
     with mp.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
         yield from pool.imap_unordered(_task, tasks)
-
-
-def summarize(results: list[dict], baseline: str = "dense", central: str = "central") -> list[dict]:
-    """One row per setup: mean (and spread over seeds) of the final validation, ratios to baselines."""
-    by_name: dict[str, list[dict]] = {}
-    for r in results:
-        by_name.setdefault(r["setup"]["name"], []).append(r)
-    means = {n: statistics.fmean(r["val"]["loss"] for r in rs) for n, rs in by_name.items()}
-    base_bytes = 4.0 * results[0]["params"]  # (b) sends every parameter as fp32 each round
-    rows = []
-    for name, rs in by_name.items():
-        losses = [r["val"]["loss"] for r in rs]
-        first = rs[0]
-        row = {
-            "setup": name,
-            "seeds": len(rs),
-            "val_loss": means[name],
-            "val_loss_spread": (max(losses) - min(losses)) if len(rs) > 1 else None,
-            "ppl": math.exp(means[name]),
-            "bpb": statistics.fmean(r["val"]["bpb"] for r in rs),
-            "firing_rate": statistics.fmean(r["firing_rate"] for r in rs),
-            "bytes_per_peer_round": first["bytes_per_peer_round"],
-            "bytes_per_peer_total": first["bytes_per_peer_total"],
-            "bytes_total": first["bytes_per_peer_total"] * (1 if name == central else first["peers"]),
-            "bytes_per_param_round": first["bytes_per_param_round"],
-            "byte_ratio_vs_dense": (base_bytes / first["bytes_per_peer_round"])
-            if first["bytes_per_peer_round"]
-            else None,
-            "loss_vs_dense": means[name] / means[baseline] - 1 if baseline in means else None,
-            "loss_vs_central": means[name] / means[central] - 1 if central in means else None,
-            "seconds": statistics.fmean(r["seconds"] for r in rs),
-            "bench_side": first["bench_side"],
-            "verified_rounds": first["verified_rounds"],
-        }
-        rows.append(row)
-    return rows
-
-
-def print_table(rows: list[dict]) -> None:
-    head = (f"{'setup':<16}{'seeds':>5}{'val loss':>10}{'±':>7}{'ppl':>9}{'bpb':>7}{'fire':>7}"
-            f"{'B/peer/rnd':>12}{'×fewer':>8}{'vs dense':>9}{'vs cent':>9}{'s':>7}")  # fmt: skip
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        spread = f"{r['val_loss_spread']:.3f}" if r["val_loss_spread"] is not None else "-"
-        ratio = f"{r['byte_ratio_vs_dense']:.1f}" if r["byte_ratio_vs_dense"] else "-"
-        vs_d = f"{100 * r['loss_vs_dense']:+.1f}%" if r["loss_vs_dense"] is not None else "-"
-        vs_c = f"{100 * r['loss_vs_central']:+.1f}%" if r["loss_vs_central"] is not None else "-"
-        name = r["setup"] + ("*" if r["bench_side"] else "")
-        print(
-            f"{name:<16}{r['seeds']:>5}{r['val_loss']:>10.4f}{spread:>7}{r['ppl']:>9.1f}{r['bpb']:>7.3f}"
-            f"{r['firing_rate']:>7.3f}{r['bytes_per_peer_round']:>12,.0f}{ratio:>8}{vs_d:>9}{vs_c:>9}"
-            f"{r['seconds']:>7.0f}"
-        )
-    print("* bench-side merge (no library switch yet)")
-
-
-def plot(results: list[dict], rows: list[dict], prefix: str) -> list[str]:
-    """validation loss vs tokens (seed 0 curves), and final loss vs bytes per peer per round."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    first = {}
-    for r in results:
-        first.setdefault(r["setup"]["name"], r)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for name, r in first.items():
-        style = "--" if r["setup"]["kind"] != "nord" else "-"
-        ax.plot(r["curve"]["tokens"][1:], r["curve"]["val_loss"][1:], style, marker=".", label=name)
-    ax.set_xlabel("training tokens (all peers)")
-    ax.set_ylabel("validation loss (nats/token, subset)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths = [f"{prefix}_loss.png"]
-    fig.savefig(paths[0], dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in rows:
-        if r["bytes_per_peer_round"] <= 0:
-            ax.axhline(r["val_loss"], color="gray", ls=":", label=f"{r['setup']} (no communication)")
-            continue
-        ax.scatter(r["bytes_per_peer_round"], r["val_loss"], marker="x" if r["bench_side"] else "o")
-        ax.annotate(r["setup"], (r["bytes_per_peer_round"], r["val_loss"]), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes sent per peer per round")
-    ax.set_ylabel("final validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(f"{prefix}_frontier.png")
-    fig.savefig(paths[1], dpi=100)
-    plt.close(fig)
-    return paths
 
 
 def bytes_plan(setups: list[Setup], rounds: int, model: str, vocab_size: int) -> list[dict]:
@@ -334,6 +246,12 @@ def bytes_plan(setups: list[Setup], rounds: int, model: str, vocab_size: int) ->
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    command = " ".join(["nord bench decentralized", *(argv if argv is not None else sys.argv[1:])])
+    if args.combine:
+        shape, results = combined_runs(args.combine)
+        names = list(dict.fromkeys(r["setup"]["name"] for r in results))
+        report(results, names, Path(args.out), args.plots, {"command": command, "shape": shape})
+        return 0
     setups = all_setups(args.ablation_density)
     default = [name.format(ablation=args.ablation_density) for name in DEFAULT_SETUPS]
     names = list(setups) if args.setups == ["all"] else (args.setups or default)
@@ -345,7 +263,6 @@ def main(argv=None) -> int:
         raise ConfigError(f"unknown setup {unknown[0]!r}; choose from: {', '.join(setups)}")
     corpus = prepare(DataConfig(), default_data_root(), progress=False)
     shape = run_shape(args, str(corpus.path))
-    command = " ".join(["nord bench decentralized", *(argv if argv is not None else sys.argv[1:])])
     if args.bytes_only:
         rows = bytes_plan([setups[n] for n in names], shape.rounds, shape.model, corpus.vocab_size)
         doc = {"command": command, "bytes_only": True, "model": shape.model, "rows": rows}
@@ -364,25 +281,13 @@ def main(argv=None) -> int:
         results.append(r)
         print(f"  {r['setup']['name']} seed {r['seed']}: val {r['val']['loss']:.4f} "
               f"({r['seconds']:.0f} s)", flush=True)  # fmt: skip
-    order = {n: i for i, n in enumerate(names)}
-    results.sort(key=lambda r: (order[r["setup"]["name"]], r["seed"]))
-    rows = summarize(results)
-    print_table(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prefix = args.plots or str(out.with_suffix(""))
-    pngs = plot(results, rows, prefix)
-    doc = {
+    extra = {
         "command": command,
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "jobs": args.jobs},
         "shape": dataclasses.asdict(shape),
         "wall_seconds": time.perf_counter() - start,
-        "rows": rows,
-        "runs": results,
-        "plots": pngs,
     }
-    atomic_write_bytes(out, json.dumps(doc, indent=1).encode())
-    print(f"wrote {out} and {', '.join(pngs)}")
+    report(results, names, Path(args.out), args.plots, extra)
     return 0
 
 

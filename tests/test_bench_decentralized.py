@@ -57,7 +57,7 @@ def test_bytes_only_measures_each_rounds_envelope_without_training(tmp_path):
 
 @pytest.mark.slow
 def test_quick_run_trains_every_merge_path_and_counts_bytes(tmp_path):
-    setups = ["central", "dense-nesterov", "nord-1.56", "1.56-damped", "wu4-1.56"]
+    setups = ["central", "dense-nesterov", "nord-1.56", "1.56-damped", "wu4-1.56", "wu2-1.56-shared"]
     out = tmp_path / "r.json"
     assert _bench().main(["--quick", "--jobs", "1", "--setups", *setups, "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
@@ -76,7 +76,7 @@ def test_quick_run_trains_every_merge_path_and_counts_bytes(tmp_path):
         # 64 of every 4096 values at ~9 bits of index + 4 bits of value: far under fp32
         assert rows[name]["byte_ratio_vs_dense"] > 25
     # replica-merged setups: a second replica fed the bytes in reverse order accepted every seal
-    assert rows["nord-1.56"]["verified_rounds"] == rounds
+    assert rows["nord-1.56"]["verified_rounds"] == rows["wu2-1.56-shared"]["verified_rounds"] == rounds
     assert not rows["1.56-damped"]["bench_side"]  # MergeConfig.damping, through the replicas
     assert not rows["nord-1.56"]["bench_side"]
     # density warm-up: round 0 at 25%, round 1 at 12.5%, both above the 1.56% of no warm-up
@@ -86,3 +86,20 @@ def test_quick_run_trains_every_merge_path_and_counts_bytes(tmp_path):
     assert rows["wu4-1.56"]["bytes_per_peer_total"] == pytest.approx(sum(warm))
     for png in doc["plots"]:
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --combine: the same runs read back give the same table, with the seeds of both files
+    combined = tmp_path / "c.json"
+    assert _bench().main(["--combine", str(out), str(out), "--out", str(combined)]) == 0
+    again = {r["setup"]: r for r in json.loads(combined.read_text())["rows"]}
+    assert (
+        again["nord-1.56"]["seeds"] == 2 and again["nord-1.56"]["val_loss"] == rows["nord-1.56"]["val_loss"]
+    )
+
+
+def test_combine_refuses_runs_of_another_shape(tmp_path):
+    paths = []
+    for rounds in (24, 120):
+        path = tmp_path / f"r{rounds}.json"
+        path.write_text(json.dumps({"shape": {"rounds": rounds}, "runs": []}))
+        paths.append(str(path))
+    with pytest.raises(ConfigError, match="another run shape"):
+        _bench().main(["--combine", *paths, "--out", str(tmp_path / "c.json")])

@@ -1,0 +1,171 @@
+"""Tables, the gap-vs-rounds curve, plots and JSON of `nord bench decentralized` (bench/decentralized.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from nord.errors import ConfigError
+from nord.fsutil import atomic_write_bytes
+
+
+def summarize(results: list[dict], baseline: str = "dense", central: str = "central") -> list[dict]:
+    """One row per setup: mean (and spread over seeds) of the final validation, ratios to baselines."""
+    by_name: dict[str, list[dict]] = {}
+    for r in results:
+        by_name.setdefault(r["setup"]["name"], []).append(r)
+    means = {n: statistics.fmean(r["val"]["loss"] for r in rs) for n, rs in by_name.items()}
+    base_bytes = 4.0 * results[0]["params"]  # (b) sends every parameter as fp32 each round
+    rows = []
+    for name, rs in by_name.items():
+        losses = [r["val"]["loss"] for r in rs]
+        first = rs[0]
+        row = {
+            "setup": name,
+            "seeds": len(rs),
+            "val_loss": means[name],
+            "val_loss_spread": (max(losses) - min(losses)) if len(rs) > 1 else None,
+            "ppl": math.exp(means[name]),
+            "bpb": statistics.fmean(r["val"]["bpb"] for r in rs),
+            "firing_rate": statistics.fmean(r["firing_rate"] for r in rs),
+            "bytes_per_peer_round": first["bytes_per_peer_round"],
+            "bytes_per_peer_total": first["bytes_per_peer_total"],
+            "bytes_total": first["bytes_per_peer_total"] * (1 if name == central else first["peers"]),
+            "bytes_per_param_round": first["bytes_per_param_round"],
+            "byte_ratio_vs_dense": (base_bytes / first["bytes_per_peer_round"])
+            if first["bytes_per_peer_round"]
+            else None,
+            "loss_vs_dense": means[name] / means[baseline] - 1 if baseline in means else None,
+            "loss_vs_central": means[name] / means[central] - 1 if central in means else None,
+            "seconds": statistics.fmean(r["seconds"] for r in rs),
+            "bench_side": first["bench_side"],
+            "verified_rounds": first["verified_rounds"],
+        }
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'setup':<16}{'seeds':>5}{'val loss':>10}{'±':>7}{'ppl':>9}{'bpb':>7}{'fire':>7}"
+            f"{'B/peer/rnd':>12}{'×fewer':>8}{'vs dense':>9}{'vs cent':>9}{'s':>7}")  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        spread = f"{r['val_loss_spread']:.3f}" if r["val_loss_spread"] is not None else "-"
+        ratio = f"{r['byte_ratio_vs_dense']:.1f}" if r["byte_ratio_vs_dense"] else "-"
+        vs_d = f"{100 * r['loss_vs_dense']:+.1f}%" if r["loss_vs_dense"] is not None else "-"
+        vs_c = f"{100 * r['loss_vs_central']:+.1f}%" if r["loss_vs_central"] is not None else "-"
+        name = r["setup"] + ("*" if r["bench_side"] else "")
+        print(
+            f"{name:<16}{r['seeds']:>5}{r['val_loss']:>10.4f}{spread:>7}{r['ppl']:>9.1f}{r['bpb']:>7.3f}"
+            f"{r['firing_rate']:>7.3f}{r['bytes_per_peer_round']:>12,.0f}{ratio:>8}{vs_d:>9}{vs_c:>9}"
+            f"{r['seconds']:>7.0f}"
+        )
+    print("* bench-side merge (no library switch yet)")
+
+
+def gap_curve(results: list[dict], baseline: str = "dense") -> dict:
+    """Validation loss (subset, mean over seeds) at every evaluated round, and its gap to `baseline`."""
+    losses: dict[str, list[list[float]]] = {}
+    for r in results:
+        losses.setdefault(r["setup"]["name"], []).append(r["curve"]["val_loss"])
+    mean = {name: [statistics.fmean(v) for v in zip(*curves, strict=True)] for name, curves in losses.items()}
+    curve = {"round": results[0]["curve"]["round"], "val_loss": mean, "vs_dense": {}}
+    if baseline in mean:
+        base = mean[baseline]
+        curve["vs_dense"] = {n: [a / b - 1 for a, b in zip(v, base, strict=True)] for n, v in mean.items()}
+    return curve
+
+
+def print_gap_curve(curve: dict) -> None:
+    names = list(curve["val_loss"])
+    print("round " + "".join(f"{n:>22}" for n in names))
+    for i, rnd in enumerate(curve["round"]):
+        cells = []
+        for n in names:
+            gap = curve["vs_dense"].get(n)
+            cells.append(f"{curve['val_loss'][n][i]:.3f}" + (f" ({100 * gap[i]:+.1f}%)" if gap else ""))
+        print(f"{rnd:>5} " + "".join(f"{c:>22}" for c in cells))
+
+
+def plot(results: list[dict], rows: list[dict], prefix: str) -> list[str]:
+    """validation loss vs tokens (seed 0 curves), and final loss vs bytes per peer per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = {}
+    for r in results:
+        first.setdefault(r["setup"]["name"], r)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, r in first.items():
+        style = "--" if r["setup"]["kind"] != "nord" else "-"
+        ax.plot(r["curve"]["tokens"][1:], r["curve"]["val_loss"][1:], style, marker=".", label=name)
+    ax.set_xlabel("training tokens (all peers)")
+    ax.set_ylabel("validation loss (nats/token, subset)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths = [f"{prefix}_loss.png"]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        if r["bytes_per_peer_round"] <= 0:
+            ax.axhline(r["val_loss"], color="gray", ls=":", label=f"{r['setup']} (no communication)")
+            continue
+        ax.scatter(r["bytes_per_peer_round"], r["val_loss"], marker="x" if r["bench_side"] else "o")
+        ax.annotate(r["setup"], (r["bytes_per_peer_round"], r["val_loss"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent per peer per round")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(f"{prefix}_frontier.png")
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    curve = gap_curve(results)
+    if curve["vs_dense"]:
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for name, gap in curve["vs_dense"].items():
+            if name != "dense":
+                ax.plot(curve["round"][1:], [100 * g for g in gap[1:]], marker=".", label=name)
+        ax.axhline(0, color="gray", ls=":")
+        ax.set_xlabel("round")
+        ax.set_ylabel("validation loss vs dense (%, subset, mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(f"{prefix}_gap.png")
+        fig.savefig(paths[2], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def combined_runs(paths: list[str]) -> tuple[dict, list[dict]]:
+    """The shape and runs of earlier --out files; they must share one shape (the same tokens per run)."""
+    docs = [json.loads(Path(path).read_text()) for path in paths]
+    shape = docs[0]["shape"]
+    for path, doc in zip(paths, docs, strict=True):
+        if doc["shape"] != shape:
+            raise ConfigError(f"{path} has another run shape than {paths[0]}: {doc['shape']} vs {shape}")
+    return shape, [run for doc in docs for run in doc["runs"]]
+
+
+def report(results: list[dict], names: list[str], out: Path, plots: str | None, extra: dict) -> None:
+    """Print the table and the gap curve, draw the plots, write the JSON."""
+    order = {n: i for i, n in enumerate(names)}
+    results.sort(key=lambda r: (order[r["setup"]["name"]], r["seed"]))
+    rows = summarize(results)
+    print_table(rows)
+    curve = gap_curve(results)
+    print_gap_curve(curve)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pngs = plot(results, rows, plots or str(out.with_suffix("")))
+    doc = {**extra, "rows": rows, "gap_curve": curve, "runs": results, "plots": pngs}
+    atomic_write_bytes(out, json.dumps(doc, indent=1).encode())
+    print(f"wrote {out} and {', '.join(pngs)}")
