@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from nord.checks import is_count
-from nord.crdt.messages import Delta, Seal
+from nord.crdt.messages import Delta
 from nord.errors import CodecError, MergeError
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,9 @@ def _checked_digest(remote: Any) -> dict[str, Any]:
 
 
 class AntiEntropy:
-    """Digest, missing, delta_for and join for `Replica` (a mixin over its state)."""
+    """Digest, missing, delta_for and join for `Replica`, over its public interface only: `run_id`,
+    `spec`, `merge`, `round`, `base_round`, `base_hash`, `dot_digest`, `on_dot`, `envelope`,
+    `removals`, `held_seals`, `add`, `apply_removal` and `apply_seal`."""
 
     def digest(self) -> dict[str, Any]:
         """Small summary for anti-entropy: per-dot id hashes, removal and seal id prefixes."""
@@ -55,11 +57,11 @@ class AntiEntropy:
         return {
             "run_id": self.run_id,
             "round": self.round,
-            "base_round": self._base_round,
+            "base_round": self.base_round,
             "base_hash": self.base_hash,
-            "adds": self._set.digest_of_dots(range(self._base_round - window, self.round + window + 1)),
-            "removals": sorted(rid[:16] for rid in self._set.removals),
-            "seals": sorted(sid[:16] for seals in self._seals.values() for sid in seals),
+            "adds": self.dot_digest(range(self.base_round - window, self.round + window + 1)),
+            "removals": sorted(r.removal_id[:16] for r in self.removals()),
+            "seals": sorted(s.seal_id[:16] for s in self.held_seals()),
         }
 
     def missing(self, remote_digest: Mapping[str, Any]) -> list[str]:
@@ -69,12 +71,12 @@ class AntiEntropy:
         window = self.merge.max_staleness
         remote_adds = remote_digest.get("adds", {})
         out = []
-        for peer_hex, rounds in self._set.digest_of_dots(
+        for peer_hex, rounds in self.dot_digest(
             range(remote_round - window, remote_round + window + 1)
         ).items():
             for rnd, h in rounds.items():
                 if remote_adds.get(peer_hex, {}).get(rnd) != h:
-                    out.extend(self._set.dots[(bytes.fromhex(peer_hex), int(rnd))])
+                    out.extend(self.on_dot(bytes.fromhex(peer_hex), int(rnd)))
         return sorted(out)
 
     def delta_for(self, remote_digest: Mapping[str, Any]) -> Delta:
@@ -84,20 +86,17 @@ class AntiEntropy:
         have_seals = set(remote_digest.get("seals", ()))
         remote_base = int(remote_digest.get("base_round", 0))
         return Delta(
-            envelopes=tuple(self._set.envelopes[c].to_bytes() for c in self.missing(remote_digest)),
+            envelopes=tuple(self.envelope(c).to_bytes() for c in self.missing(remote_digest)),
             removals=tuple(r for r in self.removals() if r.removal_id[:16] not in have_removals),
             seals=tuple(
-                seal
-                for rnd in sorted(self._seals)
-                for seal in sorted(self._seals[rnd].values(), key=Seal.rank)
-                if rnd >= remote_base and seal.seal_id[:16] not in have_seals
+                s for s in self.held_seals() if s.round >= remote_base and s.seal_id[:16] not in have_seals
             ),
         )
 
     def needs_snapshot(self, remote_digest: Mapping[str, Any]) -> bool:
         """True if the remote is behind this replica's compaction point: send it a snapshot instead."""
         remote_digest = _checked_digest(remote_digest)
-        return int(remote_digest.get("round", 0)) < self._base_round
+        return int(remote_digest.get("round", 0)) < self.base_round
 
     def join(self, other: Any) -> int:
         """Apply what `other` (a Replica or a Delta) has and this replica lacks; how many items were new.

@@ -459,6 +459,22 @@ class Replica(AntiEntropy, Persistence):
     def removals(self) -> list[Removal]:
         return sorted(self._set.removals.values(), key=lambda r: r.removal_id)
 
+    def held_seals(self) -> list[Seal]:
+        """Every seal held (on the chain or competing) from the base round on, by round, best first."""
+        return [s for rnd in sorted(self._seals) for s in sorted(self._seals[rnd].values(), key=Seal.rank)]
+
+    def envelope(self, contribution_id: str) -> Any:
+        """A held contribution (KeyError if not held)."""
+        return self._set.envelopes[contribution_id]
+
+    def on_dot(self, peer_key: bytes, rnd: int) -> list[str]:
+        """Ids of the contributions held that `peer_key` signed for round `rnd` (two: equivocation)."""
+        return sorted(self._set.dots.get((peer_key, rnd), ()))
+
+    def dot_digest(self, rounds: range) -> dict[str, dict[str, str]]:
+        """{peer hex: {round: hash of the ids held on that dot}} for `rounds` (anti-entropy digests)."""
+        return self._set.digest_of_dots(rounds)
+
     def seals(self) -> list[Seal]:
         """The chain of seals since the base round, oldest first."""
         return list(self._chain)
