@@ -17,7 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: procs, swarm
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO)]  # node/, nord/, coordinator/ (before tests/, whose coordinator/ is tests)
+sys.path.append(str(REPO / "tests"))  # procs, swarm
 
 from procs import wait_for  # noqa: E402
 from swarm import Swarm  # noqa: E402
@@ -57,7 +59,10 @@ def play(swarm: Swarm, attack: bool) -> dict:
     finally:
         history.close()
     report = json.loads((hostile / "attacks.json").read_text()) if attack else {}
-    names = {cid: a["attack"] for a in report.get("attacks", []) for cid in a["cids"]}
+    names: dict[str, str] = {}  # the attack that first sent each id (a replay sends one again)
+    for a in report.get("attacks", []):
+        for cid in a["cids"]:
+            names.setdefault(cid, a["attack"])
     return {"losses": losses, "sealed": {r: names.get(cid, cid[:12]) for r, cid in sealed if r is not None}}
 
 
@@ -66,11 +71,10 @@ def main() -> int:
     parser.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="nord-unguarded-"))
-    repo = str(Path(__file__).resolve().parents[2])
     clean, attacked = (Unguarded(root / name, run=RUN) for name in ("clean", "attacked"))
     for swarm in (clean, attacked):
         swarm.tmp.mkdir(parents=True)
-        swarm.env |= {"NORD_DATA_DIR": str(root / "data"), "PYTHONPATH": repo}
+        swarm.env |= {"NORD_DATA_DIR": str(root / "data"), "PYTHONPATH": str(REPO)}
     with clean:
         clean.init(quorum=1, inner_steps=2)
         config = json.loads((clean.tmp / "run.json").read_text())
