@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -130,20 +131,97 @@ def plot(results: list[dict], rows: list[dict], prefix: str) -> list[str]:
     plt.close(fig)
     curve = gap_curve(results)
     if curve["vs_dense"]:
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        for name, gap in curve["vs_dense"].items():
-            if name != "dense":
-                ax.plot(curve["round"][1:], [100 * g for g in gap[1:]], marker=".", label=name)
-        ax.axhline(0, color="gray", ls=":")
-        ax.set_xlabel("round")
-        ax.set_ylabel("validation loss vs dense (%, subset, mean over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(f"{prefix}_gap.png")
-        fig.savefig(paths[2], dpi=100)
-        plt.close(fig)
+        gaps = {n: (curve["round"][1:], g[1:]) for n, g in curve["vs_dense"].items() if n != "dense"}
+        paths.append(plot_gap(gaps, f"{prefix}_gap.png"))
     return paths
+
+
+def plot_gap(gaps: dict[str, tuple[list[int], list[float]]], path: str) -> str:
+    """Validation loss vs dense (%) against rounds, one line per setup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, (rounds, gap) in gaps.items():
+        ax.plot(rounds, [100 * g for g in gap], marker=".", label=name)
+    ax.axhline(0, color="gray", ls=":")
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation loss vs dense (%, subset, mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+_LOG_POINT = re.compile(r"(?P<setup>\S+) seed (?P<seed>\d+) round (?P<round>\d+): val (?P<loss>\d+\.\d+)$")
+
+
+def progress_points(paths: list[str]) -> list[dict]:
+    """Validation points of runs that may not have finished: lines of --progress JSONL files, or the
+    bench's own log lines (`NAME seed S round R: val L`, without bytes); the first of duplicates kept."""
+    points: dict[tuple, dict] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith("{"):
+                point = json.loads(line)
+            elif match := _LOG_POINT.search(line):
+                point = {"setup": match["setup"], "seed": int(match["seed"]), "round": int(match["round"]),
+                         "val_loss": float(match["loss"])}  # fmt: skip
+            else:
+                continue
+            points.setdefault((point["setup"], point["seed"], point["round"]), point)
+    return list(points.values())
+
+
+def partial_report(points: list[dict], dense_bytes: float, out: Path) -> None:
+    """Subset validation loss, gap to dense and bytes so far at every round any run reached."""
+    table: dict[str, dict[int, list[dict]]] = {}
+    for p in points:
+        table.setdefault(p["setup"], {}).setdefault(p["round"], []).append(p)
+    rows = []
+    for rnd in sorted({p["round"] for p in points}):
+        row = {"round": rnd}
+        dense = table.get("dense", {}).get(rnd)
+        for name, by_round in table.items():
+            if rnd not in by_round:
+                continue
+            cell = {
+                "val_loss": statistics.fmean(p["val_loss"] for p in by_round[rnd]),
+                "seeds": len(by_round[rnd]),
+            }
+            if dense:
+                cell["vs_dense"] = cell["val_loss"] / statistics.fmean(p["val_loss"] for p in dense) - 1
+            sent = by_round[rnd][0].get("bytes_per_peer_total")
+            if sent:
+                cell["bytes_per_peer_round"] = sent / rnd
+                cell["byte_ratio_vs_dense"] = dense_bytes * rnd / sent
+            row[name] = cell
+        rows.append(row)
+    names = list(table)
+    print("round " + "".join(f"{n:>30}" for n in names))
+    for row in rows:
+        cells = []
+        for n in names:
+            c = row.get(n)
+            text = "-" if c is None else f"{c['val_loss']:.3f}"
+            if c and "vs_dense" in c:
+                text += f" ({100 * c['vs_dense']:+.1f}%)"
+            if c and "byte_ratio_vs_dense" in c:
+                text += f" {c['byte_ratio_vs_dense']:.0f}x"
+            cells.append(text)
+        print(f"{row['round']:>5} " + "".join(f"{c:>30}" for c in cells))
+    gaps = {
+        n: ([r["round"] for r in rows if "vs_dense" in r.get(n, {})],
+            [r[n]["vs_dense"] for r in rows if "vs_dense" in r.get(n, {})])
+        for n in names if n != "dense"
+    }  # fmt: skip
+    png = plot_gap({n: g for n, g in gaps.items() if g[0]}, str(out.with_suffix("")) + "_gap.png")
+    atomic_write_bytes(out, json.dumps({"partial": True, "rows": rows, "plots": [png]}, indent=1).encode())
+    print(f"wrote {out} and {png}")
 
 
 def combined_runs(paths: list[str]) -> tuple[dict, list[dict]]:

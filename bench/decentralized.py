@@ -53,7 +53,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _decentralized_report import combined_runs, report  # noqa: E402
+from _decentralized_report import combined_runs, partial_report, progress_points, report  # noqa: E402
 from _decentralized_sim import RunShape, Setup, run_setup  # noqa: E402
 
 from nord.codec import CodecConfig, DeltaEncoder, density_for_round  # noqa: E402
@@ -158,6 +158,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plots", default=None, help="PNG prefix (default: the --out path without .json)")
     p.add_argument("--progress", default=None, help="JSONL: every run appends each validation point")
     p.add_argument(
+        "--partial", nargs="+", default=None, metavar="FILE",
+        help="no training: the gap-vs-rounds table of runs that may not have finished, from --progress "
+        "JSONL files or this bench's logs",
+    )  # fmt: skip
+    p.add_argument(
         "--combine", nargs="+", default=None, metavar="JSON",
         help="no training: one table, gap curve and plots from the runs of earlier --out files (same shape)",
     )  # fmt: skip
@@ -214,13 +219,22 @@ def _run_all(tasks: list, jobs: int):
         yield from pool.imap_unordered(_task, tasks)
 
 
+def model_spec(model: str, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """The trainable tensors of recipe `model` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return NordLM(dataclasses.replace(get_config(model), vocab_size=vocab_size)).param_spec()
+
+
+def model_params(model: str, vocab_size: int) -> int:
+    return sum(math.prod(shape) for shape in model_spec(model, vocab_size).values())
+
+
 def bytes_plan(setups: list[Setup], rounds: int, model: str, vocab_size: int) -> list[dict]:
     """Envelope bytes per peer per round of each Nord setup over `rounds`, without training: each round's
     density (warm-up schedule included) is measured once on a seeded random delta of the model's shape.
     The sizes of a training run's envelopes differ a little (docs/benchmarks/decentralized.md compares)."""
-    with torch.device("meta"):
-        spec = NordLM(dataclasses.replace(get_config(model), vocab_size=vocab_size)).param_spec()
-    params = sum(math.prod(shape) for shape in spec.values())
+    spec = model_spec(model, vocab_size)
+    params = model_params(model, vocab_size)
     g = torch.Generator().manual_seed(0)
     delta = {name: torch.randn(*shape, generator=g) for name, shape in spec.items()}
     identity, sizes, rows = Identity.from_private_bytes(bytes(32)), {}, []
@@ -263,6 +277,10 @@ def main(argv=None) -> int:
         raise ConfigError(f"unknown setup {unknown[0]!r}; choose from: {', '.join(setups)}")
     corpus = prepare(DataConfig(), default_data_root(), progress=False)
     shape = run_shape(args, str(corpus.path))
+    if args.partial:
+        dense_bytes = 4.0 * model_params(shape.model, corpus.vocab_size)
+        partial_report(progress_points(args.partial), dense_bytes, Path(args.out))
+        return 0
     if args.bytes_only:
         rows = bytes_plan([setups[n] for n in names], shape.rounds, shape.model, corpus.vocab_size)
         doc = {"command": command, "bytes_only": True, "model": shape.model, "rows": rows}

@@ -103,3 +103,29 @@ def test_combine_refuses_runs_of_another_shape(tmp_path):
         paths.append(str(path))
     with pytest.raises(ConfigError, match="another run shape"):
         _bench().main(["--combine", *paths, "--out", str(tmp_path / "c.json")])
+
+
+def test_partial_report_reads_progress_lines_and_logs_of_unfinished_runs(tmp_path):
+    _bench()  # puts bench/ on sys.path
+    import _decentralized_report as report
+
+    progress = tmp_path / "p.jsonl"
+    lines = [
+        {"setup": "dense", "seed": 0, "round": 6, "val_loss": 5.0, "bytes_per_peer_total": 2400.0},
+        {"setup": "wu0-1.56-shared", "seed": 0, "round": 6, "val_loss": 5.1, "bytes_per_peer_total": 24.0},
+        {"setup": "wu0-1.56-shared", "seed": 0, "round": 12, "val_loss": 4.9, "bytes_per_peer_total": 48.0},
+    ]
+    progress.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    log = tmp_path / "run.log"
+    log.write_text(
+        "02:09:19 central seed 0 round 6: val 4.5000\nsetups: 50%\n02:09:25 dense seed 0 round 6: val 9.9\n"
+    )
+    points = report.progress_points([str(progress), str(log)])
+    assert len(points) == 4  # the log's dense point repeats the progress file's and is dropped
+    out = tmp_path / "partial.json"
+    report.partial_report(points, dense_bytes=400.0, out=out)
+    rows = {row["round"]: row for row in json.loads(out.read_text())["rows"]}
+    shared = rows[6]["wu0-1.56-shared"]
+    assert shared["vs_dense"] == pytest.approx(0.02) and shared["byte_ratio_vs_dense"] == pytest.approx(100)
+    assert rows[6]["central"]["vs_dense"] == pytest.approx(-0.1)
+    assert "vs_dense" not in rows[12]["wu0-1.56-shared"]  # no dense point at round 12
