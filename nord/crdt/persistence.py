@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from nord.checkpoint import save_checkpoint
-from nord.crdt.compaction import Compaction, CompactionView, Window, trimmed_window
+from nord.crdt.base import Base, Window
+from nord.crdt.compaction import Compaction, CompactionView
 from nord.crdt.config import MergeConfig
 from nord.crdt.log import Store
 from nord.crdt.messages import Removal, Seal, window_hash
-from nord.crdt.orset import ContributionSet
 from nord.errors import CodecError, MergeError
 
 log = logging.getLogger(__name__)
@@ -51,24 +51,21 @@ class SnapshotView:
 class Persistence:
     """Log, snapshot, compaction and restore for `Replica` (a mixin over its state)."""
 
+    def _persist_to(self, log_dir: str | Path) -> None:
+        """Start a new replica directory at the current base."""
+        store = Store(log_dir)
+        store.create(self._base.weights, self._base.meta(self.run_id))
+        self._store = store
+
     def _persist(self, kind: str, data: bytes) -> None:
         if self._store is not None:
             self._store.append(kind, data)
 
-    def _window(self, rnd: int) -> Window:
-        """What a base at round `rnd` must remember: ids and dots folded before it, and base hashes,
-        for the rounds a contribution could still claim (>= rnd - max_staleness)."""
-        return trimmed_window(rnd, *self._folded_before(rnd), self.merge.max_staleness, self._hash_at)
-
     def _window_after(self, rnd: int, ids: Sequence[str]) -> Window:
         """The window of a base at round `rnd` + 1 once round `rnd` (on this chain) folds `ids`: what its
         seal's `window_hash` covers."""
-        folded, dots = self._folded_before(rnd)
-        for cid in ids:
-            dot = ContributionSet.dot(self._set.envelopes[cid])
-            folded[cid] = dot[1]
-            dots.add(dot)
-        return trimmed_window(rnd + 1, folded, dots, self.merge.max_staleness, self._hash_at)
+        chain = self._chain[: rnd - self._base.round]
+        return self._base.window(rnd + 1, chain, self._set.envelopes, self.merge.max_staleness, ids)
 
     def compact(self, keep_rounds: int = 0, *, lock: AbstractContextManager | None = None) -> bool:
         """Fold sealed rounds into the base snapshot and drop their payloads (those rounds become final).
@@ -104,15 +101,13 @@ class Persistence:
         folded_seals = tuple(self._chain[:cut])
         gone = {c for seal in folded_seals for c in seal.contribution_ids}
         view = CompactionView(
+            run_id=self.run_id,
             base=self._base,
-            base_round=self._base_round,
-            base_hash=self._base_hash,
-            compacted=(dict(self._compacted_folded), set(self._compacted_dots), dict(self._compacted_hashes)),
             folded_seals=folded_seals,
             envelopes={c: self._set.envelopes[c] for c in gone},
             norms={c: self._norms[c] for c in gone if c in self._norms},
             tip=self._tip if cut == len(self._chain) else None,
-            records=tuple(self._records(self._base_round + cut, gone)),
+            records=tuple(self._records(self._base.round + cut, gone)),
             staleness=self.merge.max_staleness,
         )
         self._compaction = Compaction(
@@ -120,7 +115,6 @@ class Persistence:
             store=self._store,
             new_accumulator=self._new_accumulator,
             merge=self.merge,
-            snapshot_meta=self._snapshot_meta,
         )
         if self._store is not None:
             self._store.begin_rewrite()
@@ -136,22 +130,19 @@ class Persistence:
     def finish_compaction(self, job: Compaction) -> bool:
         """Phase 3 of `compact` (under the lock): commit a prepared compaction if the chain still starts
         with the seals it folded; else drop it and return False."""
-        if self._compaction is not job or not job.prepared:
+        if self._compaction is not job or job.new_base is None:
             raise MergeError("finish_compaction needs the prepared compaction begun on this replica")
         view = job.view
         cut = len(view.folded_seals)
-        if self._base_round != view.base_round or self._chain[:cut] != list(view.folded_seals):
+        folded_ids = [s.seal_id for s in view.folded_seals]
+        if self._base is not view.base or [s.seal_id for s in self._chain[:cut]] != folded_ids:
             log.info("compaction dropped: the chain changed below round %d meanwhile", view.new_round)
             self.abandon_compaction(job)
             return False
         self._compaction = None
         if self._store is not None:
             self._store.finish_rewrite()
-        if cut:
-            self._base_seal = job.base_seal
-        folded, dots, hashes = job.window
-        self._base, self._base_round, self._base_hash = job.weights, view.new_round, job.weights_hash
-        self._compacted_folded, self._compacted_dots, self._compacted_hashes = folded, dots, hashes
+        self._base = job.new_base
         self._chain = self._chain[cut:]
         self._seals = {r: s for r, s in self._seals.items() if r >= view.new_round}
         self._verified = {s.seal_id for s in self._chain}
@@ -172,28 +163,15 @@ class Persistence:
 
     def snapshot_view(self) -> SnapshotView:
         """The sealed tip for a lagging peer: cheap, take it under the lock and `write` it outside."""
-        meta = self._snapshot_meta(self.round, self._window(self.round), self.tip_seal)
-        return SnapshotView(round=self.round, base_hash=self.base_hash, weights=self._tip, meta=meta)
+        window = self._base.window(self.round, self._chain, self._set.envelopes, self.merge.max_staleness)
+        tip = Base.of(self._tip, self.round, self.tip_seal, window, hash=self.base_hash)
+        return SnapshotView(
+            round=tip.round, base_hash=tip.hash, weights=tip.weights, meta=tip.meta(self.run_id)
+        )
 
     def save_snapshot(self, path: str | Path) -> str:
         """Write the sealed tip (weights + the window a new replica needs) for a lagging peer; its hash."""
         return self.snapshot_view().write(path)
-
-    def _snapshot_meta(self, base_round: int, window: Window, seal: Seal | None) -> dict[str, object]:
-        folded, dots, hashes = window
-        return {
-            "run_id": self.run_id,
-            "seal": seal.to_bytes().hex() if seal is not None else "",
-            "base_round": base_round,
-            "folded": folded,
-            "folded_dots": sorted([p.hex(), r] for p, r in dots),
-            "round_hashes": {str(k): v for k, v in hashes.items()},
-        }
-
-    def _base_meta(self) -> dict[str, object]:
-        """Snapshot metadata of the current base."""
-        window = (self._compacted_folded, self._compacted_dots, self._compacted_hashes)
-        return self._snapshot_meta(self._base_round, window, self._base_seal)
 
     @classmethod
     def from_snapshot(
@@ -256,12 +234,9 @@ class Persistence:
             raise MergeError(
                 "snapshot metadata (folded contributions, round hashes) is not what its seal covers"
             )
-        replica._base_seal = seal
-        replica._reset_base(replica._base, base_round, folded=folded, folded_dots=dots, hashes=hashes)
+        replica._reset_base(Base.of(replica._base.weights, base_round, seal, (folded, dots, hashes)))
         if log_dir is not None:
-            store = Store(log_dir)
-            store.create(replica._base, replica._base_meta())
-            replica._store = store
+            replica._persist_to(log_dir)
         return replica
 
     @classmethod

@@ -20,7 +20,7 @@ function of the contributions seen, not of the order they arrived in.
 Seals. An authority signs (round, prev_hash, sorted contribution ids, weights_hash, window_hash). A
 replica accepts a seal only by recomputing it: the listed contributions must be known and foldable at
 that round, folding exactly them into the previous weights must give `weights_hash`, and the window a
-replica based on those weights must remember (`Persistence._window`) must hash to `window_hash`.
+replica based on those weights must remember (`Base.window`) must hash to `window_hash`.
 The seal is authoritative over its list (removals and equivocation govern only the open pool and what
 an honest authority lists). Competing seals for one round: the one with the most contributions wins,
 then the lowest seal id; a replica that learns of a better verified seal rolls back to that round and
@@ -30,7 +30,6 @@ replays. Rounds are final once compacted.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -39,14 +38,16 @@ from typing import Any
 import torch
 
 from nord.checkpoint import weights_hash
-from nord.crdt.accumulator import FixedPointAccumulator, SparseFixedPointAccumulator, contribution_norm
+from nord.crdt.accumulator import FixedPointAccumulator, contribution_norm
 from nord.crdt.antientropy import AntiEntropy
-from nord.crdt.compaction import Compaction, chain_hash_at, fold_envelopes, folded_by
+from nord.crdt.base import Base
+from nord.crdt.compaction import Compaction, fold_envelopes
 from nord.crdt.config import MergeConfig
 from nord.crdt.log import Store
 from nord.crdt.messages import Removal, Seal, window_hash
 from nord.crdt.orset import ContributionSet, Dot, Equivocation
 from nord.crdt.persistence import Persistence
+from nord.crdt.pool import Pool, new_accumulator
 from nord.errors import ConfigError, MergeError
 from nord.protocol import admission_error
 
@@ -85,14 +86,11 @@ class Replica(AntiEntropy, Persistence):
         self._verified: set[str] = set()  # seal ids whose recomputation matched
         self._norms: dict[str, float] = {}  # contribution id -> clipped L2 norm (median_norm_clip only)
         self._last_verified: tuple[str, dict[str, torch.Tensor]] | None = None
-        self._base_seal: Seal | None = None  # the seal whose weights are the base (None: the run's start)
-        self._reset_base(self._checked_base(base), base_round, folded={}, folded_dots=set(), hashes={})
+        self._reset_base(Base.of(self._checked_base(base), base_round))
         self._store: Store | None = None
         self._compaction: Compaction | None = None  # begun, not yet finished (nord.crdt.compaction)
         if log_dir is not None:
-            store = Store(log_dir)
-            store.create(self._base, self._base_meta())
-            self._store = store
+            self._persist_to(log_dir)
 
     # ----------------------------------------------------------------------------------------- state
     def _checked_base(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,58 +104,38 @@ class Replica(AntiEntropy, Persistence):
             out[name] = t.detach().to("cpu", torch.float32).contiguous().clone()
         return out
 
-    def _reset_base(
-        self,
-        base: dict[str, torch.Tensor],
-        base_round: int,
-        *,
-        folded: dict[str, int],
-        folded_dots: set[Dot],
-        hashes: dict[int, str],
-    ) -> None:
+    def _reset_base(self, base: Base) -> None:
         self._base = base
-        self._base_round = base_round
-        self._base_hash = weights_hash(base)
-        self._compacted_folded = folded  # contribution id -> its round, for rounds still re-addable
-        self._compacted_dots = folded_dots
-        self._compacted_hashes = hashes  # round -> base hash, for compacted rounds still in the window
         self._chain: list[Seal] = []
-        self._tip = base
+        self._tip = base.weights
         self._rebuild_pool()
 
     @property
     def round(self) -> int:
         """The open round."""
-        return self._base_round + len(self._chain)
+        return self._base.round + len(self._chain)
 
     @property
     def base_round(self) -> int:
-        return self._base_round
+        return self._base.round
 
     @property
     def tip_seal(self) -> Seal | None:
         """The seal whose weights the open round builds on (None before the first seal of the run)."""
-        return self._chain[-1] if self._chain else self._base_seal
+        return self._chain[-1] if self._chain else self._base.seal
 
     @property
     def base_hash(self) -> str:
         """Hash of the sealed weights the open round builds on (what contributions must name)."""
-        return self._chain[-1].weights_hash if self._chain else self._base_hash
+        return self._chain[-1].weights_hash if self._chain else self._base.hash
 
     def _hash_at(self, rnd: int) -> str | None:
         """Base hash of round `rnd` on this replica's chain (None if unknown)."""
-        return chain_hash_at(
-            rnd,
-            base_round=self._base_round,
-            base_hash=self._base_hash,
-            chain=self._chain,
-            compacted_hashes=self._compacted_hashes,
-        )
+        return self._base.hash_at(rnd, self._chain)
 
     def _folded_before(self, rnd: int) -> tuple[dict[str, int], set[Dot]]:
         """Contributions (id -> their round) and dots folded by compacted rounds and chain seals < `rnd`."""
-        seals = self._chain[: max(0, rnd - self._base_round)]
-        return folded_by(seals, self._set.envelopes, dict(self._compacted_folded), set(self._compacted_dots))
+        return self._base.folded_before(rnd, self._chain, self._set.envelopes)
 
     def _foldable(self, cid: str, rnd: int, folded: Mapping[str, int], dots: set[Dot]) -> bool:
         """Whether contribution `cid` may be folded into round `rnd` (liveness aside)."""
@@ -171,17 +149,12 @@ class Replica(AntiEntropy, Persistence):
         )
 
     def _rebuild_pool(self) -> None:
-        folded, dots = self._folded_before(self.round)
-        self._folded_ids, self._folded_dots = folded, dots
-        self._pool: set[str] = set()
-        self._candidates: set[str] = set()  # eligible ids; the pool is the smallest max_contributions
-        self._pool_capped = False
-        self._acc = self._new_accumulator()
+        self._folded_ids, self._folded_dots = self._folded_before(self.round)
+        self._pool = Pool(self.spec, self.merge, self.sparse_sums)
         self._sync(self._set.envelopes)
 
     def _new_accumulator(self) -> FixedPointAccumulator:
-        cls = SparseFixedPointAccumulator if self.sparse_sums else FixedPointAccumulator
-        return cls(self.spec, self.merge)
+        return new_accumulator(self.spec, self.merge, self.sparse_sums)
 
     def _eligible(self, cid: str) -> bool:
         return self._set.live(cid) and self._foldable(cid, self.round, self._folded_ids, self._folded_dots)
@@ -189,26 +162,8 @@ class Replica(AntiEntropy, Persistence):
     def _sync(
         self, cids: Iterable[str], deltas: Mapping[str, Any] | None = None, drop: frozenset[str] = frozenset()
     ) -> None:
-        """Bring the pool (and the incremental sums) in line with `_eligible` for `cids` (those in `drop`
-        are leaving the set), keeping only the max_contributions smallest eligible ids."""
-        cids = set(cids)
-        for cid in cids:
-            eligible = cid not in drop and self._eligible(cid)
-            (self._candidates.add if eligible else self._candidates.discard)(cid)
-        cap = self.merge.max_contributions
-        capped = len(self._candidates) > cap
-        target = set(heapq.nsmallest(cap, self._candidates)) if capped else self._candidates
-        scope = self._pool | target if capped or self._pool_capped else cids
-        self._pool_capped = capped
-        leaving = sorted(c for c in scope if c in self._pool and c not in target)
-        joining = sorted(c for c in scope if c in target and c not in self._pool)
-        for cid, sign in [(c, -1) for c in leaving] + [(c, 1) for c in joining]:
-            if not self.merge.median_norm_clip:  # with median clipping the pool is summed at read time
-                delta = (deltas or {}).get(cid)
-                if delta is None and (sign == 1 or not self.sparse_sums):  # sparse sums drop by key
-                    delta = self._set.envelopes[cid].delta()
-                self._acc.add(delta, key=cid, sign=sign, checked=True)
-            (self._pool.add if sign == 1 else self._pool.discard)(cid)
+        """Bring the pool in line with `_eligible` for `cids` (those in `drop` are leaving the set)."""
+        self._pool.sync(cids, self._eligible, lambda cid: self._set.envelopes[cid].delta(), deltas, drop)
 
     # ----------------------------------------------------------------------------------- mutations
     def add(self, envelope: Any) -> bool:
@@ -233,7 +188,7 @@ class Replica(AntiEntropy, Persistence):
             raise MergeError(refused)
         evict = self._room_for(cid, q)  # raises if the round is full of smaller ids
         delta = envelope.delta()
-        self._acc.check(delta)  # every held contribution passed this: later sums skip it
+        self._pool.sums.check(delta)  # every held contribution passed this: later sums skip it
         if self.merge.median_norm_clip:
             self._norms[cid] = contribution_norm(delta, self.merge)
         self._persist("add", envelope.to_bytes())
@@ -306,8 +261,8 @@ class Replica(AntiEntropy, Persistence):
             raise MergeError(f"seal is for run {seal.run_id!r}, this replica is {self.run_id!r}")
         if seal.authority not in self.authorities:
             raise MergeError(f"seal signed by {seal.authority.hex()[:16]}, not an authority of this run")
-        if seal.round < self._base_round:
-            log.info("ignoring seal for round %d: compacted here at %d", seal.round, self._base_round)
+        if seal.round < self._base.round:
+            log.info("ignoring seal for round %d: compacted here at %d", seal.round, self._base.round)
             return False
         sid = seal.seal_id
         if sid in self._seals.get(seal.round, {}):
@@ -330,7 +285,7 @@ class Replica(AntiEntropy, Persistence):
         if identity.public_key not in self.authorities:
             raise MergeError("only a run authority can seal a round")
         weights = self.weights()
-        ids = sorted(self._pool)
+        ids = sorted(self._pool.ids)
         seal = Seal.create(
             run_id=self.run_id,
             round=self.round,
@@ -348,8 +303,8 @@ class Replica(AntiEntropy, Persistence):
     # ----------------------------------------------------------------------------- seals and chain
     def _fold(self, prev: Mapping[str, torch.Tensor], cids: Sequence[str]) -> dict[str, torch.Tensor]:
         """prev + η·S/C over exactly `cids` (median-norm scales taken over this set)."""
-        if not self.merge.median_norm_clip and set(cids) == self._pool and prev is self._tip:
-            return self._acc.apply_update(prev)
+        if not self.merge.median_norm_clip and set(cids) == self._pool.ids and prev is self._tip:
+            return self._pool.sums.apply_update(prev)
         envelopes = {c: self._set.envelopes[c] for c in cids}
         return fold_envelopes(prev, envelopes, self._new_accumulator(), self.merge, self._norm)
 
@@ -362,8 +317,8 @@ class Replica(AntiEntropy, Persistence):
         """Sealed weights that round `rnd` builds on (replays the chain from the base if not the tip)."""
         if rnd == self.round:
             return self._tip
-        weights = self._base
-        for seal in self._chain[: rnd - self._base_round]:
+        weights = self._base.weights
+        for seal in self._chain[: rnd - self._base.round]:
             weights = self._fold(weights, seal.contribution_ids)
         return weights
 
@@ -390,9 +345,9 @@ class Replica(AntiEntropy, Persistence):
     def _settle(self) -> None:
         """Make the chain the best verified seal at each round, starting from the base (module doc)."""
         changed = False
-        rnd = self._base_round
+        rnd = self._base.round
         while True:
-            current = self._chain[rnd - self._base_round] if rnd < self.round else None
+            current = self._chain[rnd - self._base.round] if rnd < self.round else None
             prev_hash = self._hash_at(rnd)
             candidates = sorted(
                 (s for s in self._seals.get(rnd, {}).values() if s.prev_hash == prev_hash), key=Seal.rank
@@ -410,7 +365,7 @@ class Replica(AntiEntropy, Persistence):
                     continue
                 if current is not None:
                     log.warning("round %d: switching to the better seal %s", rnd, seal.seal_id[:16])
-                del self._chain[rnd - self._base_round :]
+                del self._chain[rnd - self._base.round :]
                 self._chain.append(seal)
                 self._tip = weights
                 current, changed = seal, True
@@ -454,7 +409,7 @@ class Replica(AntiEntropy, Persistence):
 
     def pool(self) -> list[str]:
         """Ids summed into the open round's update, sorted."""
-        return sorted(self._pool)
+        return sorted(self._pool.ids)
 
     def removals(self) -> list[Removal]:
         return sorted(self._set.removals.values(), key=lambda r: r.removal_id)
@@ -486,12 +441,12 @@ class Replica(AntiEntropy, Persistence):
         """Sizes for dashboards and benchmarks."""
         return {
             "round": self.round,
-            "base_round": self._base_round,
+            "base_round": self._base.round,
             "held": len(self._set.envelopes),
-            "pool": len(self._pool),
+            "pool": len(self._pool.ids),
             "removals": len(self._set.removals),
             "equivocations": len(self._set.equivocations()),
-            "accumulator_bytes": self._acc.nbytes(),
+            "accumulator_bytes": self._pool.sums.nbytes(),
             "payload_bytes": sum(len(e.payload) for e in self._set.envelopes.values()),
         }
 
@@ -499,7 +454,7 @@ class Replica(AntiEntropy, Persistence):
         """Sealed weights, plus η·S/C of the open round's pool (a fresh dict of float32 CPU tensors)."""
         if not include_open_round:
             return {k: v.clone() for k, v in self._tip.items()}
-        return self._fold(self._tip, sorted(self._pool))
+        return self._fold(self._tip, sorted(self._pool.ids))
 
     def weights_hash(self, include_open_round: bool = True) -> str:
         return weights_hash(self.weights(include_open_round))
