@@ -3,7 +3,9 @@
     config.py    CodecConfig (a section of RunConfig), density_for_round (the density warm-up)
     encoder.py   DeltaEncoder: residual + delta → top-k per chunk → NF4 → Envelope; keeps the residual
     payload.py   the payload layout, its validation and deterministic dequantization (SparseTensor)
-    indices.py   index codes: bitmap, chunk-local offsets, LEB128 gaps, full — shortest per tensor
+    indices.py   index codes: bitmap, chunk-local offsets, LEB128 gaps, full — shortest per tensor — or
+                 shared (mask.py: CodecConfig(mask="shared") keeps a random-k mask every replica derives
+                 from run, round, tensor and seed, so only the values travel)
     envelope.py  Envelope (msgpack wire format, ed25519 signature, contribution id), decode_envelope
 
 Bytes at the default 64/4096 density: ≈ 9 bits of index + 4 bits of value per kept value + one fp16
