@@ -39,6 +39,7 @@ from pathlib import Path
 
 import msgpack
 import torch
+from hostile_peer import loopback_peer_args
 
 from node.session import model_spec, open_replica, start_transport
 from nord.codec import DeltaEncoder
@@ -285,13 +286,7 @@ class Hostile:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--initial-peers", nargs="+", required=True)
-    parser.add_argument("--run", required=True)
-    parser.add_argument("--state-dir", required=True)
-    args = parser.parse_args(argv)
-    args.host_maddrs, args.announce_maddrs, args.local_only = ["/ip4/127.0.0.1/tcp/0"], [], True
-    hostile = Hostile(args)
+    hostile = Hostile(loopback_peer_args(__doc__, argv))
     hostile.transport.install_signal_handlers()
     try:
         hostile.gossip.serve()

@@ -157,14 +157,22 @@ class Hostile:
             time.sleep(5.0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def loopback_peer_args(doc: str, argv: list[str] | None, **extra: dict) -> argparse.Namespace:
+    """A hostile peer's flags (--initial-peers, --run, --state-dir, and `extra`: flag name -> argparse
+    keywords), with the transport settings of a peer that listens on 127.0.0.1 only."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--initial-peers", nargs="+", required=True)
     parser.add_argument("--run", required=True)
-    parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--state-dir", required=True)
+    for name, keywords in extra.items():
+        parser.add_argument(f"--{name}", **keywords)
     args = parser.parse_args(argv)
     args.host_maddrs, args.announce_maddrs, args.local_only = ["/ip4/127.0.0.1/tcp/0"], [], True
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = loopback_peer_args(__doc__, argv, mode={"choices": MODES, "required": True})
     hostile = Hostile(args)
     hostile.transport.install_signal_handlers()
     try:

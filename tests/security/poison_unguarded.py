@@ -21,14 +21,13 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO)]  # node/, nord/, coordinator/ (before tests/, whose coordinator/ is tests)
 sys.path.append(str(REPO / "tests"))  # procs, swarm
 
+from poisoned_runs import clean_and_attacked, start  # noqa: E402
 from procs import wait_for  # noqa: E402
 from swarm import Swarm  # noqa: E402
 
 from coordinator.history import History  # noqa: E402
 from nord.identity import Identity  # noqa: E402
 
-RUN, ROUNDS = "poisoned", 12  # as in test_contribution_attacks.py
-HOSTILE = str(Path(__file__).with_name("contribution_peer.py"))
 UNGUARDED = ("--max-relative-norm", "1e9", "--max-loss-increase", "1e9")
 
 
@@ -40,13 +39,7 @@ class Unguarded(Swarm):
 
 
 def play(swarm: Swarm, attack: bool) -> dict:
-    swarm.start_coordinator()
-    hostile = swarm.tmp / "hostile"
-    if attack:
-        swarm.start("hostile", sys.executable, HOSTILE, "--initial-peers", swarm.maddr, "--run", RUN,
-                    "--state-dir", str(hostile))  # fmt: skip
-        wait_for(lambda: (hostile / "attacks.json").is_file(), 300, "the hostile peer's start")
-    swarm.join("honest", "--max-rounds", str(ROUNDS))
+    hostile = start(swarm, attack)
     worker = swarm.running["honest"]
     wait_for(lambda: worker.poll() is not None, 900, "the honest worker's end")
     print(f"{'attacked' if attack else 'clean'}: honest worker exited {worker.returncode}", flush=True)
@@ -71,22 +64,7 @@ def main() -> int:
     parser.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="nord-unguarded-"))
-    clean, attacked = (Unguarded(root / name, run=RUN) for name in ("clean", "attacked"))
-    for swarm in (clean, attacked):
-        swarm.tmp.mkdir(parents=True)
-        swarm.env |= {"NORD_DATA_DIR": str(root / "data"), "PYTHONPATH": str(REPO)}
-    with clean:
-        clean.init(quorum=1, inner_steps=2)
-        config = json.loads((clean.tmp / "run.json").read_text())
-        config["merge"]["max_staleness"] = 0
-        (clean.tmp / "run.json").write_text(json.dumps(config))
-        baseline = play(clean, attack=False)
-    shutil.copy(clean.tmp / "run.json", attacked.tmp / "run.json")
-    (attacked.tmp / "honest").mkdir()
-    for key in ("p2p.key", "identity.key"):
-        shutil.copy(clean.tmp / "honest" / key, attacked.tmp / "honest" / key)
-    with attacked:
-        poisoned = play(attacked, attack=True)
+    baseline, poisoned = clean_and_attacked(root, play, Unguarded)
     print("round  clean val loss  attacked val loss  attacker's contribution sealed in it")
     for rnd in sorted(set(baseline["losses"]) | set(poisoned["losses"])):
         a, b = baseline["losses"].get(rnd), poisoned["losses"].get(rnd)

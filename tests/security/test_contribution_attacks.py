@@ -1,32 +1,25 @@
 """Poisoned contributions from a real hostile peer inside a live run (#17, item 6).
 
-Two runs of the same config on 127.0.0.1, one after the other: `nord-coordinator serve` (the real
-`Authority`, quorum 1) and one honest `nord-node join --max-rounds ROUNDS`, the honest worker with the same
-keys in both (so the same data shard and order). In the second, a hostile peer
-(tests/security/contribution_peer.py) joins and publishes, one round at a time: a tiny contribution that is
-sealed, NaN and +Inf block scales, replays (its own sealed contribution, an honest one, its payload
-re-signed for a later round), the honest delta × 1000, every block scale at fp16's largest finite value,
-two contributions for one round, and one more after its ban.
+Two runs of one config on 127.0.0.1 (tests/security/poisoned_runs.py): the real coordinator and one
+honest worker with the same keys in both; in the second a hostile peer (contribution_peer.py) publishes,
+one round at a time, a tiny contribution that is sealed, NaN and +Inf block scales, replays (its own sealed
+contribution, an honest one, its payload re-signed for a later round), the honest delta × 1000, every
+block scale at fp16's largest finite value, two contributions for one round, and one more after its ban.
 
 Checks: each attack stopped where the protocol says (codec, admission, validator, equivocation screen,
 ban) with its reason, and the attacker banned; the honest worker's every contribution accepted and its
 replica on the last seal (never adopted anything else); every round sealed by quorum, none waiting for
 the deadline; the coordinator's peak RSS within 64 MiB of the clean run's; the last sealed model's
 validation loss within 1% of the clean run's.
-
-The merge's max_staleness is 0 in both runs: a contribution that misses its round's seal is then refused
-instead of rolling into the next round, where it could be sealed alone (quorum 1) and shift the honest
-worker's rounds; with it the two runs differ only by what the attacker got sealed (one value of 1e-4).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from poisoned_runs import ROUNDS, clean_and_attacked, start
 from procs import wait_for
 from swarm import Swarm, sealed_hash
 
@@ -35,10 +28,6 @@ from nord.identity import Identity
 
 pytestmark = [pytest.mark.p2p, pytest.mark.slow]
 
-RUN = "poisoned"
-ROUNDS = 12  # the attacker needs 7 rounds when no attack misses its round
-HOSTILE = str(Path(__file__).with_name("contribution_peer.py"))
-REPO = str(Path(__file__).resolve().parents[2])  # the hostile peer imports node/ and nord/ from here
 RSS_GROWTH_LIMIT = 64 << 20
 MAX_SEAL_S = 120.0  # generous: a round is a few seconds of training on the tiny model
 LOSS_TOLERANCE = 0.01
@@ -56,21 +45,10 @@ def read_json(path: Path) -> dict:
         return {}
 
 
-def play(swarm: Swarm, *, attack: bool) -> dict:
+def play(swarm: Swarm, attack: bool) -> dict:
     """Run the swarm until the honest worker's ROUNDS rounds are sealed; return what happened."""
-    swarm.start_coordinator()
+    hostile = start(swarm, attack)
     coordinator = swarm.running["coord"].pid
-    hostile = swarm.tmp / "hostile"
-    if attack:  # in the run before the honest worker: its presence record names no shards to plan around
-        proc = swarm.start("hostile", sys.executable, HOSTILE, "--initial-peers", swarm.maddr, "--run", RUN,
-                           "--state-dir", str(hostile))  # fmt: skip
-
-        def started():
-            assert proc.poll() is None, swarm.log("hostile")
-            return (hostile / "attacks.json").is_file()
-
-        wait_for(started, 300, "the hostile peer's start")
-    swarm.join("honest", "--max-rounds", str(ROUNDS))
     worker = swarm.running["honest"]
     peak = 0
 
@@ -109,25 +87,7 @@ def play(swarm: Swarm, *, attack: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("contributions")
-    clean, attacked = (Swarm(root / name, run=RUN) for name in ("clean", "attacked"))
-    for swarm in (clean, attacked):
-        swarm.tmp.mkdir()
-        swarm.env["NORD_DATA_DIR"] = str(root / "data")  # one corpus and tokenizer for both
-        swarm.env["PYTHONPATH"] = REPO
-    with clean:
-        clean.init(quorum=1, inner_steps=2)
-        config = json.loads((clean.tmp / "run.json").read_text())
-        config["merge"]["max_staleness"] = 0
-        (clean.tmp / "run.json").write_text(json.dumps(config))
-        baseline = play(clean, attack=False)
-    shutil.copy(clean.tmp / "run.json", attacked.tmp / "run.json")
-    (attacked.tmp / "honest").mkdir()
-    for key in ("p2p.key", "identity.key"):  # the same worker: same shard, same batches
-        shutil.copy(clean.tmp / "honest" / key, attacked.tmp / "honest" / key)
-    with attacked:
-        attacked.quorum = 1
-        return baseline, play(attacked, attack=True)
+    return clean_and_attacked(tmp_path_factory.mktemp("contributions"), play)
 
 
 def test_each_poisoned_contribution_is_stopped_where_the_protocol_says(runs):
