@@ -17,6 +17,7 @@ import torch
 from nord.checkpoint import weights_hash
 from nord.crdt.messages import Seal
 from nord.crdt.orset import ContributionSet, Dot
+from nord.errors import MergeError
 
 Window = tuple[dict[str, int], set[Dot], dict[int, str]]  # folded ids -> round, folded dots, round hashes
 
@@ -88,6 +89,21 @@ class Base:
             "folded_dots": sorted([p.hex(), r] for p, r in self.dots),
             "round_hashes": {str(k): v for k, v in self.hashes.items()},
         }
+
+
+def checked_weights(
+    spec: Mapping[str, tuple[int, ...]], weights: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Private float32 CPU copies of `weights`, which must match `spec` (MergeError otherwise)."""
+    if set(weights) != set(spec):
+        raise MergeError(f"base tensors do not match the spec: {sorted(set(weights) ^ set(spec))[:3]}")
+    out = {}
+    for name, shape in spec.items():
+        t = weights[name]
+        if tuple(t.shape) != shape:
+            raise MergeError(f"base tensor {name!r} has shape {tuple(t.shape)}, spec says {shape}")
+        out[name] = t.detach().to("cpu", torch.float32).contiguous().clone()
+    return out
 
 
 def _add_folded(

@@ -142,11 +142,7 @@ class Persistence:
         self._compaction = None
         if self._store is not None:
             self._store.finish_rewrite()
-        self._base = job.new_base
-        self._chain = self._chain[cut:]
-        self._seals = {r: s for r, s in self._seals.items() if r >= view.new_round}
-        self._verified = {s.seal_id for s in self._chain}
-        self._forget_folded(set(view.envelopes))
+        self._install_base(job.new_base, set(view.envelopes))
         return True
 
     def _records(self, from_round: int, gone: set[str]) -> list[tuple[str, Any]]:

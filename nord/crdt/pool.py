@@ -14,6 +14,19 @@ from typing import Any
 
 from nord.crdt.accumulator import FixedPointAccumulator, SparseFixedPointAccumulator
 from nord.crdt.config import MergeConfig
+from nord.errors import MergeError
+
+
+def admission_victim(cid: str, rnd: int, held: set[str], listed: set[str], cap: int) -> str | None:
+    """Admission (nord.crdt.replica): None if round `rnd`, holding `held` unfolded ids, has room for `cid`,
+    else the held id it evicts (the largest not `listed` by a seal); MergeError if the round is full of
+    smaller or sealed ids. Seal-listed contributions are exempt from the cap."""
+    if len(held) < cap or cid in listed:
+        return None
+    largest = max(held - listed, default=None)
+    if largest is None or cid > largest:
+        raise MergeError(f"round {rnd} is full ({cap} contributions, smaller ids)")
+    return largest
 
 
 def new_accumulator(

@@ -40,14 +40,14 @@ import torch
 from nord.checkpoint import weights_hash
 from nord.crdt.accumulator import FixedPointAccumulator, contribution_norm
 from nord.crdt.antientropy import AntiEntropy
-from nord.crdt.base import Base
+from nord.crdt.base import Base, checked_weights
 from nord.crdt.compaction import Compaction, fold_envelopes
 from nord.crdt.config import MergeConfig
 from nord.crdt.log import Store
 from nord.crdt.messages import Removal, Seal, window_hash
 from nord.crdt.orset import ContributionSet, Dot, Equivocation
 from nord.crdt.persistence import Persistence
-from nord.crdt.pool import Pool, new_accumulator
+from nord.crdt.pool import Pool, admission_victim, new_accumulator
 from nord.errors import ConfigError, MergeError
 from nord.protocol import admission_error
 
@@ -86,24 +86,13 @@ class Replica(AntiEntropy, Persistence):
         self._verified: set[str] = set()  # seal ids whose recomputation matched
         self._norms: dict[str, float] = {}  # contribution id -> clipped L2 norm (median_norm_clip only)
         self._last_verified: tuple[str, dict[str, torch.Tensor]] | None = None
-        self._reset_base(Base.of(self._checked_base(base), base_round))
+        self._reset_base(Base.of(checked_weights(self.spec, base), base_round))
         self._store: Store | None = None
         self._compaction: Compaction | None = None  # begun, not yet finished (nord.crdt.compaction)
         if log_dir is not None:
             self._persist_to(log_dir)
 
     # ----------------------------------------------------------------------------------------- state
-    def _checked_base(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if set(base) != set(self.spec):
-            raise MergeError(f"base tensors do not match the spec: {sorted(set(base) ^ set(self.spec))[:3]}")
-        out = {}
-        for name, shape in self.spec.items():
-            t = base[name]
-            if tuple(t.shape) != shape:
-                raise MergeError(f"base tensor {name!r} has shape {tuple(t.shape)}, spec says {shape}")
-            out[name] = t.detach().to("cpu", torch.float32).contiguous().clone()
-        return out
-
     def _reset_base(self, base: Base) -> None:
         self._base = base
         self._chain: list[Seal] = []
@@ -206,21 +195,11 @@ class Replica(AntiEntropy, Persistence):
         return {c for seals in self._seals.values() for seal in seals.values() for c in seal.contribution_ids}
 
     def _room_for(self, cid: str, q: int) -> str | None:
-        """Admission (module docstring): None if round `q` has room for `cid`, else the held id it
-        evicts; MergeError if the round is full of smaller (or folded, or sealed) ids."""
-        cap = self.merge.max_contributions
-        if len(self._set.by_round.get(q, ())) < cap:
-            return None
+        """None if round `q` has room for `cid`, else the id it evicts (pool.admission_victim)."""
+        if len(self._set.by_round.get(q, ())) < self.merge.max_contributions:
+            return None  # the common case: no need to list what seals name
         held = self._set.by_round[q] - self._folded_ids.keys()
-        if len(held) < cap:
-            return None
-        listed = self._listed()
-        if cid in listed:
-            return None
-        largest = max(held - self._folded_ids.keys() - listed, default=None)
-        if largest is None or cid > largest:
-            raise MergeError(f"round {q} is full ({cap} contributions, smaller ids)")
-        return largest
+        return admission_victim(cid, q, held, self._listed(), self.merge.max_contributions)
 
     def _evict(self, cid: str) -> None:
         """Forget a held contribution that admission displaced (offered again, it is refused)."""
@@ -379,10 +358,15 @@ class Replica(AntiEntropy, Persistence):
             self._set.forget_removals_of(self._folded_ids)
             self._prune()
 
-    def _forget_folded(self, gone: set[str]) -> None:
-        """Drop the payloads of contributions that compaction folded into the base. The pool stays: they
-        were folded, so never pooled, and a dot mate that stops equivocating is still ineligible (its dot
-        stays in the window while it could be pooled); `_sync` confirms it for the mates."""
+    def _install_base(self, base: Base, gone: set[str]) -> None:
+        """Make `base` (this chain's first seals folded: compaction) the base and drop the payloads of the
+        `gone` contributions it folded. The pool stays: they were folded, so never pooled, and a dot mate
+        that stops equivocating is still ineligible (its dot stays in the window while it could be
+        pooled); `_sync` confirms it for the mates."""
+        self._chain = self._chain[base.round - self._base.round :]
+        self._base = base
+        self._seals = {r: s for r, s in self._seals.items() if r >= base.round}
+        self._verified = {s.seal_id for s in self._chain}
         dots = {ContributionSet.dot(self._set.envelopes[cid]) for cid in gone}
         mates = {c for dot in dots for c in self._set.dots.get(dot, ())}
         self._set.discard(gone)
