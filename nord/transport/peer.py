@@ -52,8 +52,15 @@ T = TypeVar("T")
 Handler = Callable[[str, bytes], bytes]
 
 
-def short(peer_id: str) -> str:
-    return peer_id[-8:] if len(peer_id) > 8 else peer_id
+NETWORK_ID_PREFIXES = ("12D3KooW", "Qm")  # the same in every libp2p id of one key type: no information
+
+
+def network_peer(peer_id: str) -> str:
+    """How errors and logs name a peer known only by its libp2p network id: labelled as such, and by the
+    8 characters after the common prefix (`network peer ZqWdarUY…`), so it is never taken for a signing
+    key's fingerprint, the id the dashboard shows (docs/volunteer.md, "Your id and your name")."""
+    prefix = next((p for p in NETWORK_ID_PREFIXES if peer_id.startswith(p)), "")
+    return f"network peer {peer_id[len(prefix) : len(prefix) + 8]}…"
 
 
 class Transport:
@@ -248,7 +255,7 @@ class Transport:
             return self._run(self._request(peer_id, name, body, max_reply_bytes), timeout=timeout)
         except concurrent.futures.TimeoutError:
             raise TransportError(
-                f"peer {short(peer_id)} did not answer {name!r} within {timeout:.0f} s"
+                f"{network_peer(peer_id)} did not answer {name!r} within {timeout:.0f} s"
             ) from None
 
     async def _request(self, peer_id: str, name: str, body: bytes, max_reply_bytes: int) -> bytes:
@@ -261,13 +268,13 @@ class Transport:
         except P2PDaemonError as e:
             if "protocols not supported" in str(e):
                 raise TransportError(
-                    f"peer {short(peer_id)} does not serve {name!r}: "
+                    f"{network_peer(peer_id)} does not serve {name!r}: "
                     "not a Nord peer, or an incompatible release"
                 ) from None
             raise TransportError(
-                f"peer {short(peer_id)} unreachable for {name!r}: {daemon.first_line(e)}"
+                f"{network_peer(peer_id)} unreachable for {name!r}: {daemon.first_line(e)}"
             ) from None
-        who, idle = f"peer {short(peer_id)}", self.config.idle_timeout_s
+        who, idle = network_peer(peer_id), self.config.idle_timeout_s
         try:
             try:
                 await write_frame(writer, KIND_REQUEST, body, idle_timeout_s=idle, who=who)
@@ -281,14 +288,14 @@ class Transport:
             self.bytes_received += OVERHEAD_BYTES + len(reply)
         except (ConnectionError, asyncio.IncompleteReadError) as e:
             raise TransportError(
-                f"peer {short(peer_id)} closed the stream for {name!r} ({type(e).__name__})"
+                f"{network_peer(peer_id)} closed the stream for {name!r} ({type(e).__name__})"
             ) from None
         finally:
             writer.close()
         if kind == KIND_ERROR:
-            raise TransportError(f"peer {short(peer_id)}: {reply.decode('utf-8', 'replace')}")
+            raise TransportError(f"{network_peer(peer_id)}: {reply.decode('utf-8', 'replace')}")
         if kind != KIND_OK:
-            raise TransportError(f"peer {short(peer_id)} sent a frame of unknown kind {kind}")
+            raise TransportError(f"{network_peer(peer_id)} sent a frame of unknown kind {kind}")
         return reply
 
     def _make_stream_handler(self, fn: Handler, max_request_bytes: int) -> Callable[..., Coroutine]:
@@ -297,7 +304,7 @@ class Transport:
         ) -> None:
             peer = stream_info.peer_id.to_base58()
             try:
-                refusal = self.inbound.admit(peer, short(peer))
+                refusal = self.inbound.admit(peer, network_peer(peer))
                 if refusal is not None:
                     await write_error(writer, refusal, idle_timeout_s=self.config.idle_timeout_s)
                     await discard_until_closed(reader)
@@ -315,7 +322,7 @@ class Transport:
                 # server calls task.exception() on it, which logs a CancelledError traceback.
                 pass
             except (ConnectionError, asyncio.IncompleteReadError) as e:
-                logger.debug("stream from %s ended early: %s", short(peer), e)
+                logger.debug("stream from %s ended early: %s", network_peer(peer), e)
             finally:
                 writer.close()
 
@@ -333,14 +340,14 @@ class Transport:
     ) -> None:
         """Read one request (idle timeout per read, each chunk counted by `reserve`), run `fn` in a
         handler thread, write its reply."""
-        who, idle = f"peer {short(peer)}", self.config.idle_timeout_s
+        who, idle = network_peer(peer), self.config.idle_timeout_s
         try:
             _, body = await read_frame(
                 reader, max_request_bytes, who=who, idle_timeout_s=idle, reserve=reserve
             )
             self.bytes_received += OVERHEAD_BYTES + len(body)
         except TransportError as e:
-            logger.info("rejected a request from %s: %s", short(peer), e)
+            logger.info("rejected a request from %s: %s", network_peer(peer), e)
             await write_error(writer, str(e), idle_timeout_s=idle)
             await discard_until_closed(reader)
             return
@@ -351,7 +358,7 @@ class Transport:
             await write_error(writer, str(e), idle_timeout_s=idle)
             return
         except Exception:
-            logger.exception("handler %s failed on a request from %s", proto, short(peer))
+            logger.exception("handler %s failed on a request from %s", proto, network_peer(peer))
             await write_error(
                 writer, "internal error in the peer's handler (see its log)", idle_timeout_s=idle
             )
@@ -359,7 +366,7 @@ class Transport:
         try:
             await write_frame(writer, KIND_OK, reply, idle_timeout_s=idle, who=who)
         except TransportError as e:
-            logger.info("reply to %s not delivered: %s", short(peer), e)
+            logger.info("reply to %s not delivered: %s", network_peer(peer), e)
             return
         self.bytes_sent += OVERHEAD_BYTES + len(reply)
 
