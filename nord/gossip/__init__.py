@@ -3,7 +3,8 @@
 Every peer (worker or coordinator) serves these request handlers; requests and replies are msgpack maps
 and every request names its run, so a peer of another run answers "run ... not found" in one line:
 
-    hello      {run_id} -> {run_id, role, client_mode, round, base_hash}
+    hello      {run_id} -> {run_id, role, client_mode, round, base_hash, key?, binding?: key's signature of
+               hello_binding(run, the answering peer id), when the peer has a signing key}
     config     {run_id} -> the RunConfig JSON
     sync       {run_id, digest} -> {delta: what the caller lacks (Delta bytes, at most SYNC_BUDGET_BYTES of
                envelopes; `more` says to ask again), digest: the server's digest, behind: caller is older

@@ -29,13 +29,16 @@ from nord.gossip.wire import (
     SYNC_BUDGET_BYTES,
     delta_from,
     fetch_ids,
+    hello_binding,
     pack,
     request_of,
     unpack,
     within_budget,
 )
+from nord.identity import Identity
 from nord.protocol import next_fetch, reachable, sync_partners
 from nord.transport import Transport
+from nord.transport.peer import network_peer
 
 log = logging.getLogger("nord.gossip")
 
@@ -54,6 +57,7 @@ class Gossip:
         presence: extra fields of this peer's presence record, e.g. {"key": signing key hex, "device": ...}.
         on_heard: called with the peer id of every request received, before it is handled (may be set
             after construction; the coordinator's liveness uses it).
+        identity: this peer's signing key: hello replies carry it and its signature of `hello_binding`.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class Gossip:
         on_update: Callable[[], None] | None = None,
         presence: dict[str, Any] | None = None,
         on_heard: Callable[[str], None] | None = None,
+        identity: Identity | None = None,
     ) -> None:
         self.transport = transport
         self.replica = replica
@@ -79,6 +84,10 @@ class Gossip:
         self.on_update = on_update
         self.presence = dict(presence or {})
         self.on_heard = on_heard
+        self._hello_key = {}  # what hello replies say of this peer's signing key
+        if identity is not None:
+            binding = identity.sign(hello_binding(self.run_id, transport.peer_id))
+            self._hello_key = {"key": identity.public_hex, "binding": binding}
         self.lock = threading.RLock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="nord-gossip")
         self._snapshot_cache: tuple[tuple[int, str], bytes] | None = None  # (round, base hash), bytes
@@ -124,6 +133,7 @@ class Gossip:
                 "role": self.role,
                 "client_mode": self.transport.config.client_mode,
                 **state,
+                **self._hello_key,
             }
         )
 
@@ -221,7 +231,8 @@ class Gossip:
     def _failed(self, peer: str, what: str, error: TransportError) -> None:
         first = peer not in self._backoff
         self._backoff[peer] = time.monotonic() + BACKOFF_S
-        log.log(logging.INFO if first else logging.DEBUG, "%s with %s failed: %s", what, peer[-8:], error)
+        level = logging.INFO if first else logging.DEBUG
+        log.log(level, "%s with %s failed: %s", what, network_peer(peer), error)
 
     # ---- spreading ---------------------------------------------------------------------------------------
 
@@ -297,7 +308,7 @@ class Gossip:
                 with self.lock:
                     theirs, _ = within_budget(self.replica.delta_for(remote), SYNC_BUDGET_BYTES)
             except MergeError as e:
-                raise TransportError(f"peer {peer[-8:]} sent a malformed digest: {e}") from None
+                raise TransportError(f"{network_peer(peer)} sent a malformed digest: {e}") from None
             if len(theirs):
                 self._push_one(peer, pack({"run_id": self.run_id, "delta": theirs.to_bytes()}))
         return accepted, behind

@@ -24,6 +24,7 @@ from nord.memory import count_params
 from nord.model import ModelConfig
 from nord.protocol import budgeted_count
 from nord.transport import Transport
+from nord.transport.peer import network_peer
 
 PEER_TTL_S = 60.0  # presence records expire unless refreshed by `heartbeat`
 BACKOFF_S = 15.0  # a peer that failed a request is skipped this long
@@ -102,6 +103,12 @@ def within_budget(delta: Delta, budget: int) -> tuple[Delta, bool]:
     return Delta(envelopes=delta.envelopes[:kept], removals=delta.removals, seals=delta.seals), True
 
 
+def hello_binding(run_id: str, network_id: str) -> bytes:
+    """What a peer's signing key signs in its hello reply: that `network_id` speaks for it in `run_id`
+    (libp2p authenticates the network id of a stream; this binds the key to it, for naming peers)."""
+    return f"nord-hello\0{run_id}\0{network_id}".encode()
+
+
 def hello(transport: Transport, peer_id: str, run_id: str) -> dict[str, Any]:
     """Ask `peer_id` whether it serves `run_id`; RunNotFound (one line) if not."""
     try:
@@ -122,7 +129,7 @@ def fetch_run_config_json(transport: Transport, peer_id: str, run_id: str) -> st
     try:
         return reply.decode("utf-8")
     except UnicodeDecodeError:
-        raise TransportError(f"peer {peer_id[-8:]} sent a run config that is not UTF-8 text") from None
+        raise TransportError(f"{network_peer(peer_id)} sent a run config that is not UTF-8 text") from None
 
 
 def snapshot_max_bytes(model: ModelConfig) -> int:
