@@ -87,6 +87,7 @@ def serving_run(
             run.to_json(),
             role=role,
             tokenizer_path=Path(corpus.path) / "tokenizer.json",
+            identity=Identity.load_or_create(state.identity_key),  # hellos prove which key this peer is
         )
         gossip.serve()
         yield transport, replica, gossip

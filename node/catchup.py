@@ -17,12 +17,13 @@ import random
 import shutil
 import time
 
+from node.peers import PeerNames
 from node.session import fetch_replica, replica_settings
 from node.state import StateDir
 from nord.config import RunConfig
 from nord.crdt import Replica
 from nord.errors import TransportError
-from nord.gossip import Gossip
+from nord.gossip import Gossip, hello
 from nord.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ SNAPSHOT_CANDIDATES = 3  # peers asked for their round in one pass
 class CatchUp:
     """Finds, verifies and stages a newer sealed state for one worker's replica."""
 
-    def __init__(self, run: RunConfig, transport: Transport, state: StateDir) -> None:
-        self.run, self.transport, self.state = run, transport, state
+    def __init__(self, run: RunConfig, transport: Transport, state: StateDir, names: PeerNames) -> None:
+        self.run, self.transport, self.state, self.names = run, transport, state, names
         self.distrusted: dict[str, float] = {}  # peer id -> monotonic time until which it is not asked
         self._next = 0.0
         self._told = False  # the "no newer state" line is logged once (then at DEBUG)
@@ -52,6 +53,7 @@ class CatchUp:
         candidates = [p for p in gossip.reachable_peers() if self.distrusted.get(p, 0.0) <= now]
         for peer in random.sample(candidates, min(SNAPSHOT_CANDIDATES, len(candidates))):
             try:
+                self.names.learn(peer, hello(self.transport, peer, self.run.run_id))  # who it is, for logs
                 _, behind = gossip.sync_with(peer)
             except TransportError:
                 continue
@@ -59,7 +61,9 @@ class CatchUp:
                 continue  # this peer has nothing we cannot get by anti-entropy
             shutil.rmtree(self.state.incoming_replica_dir, ignore_errors=True)
             try:
-                fresh = fetch_replica(self.run, self.transport, peer, self.state.incoming_replica_dir)
+                fresh = fetch_replica(
+                    self.run, self.transport, peer, self.state.incoming_replica_dir, self.names
+                )
             except TransportError as e:
                 self.distrust(peer, str(e))
                 continue
@@ -69,9 +73,9 @@ class CatchUp:
                 self.distrust(peer, f"it says we are behind, its sealed snapshot is of round {fresh.round}")
                 continue
             log.warning(
-                "replica behind the peers' compaction point: round %d verified from peer %s (was %d)",
+                "replica behind the peers' compaction point: round %d verified from %s (was %d)",
                 fresh.round,
-                peer[-8:],
+                self.names(peer),
                 mine,
             )
             return fresh.round
@@ -98,4 +102,4 @@ class CatchUp:
     def distrust(self, peer: str, why: str) -> None:
         """Do not ask `peer` for state for DISTRUST_S; one warning per period."""
         self.distrusted[peer] = time.monotonic() + DISTRUST_S
-        log.warning("not trusting peer %s's state for %.0f s: %s", peer[-8:], DISTRUST_S, why)
+        log.warning("not trusting %s's state for %.0f s: %s", self.names(peer), DISTRUST_S, why)

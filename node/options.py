@@ -1,6 +1,4 @@
-"""`WorkerOptions`: what `nord-node join` was asked, checked before anything starts.
-
-Flags of `nord-node` come from three places: the command line, then NORD_* environment variables, then a
+"""Flags of `nord-node` from three places: the command line, then NORD_* environment variables, then a
 `--config FILE` (JSON or TOML with the same names as the long flags, dashes or underscores).
 
 Command line > environment > config file > built-in default. Environment names are NORD_ plus the flag
@@ -11,8 +9,6 @@ spaces or commas), `--client-mode` is NORD_CLIENT_MODE=1.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -21,9 +17,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from node.session import peer_ids
-from nord.checks import is_display_name
-from nord.config import check_fingerprint
 from nord.errors import ConfigError
 
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
@@ -113,83 +106,3 @@ def _convert(action: argparse.Action, value: Any, where: str) -> Any:
         if bad:
             raise ConfigError(f"{where}: {bad[0]!r} is not one of {', '.join(map(str, action.choices))}")
     return converted if many else (converted[0] if converted else None)
-
-
-DEFAULT_SHARDS = 8  # shard count when --shard is not given: worker i = hash(peer id) mod 8
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerOptions:
-    """What `nord-node join` was asked to do, checked when made (no I/O)."""
-
-    run_id: str
-    initial_peers: tuple[str, ...]
-    state_dir: Path
-    authority: str | None = None
-    device: str = "auto"
-    data_dir: Path | None = None
-    shard: str | None = None  # data shard i/n
-    param_shards: str | None = None  # --shards
-    name: str | None = None
-    poll_s: float = 1.0
-    progress: bool = True
-    compact_every: int = 8
-    host_maddrs: tuple[str, ...] = ()
-    announce_maddrs: tuple[str, ...] = ()
-    client_mode: bool = False
-    local_only: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.initial_peers:
-            raise ConfigError(
-                "no --initial-peers given: pass the run's bootstrap address (/ip4/.../p2p/<peer id>)"
-            )
-        peer_ids(self.initial_peers)  # each names its peer
-        if self.authority:
-            check_fingerprint(self.authority, "--authority")
-        if self.shard:
-            parse_data_shard(self.shard)
-        if self.name is not None and not is_display_name(self.name):
-            raise ConfigError(f"--name {self.name[:40]!r} is not a display name")
-        if self.poll_s <= 0 or self.compact_every < 1:
-            raise ConfigError("--poll-s must be > 0 and --compact-every >= 1")
-
-    @classmethod
-    def from_args(cls, args) -> WorkerOptions:
-        return cls(
-            run_id=args.run,
-            initial_peers=tuple(args.initial_peers or ()),
-            state_dir=Path(args.state_dir or Path.home() / ".nord" / args.run).expanduser(),
-            authority=args.authority,
-            device=args.device,
-            data_dir=Path(args.data_dir).expanduser() if args.data_dir else None,
-            shard=args.shard,
-            param_shards=getattr(args, "shards", None),
-            name=getattr(args, "name", None),
-            poll_s=args.poll_s,
-            progress=not args.no_progress,
-            compact_every=args.compact_every,
-            host_maddrs=tuple(args.host_maddrs or ()),
-            announce_maddrs=tuple(args.announce_maddrs or ()),
-            client_mode=bool(getattr(args, "client_mode", False)),
-            local_only=bool(args.local_only),
-        )
-
-
-def parse_data_shard(flag: str) -> tuple[int, int]:
-    """`--shard i/n` as (i, n); ConfigError naming the fix."""
-    try:
-        i, n = (int(x) for x in flag.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {flag!r}: write i/n, e.g. 2/8") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise ConfigError(f"--shard {flag!r}: need 0 <= i < n")
-    return i, n
-
-
-def shard_for(peer_id: str, override: str | None) -> tuple[int, int]:
-    """`--shard i/n`, else shard hash(peer id) mod DEFAULT_SHARDS of DEFAULT_SHARDS."""
-    if override:
-        return parse_data_shard(override)
-    digest = hashlib.sha256(peer_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % DEFAULT_SHARDS, DEFAULT_SHARDS

@@ -36,6 +36,7 @@ from email.message import Message
 from pathlib import Path
 from typing import TypeVar
 
+from node.peers import PeerNames
 from node.session import announce_trust, fetch_run, find_run, peer_ids, start_transport, with_retries
 from node.state import StateDir
 from nord.checkpoint import load_checkpoint, save_checkpoint, weights_hash
@@ -259,9 +260,10 @@ def pull_p2p(args, out: Path, pinned: str | None) -> tuple[str, int]:
     args.initial_peers = [args.source, *(args.initial_peers or ())]
     transport = start_transport(args, None)
     try:
-        peer = find_run(transport, peer_ids((args.source,)), args.run)
-        run, _, signer = fetch_run(transport, peer, args.run, pinned)
-        announce_trust(signer, pinned, f"peer {peer[-8:]}")
+        names = PeerNames(args.run)
+        peer = find_run(transport, peer_ids((args.source,)), args.run, names)
+        run, _, signer = fetch_run(transport, peer, args.run, pinned, names)
+        announce_trust(signer, pinned, names(peer))
         with tempfile.TemporaryDirectory(prefix="nord-pull-") as tmp:
             target = Path(tmp) / "snapshot.safetensors"
             budget = snapshot_max_bytes(run.model)
@@ -272,7 +274,7 @@ def pull_p2p(args, out: Path, pinned: str | None) -> tuple[str, int]:
             tensors, meta = load_checkpoint(path)
         digest = weights_hash(tensors)
         rnd = int(meta.get("base_round", 0))
-        where = f"peer {peer[-8:]}"
+        where = names(peer)
         if rnd > 0:
             try:
                 seal = bytes.fromhex(meta.get("seal", ""))

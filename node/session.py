@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from node.peers import PeerNames
 from node.state import StateDir
 from nord.checkpoint import load_checkpoint, weights_hash
 from nord.checks import fingerprint
@@ -67,8 +68,12 @@ def start_transport(args, identity_path: Path | None) -> Transport:
     return Transport.start(config)
 
 
-def find_run(transport: Transport, candidates: tuple[str, ...], run_id: str) -> str:
-    """The first of `candidates` (peer ids) that serves `run_id`; one clear line if none does."""
+def find_run(
+    transport: Transport, candidates: tuple[str, ...], run_id: str, names: PeerNames | None = None
+) -> str:
+    """The first of `candidates` (peer ids) that serves `run_id` (its signing key, if its hello proves
+    one, goes to `names`); one clear line if none does."""
+    names = names or PeerNames(run_id)
     if not candidates:
         raise ConfigError(
             "no --initial-peers given: pass the run's bootstrap address (/ip4/.../p2p/<peer id>)"
@@ -76,7 +81,7 @@ def find_run(transport: Transport, candidates: tuple[str, ...], run_id: str) -> 
     problems = []
     for peer in candidates:
         try:
-            hello(transport, peer, run_id)
+            names.learn(peer, hello(transport, peer, run_id))
             return peer
         except RunNotFound as e:
             problems.append(str(e))
@@ -85,15 +90,16 @@ def find_run(transport: Transport, candidates: tuple[str, ...], run_id: str) -> 
     raise TransportError(problems[0] if len(problems) == 1 else "; ".join(problems))
 
 
-def fetch_run(transport: Transport, peer: str, run_id: str, pinned: str | None) -> tuple[RunConfig, str, str]:
+def fetch_run(
+    transport: Transport, peer: str, run_id: str, pinned: str | None, names: PeerNames | None = None
+) -> tuple[RunConfig, str, str]:
     """The run's config (parsed, validated, signed by an authority matching `pinned` if given), its JSON
     text as served, and the signing authority's key (hex)."""
+    names = names or PeerNames(run_id)
     text = with_retries("fetching the run config", lambda: fetch_run_config_json(transport, peer, run_id))
     run = RunConfig.from_json(text)
     if run.run_id != run_id:
-        raise TransportError(
-            f"peer {peer[-8:]} answered with the config of run {run.run_id!r}, not {run_id!r}"
-        )
+        raise TransportError(f"{names(peer)} answered with the config of run {run.run_id!r}, not {run_id!r}")
     if not run.authorities:
         raise ConfigError(f"run {run_id!r} names no authority keys: nobody could seal its rounds")
     return run, text, run.verify(pinned)
@@ -154,7 +160,9 @@ def model_spec(run: RunConfig) -> dict[str, tuple[int, ...]]:
     return model.param_spec()
 
 
-def open_replica(run: RunConfig, replica_dir: Path, *, transport: Transport, source: str) -> Replica:
+def open_replica(
+    run: RunConfig, replica_dir: Path, *, transport: Transport, source: str, names: PeerNames | None = None
+) -> Replica:
     """Resume the replica in `replica_dir`, or start one from `source`'s verified sealed snapshot."""
     if Store(replica_dir).exists:
         replica = Replica.open(replica_dir, **replica_settings(run))
@@ -162,8 +170,9 @@ def open_replica(run: RunConfig, replica_dir: Path, *, transport: Transport, sou
             raise ConfigError(f"{replica_dir} holds a replica of run {replica.run_id!r}, not {run.run_id!r}")
         log.info("resumed replica at round %d from %s", replica.round, replica_dir)
         return replica
-    replica = fetch_replica(run, transport, source, replica_dir)
-    log.info("started replica at round %d from peer %s's snapshot", replica.round, source[-8:])
+    names = names or PeerNames(run.run_id)
+    replica = fetch_replica(run, transport, source, replica_dir, names)
+    log.info("started replica at round %d from %s's snapshot", replica.round, names(source))
     return replica
 
 
@@ -175,10 +184,13 @@ def replica_settings(run: RunConfig) -> dict:
     }
 
 
-def fetch_replica(run: RunConfig, transport: Transport, peer: str, replica_dir: Path) -> Replica:
+def fetch_replica(
+    run: RunConfig, transport: Transport, peer: str, replica_dir: Path, names: PeerNames | None = None
+) -> Replica:
     """A new replica in `replica_dir` from `peer`'s snapshot, written only once the snapshot verified
     (genesis hash at round 0, else an authority seal covering weights and metadata); TransportError
     naming the peer otherwise, with nothing left in `replica_dir`."""
+    names = names or PeerNames(run.run_id)
     with tempfile.TemporaryDirectory(prefix="nord-snapshot-") as tmp:
         out = Path(tmp) / "snapshot.safetensors"
         budget = snapshot_max_bytes(run.model)
@@ -189,12 +201,12 @@ def fetch_replica(run: RunConfig, transport: Transport, peer: str, replica_dir: 
         try:
             tensors, meta = load_checkpoint(path)
         except CheckpointError as e:
-            raise TransportError(f"peer {peer[-8:]} sent an unreadable snapshot: {e}") from None
+            raise TransportError(f"{names(peer)} sent an unreadable snapshot: {e}") from None
     if meta.get("run_id") != run.run_id:
-        raise TransportError(f"peer {peer[-8:]} sent a snapshot of another run")
+        raise TransportError(f"{names(peer)} sent a snapshot of another run")
     try:
         return Replica.from_snapshot(
             tensors, meta, **replica_settings(run), genesis_hash=run.genesis_hash, log_dir=replica_dir
         )
     except MergeError as e:
-        raise TransportError(f"peer {peer[-8:]} sent an unusable snapshot: {e}") from None
+        raise TransportError(f"{names(peer)} sent an unusable snapshot: {e}") from None

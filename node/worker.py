@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from node.catchup import CatchUp
-from node.options import WorkerOptions, shard_for
+from node.peers import PeerNames
 from node.report import RoundReport, describe_device, replica_verdict, round_line
 from node.session import (
     announce_trust,
@@ -39,6 +39,7 @@ from node.session import (
 )
 from node.state import StateDir
 from node.trainer import LocalTrainer, choose_plan
+from node.worker_options import WorkerOptions, shard_for
 from nord.checks import fingerprint
 from nord.codec import decode_envelope
 from nord.data import prepare
@@ -59,6 +60,7 @@ class Worker:
         self.bootstrap = peer_ids(options.initial_peers)
         self.state: StateDir | None = None
         self.transport = self.replica = self.gossip = self.trainer = None
+        self.names = PeerNames(options.run_id)  # how logs name other peers (node.peers)
         self.resumed_round: int | None = None  # open round whose saved contribution start() re-sent
         self._last_heartbeat = 0.0
 
@@ -73,9 +75,9 @@ class Worker:
         state.recover_replica()
         self.transport = transport = start_transport(o, state.p2p_key)
         transport.install_signal_handlers()
-        source = find_run(transport, self.bootstrap, o.run_id)
-        self.run, run_json, signer = fetch_run(transport, source, o.run_id, pinned)
-        announce_trust(signer, pinned, f"peer {source[-8:]}")
+        source = find_run(transport, self.bootstrap, o.run_id, self.names)
+        self.run, run_json, signer = fetch_run(transport, source, o.run_id, pinned, self.names)
+        announce_trust(signer, pinned, self.names(source))
         state.check_run(run_json)
         state.pin_authority(pinned or fingerprint(signer))
         self.identity = Identity.load_or_create(state.identity_key)
@@ -85,7 +87,9 @@ class Worker:
                 f"the prepared tokenizer has {corpus.vocab_size} tokens, "
                 f"more than the model's {self.run.model.vocab_size}"
             )
-        self.replica = open_replica(self.run, state.replica_dir, transport=transport, source=source)
+        self.replica = open_replica(
+            self.run, state.replica_dir, transport=transport, source=source, names=self.names
+        )
         self.shard = shard_for(transport.peer_id, o.shard)
         self.spec = model_spec(self.run)
         saved = state.load_worker()
@@ -104,6 +108,7 @@ class Worker:
             role="worker",
             bootstrap_peers=self.bootstrap,
             tokenizer_path=Path(corpus.path) / "tokenizer.json",
+            identity=self.identity,
             presence={
                 "key": self.identity.public_hex,
                 **({"name": o.name} if o.name else {}),
@@ -111,7 +116,7 @@ class Worker:
                 "shards": list(plan.shards),
             },
         )
-        self.catch_up = CatchUp(self.run, transport, state)
+        self.catch_up = CatchUp(self.run, transport, state, self.names)
         self.trainer = LocalTrainer(
             self.run,
             self.spec,
@@ -313,9 +318,9 @@ def join(args) -> int:
         worker.start()
         named = f" ({worker.options.name})" if worker.options.name else ""
         tqdm.write(
-            f"joined run {worker.run.run_id} as peer {worker.identity.fingerprint}{named} "
-            f"(data shard {worker.shard[0]}/{worker.shard[1]}, {worker.device}); "
-            "the dashboard lists you by that id"
+            f"joined run {worker.run.run_id} as peer {worker.identity.fingerprint}{named}: the dashboard "
+            f"lists you by that id (data shard {worker.shard[0]}/{worker.shard[1]}, {worker.device}, "
+            f"network id {worker.transport.peer_id})"
         )
         worker.run_rounds(args.max_rounds)
         return 0

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from node.__main__ import build_parser
-from node.options import apply_sources, shard_for
+from node.options import apply_sources
+from node.worker_options import shard_for
 from nord.errors import ConfigError
 
 MADDR = "/ip4/127.0.0.1/tcp/4000/p2p/QmZqWdarUY7R8ntSuKJvTJGDmtzasj8YkP4Q39sZoZmXv8"

@@ -9,8 +9,8 @@ import threading
 import pytest
 
 from node.__main__ import build_parser
-from node.options import WorkerOptions
 from node.worker import Worker
+from node.worker_options import WorkerOptions
 from nord.errors import ConfigError
 
 # Port 9 (discard) on loopback: nothing answers there.
