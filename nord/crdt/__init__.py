@@ -5,7 +5,11 @@ accumulator  exact int64 sums S and counts C per coordinate; W = base + η·S/C
 orset        adds, authorised tombstones, equivocation; which contributions are live
 messages     signed `Removal` and `Seal`, and the anti-entropy `Delta`
 log          snapshot + append-only, checksummed, fsynced log of a replica directory
-replica      `Replica`: rounds, the pool, seals and their verification, compaction, anti-entropy
+base         `Base`: the snapshot a chain starts from (weights + the window of what was folded before)
+pool         the open round's pooled contributions and sums; admission's choice
+compaction   two-phase compaction: a view under the lock, fold + write outside it, commit under it
+replica      `Replica`: rounds, seals and their verification (persistence, antientropy: its log,
+             snapshots, compaction and restore; digests and deltas for anti-entropy)
 """
 
 from nord.crdt.accumulator import FixedPointAccumulator

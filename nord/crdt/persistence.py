@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from nord.checkpoint import save_checkpoint
-from nord.crdt.base import Base, Window
+from nord.crdt.base import Base
 from nord.crdt.compaction import Compaction, CompactionView
 from nord.crdt.config import MergeConfig
 from nord.crdt.log import Store
@@ -49,7 +49,9 @@ class SnapshotView:
 
 
 class Persistence:
-    """Log, snapshot, compaction and restore for `Replica` (a mixin over its state)."""
+    """Log, snapshot, compaction and restore for `Replica` (a mixin). Owns `_store` and `_compaction`;
+    of the replica it reads `_base`, `_chain`, `_tip`, `_set`, `_seals` and `_norms`, and changes them
+    only through `_reset_base` and `_install_base`."""
 
     def _persist_to(self, log_dir: str | Path) -> None:
         """Start a new replica directory at the current base."""
@@ -60,12 +62,6 @@ class Persistence:
     def _persist(self, kind: str, data: bytes) -> None:
         if self._store is not None:
             self._store.append(kind, data)
-
-    def _window_after(self, rnd: int, ids: Sequence[str]) -> Window:
-        """The window of a base at round `rnd` + 1 once round `rnd` (on this chain) folds `ids`: what its
-        seal's `window_hash` covers."""
-        chain = self._chain[: rnd - self._base.round]
-        return self._base.window(rnd + 1, chain, self._set.envelopes, self.merge.max_staleness, ids)
 
     def compact(self, keep_rounds: int = 0, *, lock: AbstractContextManager | None = None) -> bool:
         """Fold sealed rounds into the base snapshot and drop their payloads (those rounds become final).

@@ -40,7 +40,7 @@ import torch
 from nord.checkpoint import weights_hash
 from nord.crdt.accumulator import FixedPointAccumulator, contribution_norm
 from nord.crdt.antientropy import AntiEntropy
-from nord.crdt.base import Base, checked_weights
+from nord.crdt.base import Base, Window, checked_weights
 from nord.crdt.compaction import Compaction, fold_envelopes
 from nord.crdt.config import MergeConfig
 from nord.crdt.log import Store
@@ -300,6 +300,12 @@ class Replica(AntiEntropy, Persistence):
         for seal in self._chain[: rnd - self._base.round]:
             weights = self._fold(weights, seal.contribution_ids)
         return weights
+
+    def _window_after(self, rnd: int, ids: Sequence[str]) -> Window:
+        """The window of a base at round `rnd` + 1 once round `rnd` (on this chain) folds `ids`: what its
+        seal's `window_hash` covers."""
+        chain = self._chain[: rnd - self._base.round]
+        return self._base.window(rnd + 1, chain, self._set.envelopes, self.merge.max_staleness, ids)
 
     def _verify(self, seal: Seal, prev: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Recompute `seal` on `prev`; return the weights, or raise MergeError if it does not hold."""
