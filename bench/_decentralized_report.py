@@ -177,7 +177,7 @@ def progress_points(paths: list[str]) -> list[dict]:
     return list(points.values())
 
 
-def partial_report(points: list[dict], dense_bytes: float, out: Path) -> None:
+def partial_report(points: list[dict], dense_bytes: float, out: Path, plots: str | None = None) -> None:
     """Subset validation loss, gap to dense and bytes so far at every round any run reached."""
     table: dict[str, dict[int, list[dict]]] = {}
     for p in points:
@@ -219,7 +219,7 @@ def partial_report(points: list[dict], dense_bytes: float, out: Path) -> None:
             [r[n]["vs_dense"] for r in rows if "vs_dense" in r.get(n, {})])
         for n in names if n != "dense"
     }  # fmt: skip
-    png = plot_gap({n: g for n, g in gaps.items() if g[0]}, str(out.with_suffix("")) + "_gap.png")
+    png = plot_gap({n: g for n, g in gaps.items() if g[0]}, (plots or str(out.with_suffix(""))) + "_gap.png")
     atomic_write_bytes(out, json.dumps({"partial": True, "rows": rows, "plots": [png]}, indent=1).encode())
     print(f"wrote {out} and {png}")
 

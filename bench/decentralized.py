@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     shape = run_shape(args, str(corpus.path))
     if args.partial:
         dense_bytes = 4.0 * model_params(shape.model, corpus.vocab_size)
-        partial_report(progress_points(args.partial), dense_bytes, Path(args.out))
+        partial_report(progress_points(args.partial), dense_bytes, Path(args.out), args.plots)
         return 0
     if args.bytes_only:
         rows = bytes_plan([setups[n] for n in names], shape.rounds, shape.model, corpus.vocab_size)
