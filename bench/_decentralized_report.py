@@ -227,9 +227,13 @@ def partial_report(points: list[dict], dense_bytes: float, out: Path, plots: str
 def combined_runs(paths: list[str]) -> tuple[dict, list[dict]]:
     """The shape and runs of earlier --out files; they must share one shape (the same tokens per run)."""
     docs = [json.loads(Path(path).read_text()) for path in paths]
-    shape = docs[0]["shape"]
+
+    def tokens_shape(doc: dict) -> dict:  # where a run logged its progress does not change what it trained
+        return {k: v for k, v in doc["shape"].items() if k != "progress"}
+
+    shape = tokens_shape(docs[0])
     for path, doc in zip(paths, docs, strict=True):
-        if doc["shape"] != shape:
+        if tokens_shape(doc) != shape:
             raise ConfigError(f"{path} has another run shape than {paths[0]}: {doc['shape']} vs {shape}")
     return shape, [run for doc in docs for run in doc["runs"]]
 
