@@ -207,7 +207,10 @@ class Hostile:
 
     def judged(self, entry: dict) -> bool:
         """Wait for the authority's removal of every contribution of `entry` (or a seal folding one),
-        at most until the round after the attacked one is sealed; record what came back."""
+        at most until the round after the attacked one is sealed; record what came back. A removal can
+        come too late to be seen: once its round is sealed, a replica drops the contributions that round
+        can no longer fold, removals with them; the attack is then sent again (the test reads the
+        verdicts from the coordinator's history)."""
         rnd, cids = entry["round"], entry["cids"]
 
         def outcome():

@@ -76,7 +76,7 @@ def play(swarm: Swarm, attack: bool) -> dict:
     return {
         **outcome,
         "rss_peak": peak,
-        "attacks": {a["attack"]: a for a in attacks.get("attacks", [])},  # a retried attack: its last try
+        "attacks": attacks.get("attacks", []),
         "attacker_key": Identity.load_or_create(hostile / "identity.key").public_hex if attack else None,
         "status": read_json(swarm.tmp / "honest" / "status.json"),
         "replica_hash": sealed_hash(swarm.tmp / "honest"),
@@ -92,45 +92,53 @@ def runs(tmp_path_factory):
 
 def test_each_poisoned_contribution_is_stopped_where_the_protocol_says(runs):
     _, run = runs
-    attacks, held, me = run["attacks"], run["contributions"], run["attacker_key"]
-    print(
-        json.dumps(
-            {name: {k: a[k] for k in ("round", "reached", "tries", "outcome")} for name, a in attacks.items()}
-        )
-    )
+    held, me = run["contributions"], run["attacker_key"]
+    print(json.dumps([{k: a[k] for k in ("attack", "round", "reached", "outcome")} for a in run["attacks"]]))
 
-    def rows(name: str) -> list[dict]:
-        return [held.get(cid) for cid in attacks[name]["cids"]]
+    def tries(name: str) -> list[dict]:
+        return [a for a in run["attacks"] if a["attack"] == name]
 
-    benign = rows("benign")[0]  # the one contribution of the attacker a seal folded
-    assert benign["status"] == "accepted" and benign["sealed_in"] == attacks["benign"]["round"], benign
+    def verdict(name: str) -> tuple[dict, list[dict]]:
+        """The first try of attack `name` the coordinator's history holds a verdict on, and its rows (the
+        attacker sends one again in a later round when it did not see the verdict: its contribution
+        missed the round, or under load the push or the removal did not reach it)."""
+        for attack in tries(name):
+            rows = [held.get(cid) for cid in attack["cids"]]
+            if all(r is not None and r["status"] != "pending" for r in rows):
+                return attack, rows
+        raise AssertionError(f"no verdict on {name}: {tries(name)}")
+
+    benign, (row,) = verdict("benign")  # the one contribution of the attacker a seal folded
+    assert row["status"] == "accepted" and row["sealed_in"] == benign["round"], row
     # refused by every peer before anything was held or recorded: the codec (a fp16 NaN/Inf scale), the
     # replica's duplicate check and admission (replays)
     for name in ("nan", "inf", "replay-own", "replay-honest", "replay-stale-base"):
-        assert attacks[name]["reached"] == 0, (name, attacks[name])
-    for name in ("nan", "inf", "replay-stale-base"):
-        assert rows(name) == [None], (name, rows(name))
+        (attack,) = tries(name)
+        assert attack["reached"] == 0, attack
+        rows = [held.get(cid) for cid in attack["cids"]]
+        if name.startswith("replay-") and name != "replay-stale-base":
+            assert rows[0]["sealed_in"] == benign["round"], rows  # still once, in its own round
+        else:
+            assert rows == [None], rows
     assert run["coord_log"].count("scale is NaN or infinite") >= 2
     assert "was built on base" in run["coord_log"]
-    assert rows("replay-own")[0]["sealed_in"] == attacks["benign"]["round"]  # still once, in its round
-    assert rows("replay-honest")[0]["sealed_in"] == attacks["benign"]["round"]
     # judged by the authority
     for name, status, reason in (
         ("scaled", "rejected", "update norm"),
         ("fp16-max", "rejected", "update norm"),
         ("banned", "revoked", "peer is banned"),
     ):
-        (row,) = rows(name)
+        _, (row,) = verdict(name)
         assert row["status"] == status and reason in row["reason"], (name, row)
-        assert reason in attacks[name]["outcome"][0], (name, attacks[name])  # the removal reached peers
-    pair = rows("equivocation")
+    _, pair = verdict("equivocation")
     assert {r["status"] for r in pair} == {"rejected"}, pair
     assert all(r["reason"].startswith("equivocation: 2 different contributions") for r in pair), pair
     (ban,) = run["bans"]
-    assert ban["peer"] == me and ban["by"] == "validator", ban
-    assert ban["at"] <= min(r["received_at"] for r in rows("banned"))
+    assert ban["peer"] == me and ban["by"] == "validator" and "contributions rejected" in ban["reason"], ban
+    assert ban["at"] >= max(r["received_at"] for r in pair)  # two rejections before: the pair made it 3+
+    assert ban["at"] <= verdict("banned")[1][0]["received_at"]
     theirs = [c for c in held.values() if c["peer"] == me and c["sealed_in"] is not None]
-    assert [c["id"] for c in theirs] == attacks["benign"]["cids"]  # nothing else of theirs was sealed
+    assert [c["id"] for c in theirs] == benign["cids"]  # nothing else of theirs was sealed
 
 
 def test_the_honest_worker_and_the_model_are_as_in_the_clean_run(runs):
