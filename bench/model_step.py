@@ -7,17 +7,26 @@
                 nord@REV   the same recipe at commit REV (--baseline, default b8aea4c, before issue #22),
                            checked out into a temporary `git worktree` that is removed afterwards
                 gpt        the GPT of equal parameter count from bench/quality.py (the reference)
-              and with --extras two process-level options for `nord` (what-ifs, not what training does today):
+              with --extras, options for `nord` (nord+eager: what training did before the kernel; the others
+              are what-ifs, not what training does by default):
+                nord+eager       NORD_NEURON_KERNEL=eager: the neuron in eager ops, not the C++ kernel
                 nord+keep-freed  glibc keeps freed memory (mallopt M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD
                                  2 GiB) instead of unmapping it: no page faults on each step's activations
-                nord+bf16        bf16 autocast on the CPU (AMX where the CPU has it); changes the numerics
+                nord+bf16        bf16 autocast on the CPU (AMX where the CPU has it), as
+                                 `train_steps(cpu_bf16=True)`; changes the numerics (see --quality)
               per variant: median CPU seconds per step over --steps steps a round (after one warm-up step),
               tokens/s = tokens per step / that, and peak RSS (whole process, and above the RSS once the
               model and optimizer are built)
     profile   one step of each Nord variant under torch.profiler, its self CPU time split by part of the
               model; backward ops count to the part whose forward op made them (autograd sequence numbers)
 
+    quality   with --quality STEPS instead: `small` trained STEPS steps on Shakespeare in fp32 and under CPU
+              bf16 autocast (`train_steps(cpu_bf16=True)`), seeds 0 and 1 (init and batch order), the four
+              runs in parallel processes, then the validation loss of each in fp32 (bench/quality.py's
+              windows): bf16 − fp32 at one seed against seed 1 − seed 0 in one precision (the noise)
+
     python bench/model_step.py [--model small] [--threads 1] [--rounds 3] [--steps 3] [--baseline b8aea4c]
+    python bench/model_step.py --quality 120 [--threads 1]
 """
 
 from __future__ import annotations
@@ -123,7 +132,9 @@ def label_parts(model) -> None:
 def split_profile(prof) -> dict[str, float]:
     """Self CPU ms per part: an op belongs to its innermost labelled region or custom autograd function;
     a backward op to the part of the forward op with its sequence number."""
+    # the kernel's function also fires the mixer's spikes: with it those count to the neuron's row
     custom = {"_DynamicDecay": PARTS[0][0], "_ChunkScan": PARTS[0][0], "_DecayGates": PARTS[0][0],
+              "_KernelNeuron": PARTS[0][0],
               "_Spike": PARTS[1][0], "_IntegerSpike": PARTS[1][0]}  # fmt: skip
     labels = {name for name, _ in PARTS}
     events = list(prof.events())
@@ -160,6 +171,8 @@ def split_profile(prof) -> dict[str, float]:
 def worker(args) -> None:
     """Measure one variant in this process and print one JSON line."""
     variant, _, option = args.worker.partition("+")
+    if option == "eager":
+        os.environ["NORD_NEURON_KERNEL"] = "eager"
     if option == "keep-freed":  # before torch allocates anything
         import ctypes
 
@@ -198,6 +211,78 @@ def worker(args) -> None:
     print(json.dumps(result))
 
 
+def quality_run(args, seed: int, precision: str) -> dict:
+    """Train `small` --quality steps at `seed` in fp32 or bf16 autocast; its validation loss in fp32."""
+    import dataclasses
+
+    import torch
+    from quality import window_eval
+
+    from nord.config import TrainConfig
+    from nord.data import DataConfig, prepare
+    from nord.model import NordLM
+    from nord.recipes import get_config
+    from nord.train import cosine_lr, make_optimizer, train_steps
+
+    torch.set_num_threads(args.threads)
+    corpus = prepare(DataConfig(source="shakespeare"), progress=False)
+    cfg = dataclasses.replace(get_config(args.model, vocab_size=corpus.vocab_size), max_seq_len=args.seq_len)
+    torch.manual_seed(seed)
+    model = NordLM(cfg)
+    train_cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=3e-3)
+    optimizer = make_optimizer(model, train_cfg, "cpu")
+    steps = args.quality
+    lr_fn = cosine_lr(train_cfg.lr, warmup_steps=max(1, min(50, steps // 10)), total_steps=steps)
+    batches = iter(corpus.batches("train", args.batch_size, args.seq_len, seed=seed))
+    start = time.process_time()
+    stats = train_steps(model, optimizer, batches, steps, grad_clip=train_cfg.grad_clip, lr_fn=lr_fn,
+                        device="cpu", progress=False, cpu_bf16=precision == "bf16")  # fmt: skip
+    cpu_s = time.process_time() - start
+    val = window_eval(model, corpus, args.seq_len, args.batch_size, args.eval_batches)
+    return {"seed": seed, "precision": precision, "train_loss": stats.loss, "val_loss": val["loss"],
+            "firing_rate": val["firing_rate"], "cpu_s": cpu_s,
+            "tokens_per_cpu_s": stats.tokens / cpu_s}  # fmt: skip
+
+
+def quality(args) -> None:
+    """fp32 and bf16 at seeds 0 and 1, each in its own process, all at once; prints and saves the table."""
+    import torch
+
+    runs = [(0, "fp32"), (0, "bf16"), (1, "fp32"), (1, "bf16")]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--quality", str(args.quality),
+           "--model", args.model, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+           "--seq-len", str(args.seq_len), "--eval-batches", str(args.eval_batches)]  # fmt: skip
+    procs = [subprocess.Popen([*cmd, "--worker", f"quality:{seed}:{precision}"], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO) for seed, precision in runs]  # fmt: skip
+    rows = []
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"a quality run failed (exit {proc.returncode})")
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    steps = args.quality
+    print(f"{args.model}, {steps} steps × {args.batch_size}×{args.seq_len} tokens, lr 3e-3 cosine, "
+          f"{args.threads} thread(s) per run; validation: {args.eval_batches} batches of windows, "
+          "fp32")  # fmt: skip
+    print(f"{'seed':>4} {'precision':9} {'train loss':>10} {'val loss':>8} {'firing':>6} {'tok/CPU s':>9}")
+    for r in rows:
+        print(f"{r['seed']:>4} {r['precision']:9} {r['train_loss']:10.4f} {r['val_loss']:8.4f} "
+              f"{r['firing_rate']:6.3f} {r['tokens_per_cpu_s']:9.0f}")  # fmt: skip
+    val = {(r["seed"], r["precision"]): r["val_loss"] for r in rows}
+    summary = {"bf16_minus_fp32": [val[s, "bf16"] - val[s, "fp32"] for s in (0, 1)],
+               "seed1_minus_seed0": [val[1, p] - val[0, p] for p in ("fp32", "bf16")]}  # fmt: skip
+    for label, key in (("bf16 − fp32 at seeds 0, 1", "bf16_minus_fp32"),
+                       ("seed 1 − seed 0 in fp32, bf16", "seed1_minus_seed0")):  # fmt: skip
+        print(f"val loss, {label}: " + ", ".join(f"{d:+.4f}" for d in summary[key]))
+    meta = {"model": args.model, "steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "threads": args.threads, "eval_batches": args.eval_batches, "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "loadavg_at_end": os.getloadavg()}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2))
+    print(f"wrote {args.out}")
+
+
 def run_variant(variant: str, tree: str | None, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", args.model,
            "--threads", str(args.threads), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
@@ -223,14 +308,23 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all variants, taking turns")
     parser.add_argument("--baseline", default="b8aea4c", help="commit measured as nord@REV ('' to skip)")
     parser.add_argument("--no-gpt", action="store_true", help="skip the GPT reference")
-    parser.add_argument("--extras", action="store_true", help="also nord+keep-freed and nord+bf16")
+    parser.add_argument("--extras", action="store_true", help="also nord+eager, +keep-freed and +bf16")
     parser.add_argument("--profile", action="store_true", help="also split one step's time by model part")
     parser.add_argument("--out", type=Path, default=Path("bench/results/model_step.json"))
+    parser.add_argument("--quality", type=int, default=0, help="STEPS: fp32 vs bf16 validation loss instead")
+    parser.add_argument("--eval-batches", type=int, default=8, help="validation batches of --quality")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker and args.worker.startswith("quality:"):
+        _, seed, precision = args.worker.split(":")
+        print(json.dumps(quality_run(args, int(seed), precision)))
+        return 0
     if args.worker:
         worker(args)
+        return 0
+    if args.quality:
+        quality(args)
         return 0
     from tqdm import tqdm
 
@@ -241,7 +335,7 @@ def main() -> int:
         if not args.no_gpt:
             variants["gpt"] = None
         if args.extras:
-            variants |= {"nord+keep-freed": None, "nord+bf16": None}
+            variants |= {"nord+eager": None, "nord+keep-freed": None, "nord+bf16": None}
         runs: dict[str, list[dict]] = {name: [] for name in variants}
         for _ in tqdm(range(args.rounds), desc="rounds"):
             for name, tree in variants.items():

@@ -94,11 +94,14 @@ def train_steps(
     device: torch.device | str,
     progress: bool = True,
     carry_state: bool = False,
+    cpu_bf16: bool = False,
 ) -> StepStats:
     """Run `steps` optimizer steps on batches of (x, y) int64 (B, T); return their mean statistics.
 
     On CUDA the forward runs under fp16 autocast and `scaler` (created if None; pass one to keep its
-    scale across calls) scales the loss; on CPU everything is fp32. With `carry_state` each step starts
+    scale across calls) scales the loss; on CPU everything is fp32 unless `cpu_bf16` (opt-in: bf16
+    autocast, ~1.7× the tokens per CPU second where the CPU has AMX/AVX512-BF16, at a validation loss
+    docs/benchmarks/model_step.md compares with fp32's). With `carry_state` each step starts
     from the previous step's neuron state (detached: truncated backprop through time), so the batches must
     continue each other row by row (`stream_batches`); otherwise every window starts from zero state and
     slow channels never see what came before their window.
@@ -107,6 +110,7 @@ def train_steps(
     cuda = device.type == "cuda"
     if cuda and scaler is None:
         scaler = torch.amp.GradScaler("cuda")
+    precision = torch.float16 if cuda else torch.bfloat16
     model.train()
     losses, regs, rates, shares, tokens = [], [], [], [], 0
     state = None
@@ -121,7 +125,7 @@ def train_steps(
         if lr_fn is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_fn(start_step + i)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+        with torch.autocast(device.type, dtype=precision, enabled=cuda or cpu_bf16):
             out = model(x, y, state=state)
             objective = out.loss + out.reg_loss
         if carry_state:

@@ -68,12 +68,36 @@ def _tile_length(x: Tensor, k: int, chunk_size: int) -> int:
     return max(k - 1, 1, min(T, steps))
 
 
-def _kernel_for(x: Tensor):
-    """The compiled CPU kernel (`nord.neurons.fused`) where it applies and `NORD_NEURON_KERNEL` allows it."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+def _kernel_for(x: Tensor, cfg: SpikeConfig):
+    """The compiled CPU kernel (`nord.neurons.fused`) where it applies (CPU, binary spikes with the ATan
+    surrogate: every recipe's) and `NORD_NEURON_KERNEL` allows it; None for the eager path."""
+    if x.device.type != "cpu" or cfg.mode != "binary" or cfg.surrogate != "atan":
         return None
     mode = fused.kernel_mode()
     return None if mode == "eager" else fused.kernel(required=mode == "cpp")
+
+
+class _KernelNeuron(torch.autograd.Function):
+    """(spikes, H) from X, the window, the conv, h0 and θ through the C++ kernel: `_DynamicDecay` and
+    `fire` (binary, ATan) in one forward and one backward pass. Keeps X, a and H for backward."""
+
+    @staticmethod
+    def forward(ctx, x, window, weight, bias, h0, threshold, alpha: float, kernel):
+        ctx.x_dtype, ctx.alpha, ctx.kernel = x.dtype, alpha, kernel
+        dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for gradcheck
+        x, window, bias, h0, threshold = (t.to(dtype).contiguous() for t in (x, window, bias, h0, threshold))
+        taps = weight.to(dtype).t().contiguous()
+        a, h, spikes = kernel.neuron_forward(x, window, taps, bias, h0, threshold)
+        ctx.save_for_backward(x, window, taps, a, h, h0, threshold)
+        return spikes, h
+
+    @staticmethod
+    def backward(ctx, ds: Tensor, dh: Tensor):
+        x, window, taps, a, h, h0, threshold = ctx.saved_tensors
+        ds, dh = (t.to(x.dtype).contiguous() for t in (ds, dh))
+        grads = ctx.kernel.neuron_backward(dh, ds, x, window, taps, a, h, h0, threshold, ctx.alpha)
+        dx, dwindow, dtaps, dbias, dthreshold, dh0 = grads
+        return dx.to(ctx.x_dtype), dwindow, dtaps.t(), dbias, dh0, dthreshold, None, None
 
 
 def _conv_into(out: Tensor, ext: Tensor, taps: Tensor, bias: Tensor) -> Tensor:
@@ -100,13 +124,8 @@ class _DynamicDecay(torch.autograd.Function):
         ctx.chunk_size, ctx.x_dtype = chunk_size, x.dtype
         dtype = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for gradcheck
         x, window, weight, bias, h0 = (t.to(dtype) for t in (x, window, weight, bias, h0))
-        taps = weight.t().contiguous()  # (k, D): a strided tap would defeat vectorisation over D
-        ctx.kernel = _kernel_for(x)
-        if ctx.kernel is not None:
-            a, h = ctx.kernel.neuron_forward(*(t.contiguous() for t in (x, window, taps, bias, h0)))
-            ctx.save_for_backward(x, window, weight, a, h, h0)
-            return h
         T, tau = x.shape[1], _tile_length(x, weight.shape[1], chunk_size)
+        taps = weight.t().contiguous()  # (k, D): a strided tap would defeat vectorisation over D
         a, h = torch.empty_like(x), torch.empty_like(x)
         before, state = window, h0  # the k−1 inputs and the state before the tile
         for t0 in range(0, T, tau):
@@ -123,13 +142,9 @@ class _DynamicDecay(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh: Tensor):
         x, window, weight, a, h, h0 = ctx.saved_tensors
-        taps = weight.t().contiguous()
-        if ctx.kernel is not None:
-            grads = ctx.kernel.neuron_backward(dh.to(x.dtype).contiguous(), x, window, taps, a, h, h0)
-            dx, dwindow, dtaps, dbias, dh0 = grads
-            return dx.to(ctx.x_dtype), dwindow, dtaps.t(), dbias, dh0, None
         (B, T, D), k = x.shape, weight.shape[1]
         tau = _tile_length(x, k, ctx.chunk_size)
+        taps = weight.t().contiguous()
         dx, dtaps, dbias = torch.empty_like(x), torch.zeros_like(taps), torch.zeros_like(h0[0])
         dz_after = x.new_zeros(B, k - 1, D)  # dz of the k−1 steps after the tile (0 past the end)
         g_after = None  # g of the step after the tile
@@ -182,12 +197,25 @@ def next_window(window: Tensor, x: Tensor) -> Tensor:
     return torch.cat([window[:, T:], x[:, max(0, T - window.shape[1]) :].to(window.dtype)], 1)
 
 
+def spikes_and_membranes(
+    x: Tensor, state: DynamicDecayState, p: DynamicDecayParams, cfg: SpikeConfig, chunk_size: int = 64
+) -> tuple[Tensor, Tensor]:
+    """(spikes, H), each (B, T, D) float32, through the compiled kernel where it applies, else eager."""
+    kernel = _kernel_for(x, cfg)
+    if kernel is None:
+        h = membranes(x, state, p, chunk_size)
+        return fire(h, p.threshold, cfg), h
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        args = (x, state.window, p.conv_weight, p.conv_bias, state.h, p.threshold, cfg.alpha, kernel)
+        return _KernelNeuron.apply(*args)
+
+
 def dynamic_decay_neuron_scan(
     x: Tensor, state: DynamicDecayState, p: DynamicDecayParams, cfg: SpikeConfig, chunk_size: int = 64
 ) -> tuple[Tensor, Tensor, DynamicDecayState]:
     """Whole sequence: x (B, T, D) -> (spikes (B, T, D), H (B, T, D), state after the last step)."""
-    h = membranes(x, state, p, chunk_size)
-    return fire(h, p.threshold, cfg), h, DynamicDecayState(h[:, -1].clone(), next_window(state.window, x))
+    s, h = spikes_and_membranes(x, state, p, cfg, chunk_size)
+    return s, h, DynamicDecayState(h[:, -1].clone(), next_window(state.window, x))
 
 
 def dynamic_decay_neuron_step(
@@ -195,8 +223,8 @@ def dynamic_decay_neuron_step(
 ) -> tuple[Tensor, Tensor, DynamicDecayState]:
     """One token: x_t (B, D) -> (spikes (B, D), H_t (B, D), new state); O(1) in the position."""
     x = x_t.unsqueeze(1)
-    h = membranes(x, state, p)[:, 0]
-    return fire(h, p.threshold, cfg), h, DynamicDecayState(h, next_window(state.window, x))
+    s, h = spikes_and_membranes(x, state, p, cfg)
+    return s[:, 0], h[:, 0], DynamicDecayState(h[:, 0], next_window(state.window, x))
 
 
 class DynamicDecayNeuron(nn.Module):

@@ -1,13 +1,15 @@
-"""C++ CPU kernel of the dynamic-decay neuron: gates, scan and backward each in one pass over time.
+"""C++ CPU kernel of the dynamic-decay neuron: gates, scan, spikes and backward each in one pass over time.
 
 Forward, per batch row and block of channels, one step t at a time (vectorised over the channels):
-    z_t = b + Σ_j w_j ⊙ [window; X]_{t+j},   a_t = σ(z_t),   H_t = a_t·H_{t−1} + (1 − a_t)·X_t
-Backward, t from T−1 down, with g_t = dH_t + a_{t+1}·g_{t+1}:
+    z_t = b + Σ_j w_j ⊙ [window; X]_{t+j},   a_t = σ(z_t),   H_t = a_t·H_{t−1} + (1 − a_t)·X_t,
+    S_t = Θ(H_t − θ)                           (binary spikes)
+Backward, t from T−1 down, with g_t = dH_t + dS_t·σ'(H_t − θ) + a_{t+1}·g_{t+1} (σ' the ATan surrogate):
     dz_t = g_t·(H_{t−1} − X_t)·a_t(1 − a_t),   dX_t = (1 − a_t)·g_t + Σ_j w_j dz_{t+k−1−j},
-    dw_j += dz_t·[window; X]_{t+j},   db += dz_t,   dh0 = a_0·g_0,   dwindow_e = Σ_{j≤e} w_j dz_{e−j}
-(the adjoint `nord.neurons.dynamic._DynamicDecay` also computes, tile by tile in eager ops). The eager
-path makes ~10 passes over memory forward and ~25 backward; these loops read each input once, so the
-neuron costs about as much as copying its activations (bench/neurons.py).
+    dw_j += dz_t·[window; X]_{t+j},   db += dz_t,   dθ −= dS_t·σ'(H_t − θ),   dh0 = a_0·g_0,
+    dwindow_e = Σ_{j≤e} w_j dz_{e−j}
+(the adjoint `nord.neurons.dynamic._DynamicDecay` and the spike's surrogate compute in eager ops). The
+eager path makes ~15 passes over memory forward and ~30 backward; these loops read each input once
+(bench/neurons.py).
 
 The kernel is compiled with `torch.utils.cpp_extension.load_inline` (g++ and ninja) once per machine
 into ~/.cache/nord/kernels/<hash of source, flags, torch, python>.so and imported by every later process.
@@ -78,9 +80,24 @@ inline const T* ext_row(const T* window, const T* x, int64_t e, int64_t k, int64
   return e < k - 1 ? window + e * D : x + (e - (k - 1)) * D;
 }
 
+// a = σ(z), H_t = a·H_{t−1} + (1 − a)·X_t, S_t = Θ(H_t − θ). g++ vectorises a loop like this one only with
+// every pointer a __restrict parameter, hence the helpers.
 template <typename T>
-void forward_block(const T* x, const T* window, const T* taps, const T* bias, const T* h0, T* a, T* h,
-                   int64_t steps, int64_t D, int64_t k, int64_t n, T* __restrict z) {
+inline void gate_step(const T* __restrict z, const T* __restrict hp, const T* __restrict xt,
+                      const T* __restrict theta, T* __restrict at, T* __restrict ht, T* __restrict st,
+                      int64_t n) {
+  for (int64_t d = 0; d < n; ++d) {
+    const T s = sigmoid(z[d]);
+    const T h = s * hp[d] + (T(1) - s) * xt[d];
+    at[d] = s;
+    ht[d] = h;
+    st[d] = h - theta[d] >= T(0) ? T(1) : T(0);
+  }
+}
+
+template <typename T>
+void forward_block(const T* x, const T* window, const T* taps, const T* bias, const T* h0, const T* theta,
+                   T* a, T* h, T* spikes, int64_t steps, int64_t D, int64_t k, int64_t n, T* __restrict z) {
   const T* prev = h0;
   for (int64_t t = 0; t < steps; ++t) {
     for (int64_t d = 0; d < n; ++d) z[d] = bias[d];
@@ -89,21 +106,12 @@ void forward_block(const T* x, const T* window, const T* taps, const T* bias, co
       const T* __restrict w = taps + j * D;
       for (int64_t d = 0; d < n; ++d) z[d] += w[d] * src[d];
     }
-    const T* __restrict xt = x + t * D;
-    const T* __restrict hp = prev;
-    T* __restrict at = a + t * D;
-    T* __restrict ht = h + t * D;
-    for (int64_t d = 0; d < n; ++d) {
-      const T s = sigmoid(z[d]);
-      at[d] = s;
-      ht[d] = s * hp[d] + (T(1) - s) * xt[d];
-    }
-    prev = ht;
+    gate_step(z, prev, x + t * D, theta, a + t * D, h + t * D, spikes + t * D, n);
+    prev = h + t * D;
   }
 }
 
-// dz = g·(H_{t−1} − X_t)·a(1 − a), dX_t = (1 − a)·g (its direct part), db += dz; a helper of its own,
-// since g++ vectorises this loop only with every pointer declared __restrict as a parameter.
+// dz = g·(H_{t−1} − X_t)·a(1 − a), dX_t = (1 − a)·g (its direct part), db += dz
 template <typename T>
 inline void gate_grads(const T* __restrict at, const T* __restrict hp, const T* __restrict xt,
                        const T* __restrict g, T* __restrict dz, T* __restrict dxt, T* __restrict db,
@@ -116,11 +124,26 @@ inline void gate_grads(const T* __restrict at, const T* __restrict hp, const T* 
   }
 }
 
+// g += dH + dS·σ'(H − θ) with the ATan surrogate σ'(v) = (α/2) / (1 + (π/2·α·v)²), dθ −= dS·σ'(H − θ)
+template <typename T>
+inline void spike_grads(const T* __restrict dht, const T* __restrict dst, const T* __restrict ht,
+                        const T* __restrict theta, T* __restrict g, T* __restrict dtheta, T half_alpha,
+                        T slope, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) {
+    const T u = slope * (ht[d] - theta[d]);
+    const T through_spike = dst[d] * half_alpha / (T(1) + u * u);
+    g[d] += dht[d] + through_spike;
+    dtheta[d] -= through_spike;
+  }
+}
+
 // dtaps (k rows of stride D) and dbias accumulate; ring holds dz of the steps t..t+k−1 (row s % k).
 template <typename T>
-void backward_block(const T* dh, const T* x, const T* window, const T* taps, const T* a, const T* h,
-                    const T* h0, T* dx, T* dwindow, T* dtaps, T* dbias, T* dh0, int64_t steps, int64_t D,
-                    int64_t k, int64_t n, T* __restrict g, T* ring) {
+void backward_block(const T* dh, const T* ds, const T* x, const T* window, const T* taps, const T* a,
+                    const T* h, const T* h0, const T* theta, T alpha, T* dx, T* dwindow, T* dtaps, T* dbias,
+                    T* dtheta, T* dh0, int64_t steps, int64_t D, int64_t k, int64_t n, T* __restrict g,
+                    T* ring) {
+  const T half_alpha = alpha / 2, slope = T(M_PI / 2) * alpha;
   for (int64_t t = steps - 1; t >= 0; --t) {
     const T* __restrict at = a + t * D;
     const T* __restrict dht = dh + t * D;
@@ -130,10 +153,11 @@ void backward_block(const T* dh, const T* x, const T* window, const T* taps, con
     T* __restrict dz = ring + (t % k) * n;
     if (t + 1 < steps) {
       const T* __restrict an = a + (t + 1) * D;
-      for (int64_t d = 0; d < n; ++d) g[d] = dht[d] + an[d] * g[d];
+      for (int64_t d = 0; d < n; ++d) g[d] = an[d] * g[d];
     } else {
-      for (int64_t d = 0; d < n; ++d) g[d] = dht[d];
+      for (int64_t d = 0; d < n; ++d) g[d] = T(0);
     }
+    spike_grads(dht, ds + t * D, h + t * D, theta, g, dtheta, half_alpha, slope, n);
     gate_grads(at, hp, xt, g, dz, dxt, dbias, n);
     for (int64_t j = 0; j < k; ++j) {
       const T* __restrict w = taps + j * D;
@@ -165,12 +189,13 @@ void check(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-// x (B, T, D), window (B, k−1, D), taps (k, D), bias (D), h0 (B, D) -> [a, h], each (B, T, D).
+// x (B, T, D), window (B, k−1, D), taps (k, D), bias (D), h0 (B, D), threshold (D)
+// -> [a, h, spikes], each (B, T, D)
 std::vector<at::Tensor> neuron_forward(at::Tensor x, at::Tensor window, at::Tensor taps, at::Tensor bias,
-                                       at::Tensor h0) {
-  for (auto* t : {&x, &window, &taps, &bias, &h0}) check(*t, "every input");
+                                       at::Tensor h0, at::Tensor threshold) {
+  for (auto* t : {&x, &window, &taps, &bias, &h0, &threshold}) check(*t, "every input");
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), k = taps.size(0);
-  auto a = at::empty_like(x), h = at::empty_like(x);
+  auto a = at::empty_like(x), h = at::empty_like(x), spikes = at::empty_like(x);
   const int64_t blocks = (D + kBlock - 1) / kBlock;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "neuron_forward", [&] {
     at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -180,20 +205,23 @@ std::vector<at::Tensor> neuron_forward(at::Tensor x, at::Tensor window, at::Tens
         const int64_t row = b * T * D + d0;
         auto p = [](at::Tensor& t, int64_t offset) { return t.data_ptr<scalar_t>() + offset; };
         forward_block<scalar_t>(p(x, row), p(window, b * (k - 1) * D + d0), p(taps, d0), p(bias, d0),
-                                p(h0, b * D + d0), p(a, row), p(h, row), T, D, k, n, z.data());
+                                p(h0, b * D + d0), p(threshold, d0), p(a, row), p(h, row), p(spikes, row), T,
+                                D, k, n, z.data());
       }
     });
   });
-  return {a, h};
+  return {a, h, spikes};
 }
 
-// -> [dx (B, T, D), dwindow (B, k−1, D), dtaps (k, D), dbias (D), dh0 (B, D)]
-std::vector<at::Tensor> neuron_backward(at::Tensor dh, at::Tensor x, at::Tensor window, at::Tensor taps,
-                                        at::Tensor a, at::Tensor h, at::Tensor h0) {
-  for (auto* t : {&dh, &x, &window, &taps, &a, &h, &h0}) check(*t, "every input");
+// dh, ds: the gradients of h and spikes -> [dx, dwindow, dtaps (k, D), dbias, dthreshold, dh0]
+std::vector<at::Tensor> neuron_backward(at::Tensor dh, at::Tensor ds, at::Tensor x, at::Tensor window,
+                                        at::Tensor taps, at::Tensor a, at::Tensor h, at::Tensor h0,
+                                        at::Tensor threshold, double alpha) {
+  for (auto* t : {&dh, &ds, &x, &window, &taps, &a, &h, &h0, &threshold}) check(*t, "every input");
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), k = taps.size(0);
   auto dx = at::empty_like(x), dwindow = at::zeros_like(window), dh0 = at::empty_like(h0);
   auto dtaps = at::zeros({B, k, D}, x.options()), dbias = at::zeros({B, D}, x.options());  // per row, summed
+  auto dtheta = at::zeros({B, D}, x.options());
   const int64_t blocks = (D + kBlock - 1) / kBlock;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "neuron_backward", [&] {
     at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -203,13 +231,15 @@ std::vector<at::Tensor> neuron_backward(at::Tensor dh, at::Tensor x, at::Tensor 
         const int64_t row = b * T * D + d0, win = b * (k - 1) * D + d0;
         std::fill(ring.begin(), ring.end(), scalar_t(0));
         auto p = [](at::Tensor& t, int64_t offset) { return t.data_ptr<scalar_t>() + offset; };
-        backward_block<scalar_t>(p(dh, row), p(x, row), p(window, win), p(taps, d0), p(a, row), p(h, row),
-                                 p(h0, b * D + d0), p(dx, row), p(dwindow, win), p(dtaps, b * k * D + d0),
-                                 p(dbias, b * D + d0), p(dh0, b * D + d0), T, D, k, n, g.data(), ring.data());
+        backward_block<scalar_t>(p(dh, row), p(ds, row), p(x, row), p(window, win), p(taps, d0), p(a, row),
+                                 p(h, row), p(h0, b * D + d0), p(threshold, d0), scalar_t(alpha), p(dx, row),
+                                 p(dwindow, win), p(dtaps, b * k * D + d0), p(dbias, b * D + d0),
+                                 p(dtheta, b * D + d0), p(dh0, b * D + d0), T, D, k, n, g.data(),
+                                 ring.data());
       }
     });
   });
-  return {dx, dwindow, dtaps.sum(0), dbias.sum(0), dh0};
+  return {dx, dwindow, dtaps.sum(0), dbias.sum(0), dtheta.sum(0), dh0};
 }
 """
 _FUNCTIONS = ["neuron_forward", "neuron_backward"]

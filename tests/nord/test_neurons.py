@@ -395,13 +395,10 @@ def test_neuron_membranes_match_the_naive_definition_in_every_plan(plan, B, T, D
 @pytest.mark.parametrize("tile_steps", [1, 3, 4, 64, "kernel"])
 @pytest.mark.parametrize("T", [1, 2, 10])
 def test_neuron_backward_matches_finite_differences(request, monkeypatch, tile_steps, T):
+    """float64 gradcheck of the membranes H: the eager function in tiles of 1 to 64 steps, and the kernel."""
     from nord.neurons import dynamic
 
-    if tile_steps == "kernel":  # the C++ kernel in float64
-        request.getfixturevalue("compiled_kernel")
-        monkeypatch.setenv("NORD_NEURON_KERNEL", "cpp")
-    else:
-        monkeypatch.setenv("NORD_NEURON_KERNEL", "eager")
+    if tile_steps != "kernel":
         monkeypatch.setattr(dynamic, "_CPU_TILE_ELEMENTS", tile_steps * 2 * 5)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(2, T, 5, generator=gen, dtype=torch.float64).requires_grad_()
@@ -410,4 +407,8 @@ def test_neuron_backward_matches_finite_differences(request, monkeypatch, tile_s
     bias = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_()
     h0 = torch.randn(2, 5, generator=gen, dtype=torch.float64).requires_grad_()
     fn = lambda *args: dynamic._DynamicDecay.apply(*args, 2)  # noqa: E731
+    if tile_steps == "kernel":
+        kernel = request.getfixturevalue("compiled_kernel")
+        threshold = torch.randn(5, generator=gen, dtype=torch.float64)
+        fn = lambda *args: dynamic._KernelNeuron.apply(*args, threshold, 2.0, kernel)[1]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, window, weight, bias, h0))
