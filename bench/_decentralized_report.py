@@ -161,10 +161,19 @@ _LOG_POINT = re.compile(r"(?P<setup>\S+) seed (?P<seed>\d+) round (?P<round>\d+)
 
 
 def progress_points(paths: list[str]) -> list[dict]:
-    """Validation points of runs that may not have finished: lines of --progress JSONL files, or the
-    bench's own log lines (`NAME seed S round R: val L`, without bytes); the first of duplicates kept."""
+    """Validation points of runs that may not have finished: lines of --progress JSONL files, the bench's
+    own log lines (`NAME seed S round R: val L`, without bytes), or the curves of finished runs' --out
+    JSON; the first of duplicates kept."""
     points: dict[tuple, dict] = {}
     for path in paths:
+        if path.endswith(".json"):  # a finished run's --out file: its curves
+            for run in json.loads(Path(path).read_text())["runs"]:
+                curve, name, by_round = run["curve"], run["setup"]["name"], run["bytes_per_peer_by_round"]
+                for rnd, loss in zip(curve["round"][1:], curve["val_loss"][1:], strict=True):
+                    sent = sum(by_round[:rnd]) if by_round else 0.0
+                    point = {"setup": name, "seed": run["seed"], "round": rnd, "val_loss": loss}
+                    points.setdefault((name, run["seed"], rnd), {**point, "bytes_per_peer_total": sent})
+            continue
         for line in Path(path).read_text().splitlines():
             if line.startswith("{"):
                 point = json.loads(line)
