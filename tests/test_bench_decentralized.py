@@ -120,8 +120,12 @@ def test_partial_report_reads_progress_lines_and_logs_of_unfinished_runs(tmp_pat
     log.write_text(
         "02:09:19 central seed 0 round 6: val 4.5000\nsetups: 50%\n02:09:25 dense seed 0 round 6: val 9.9\n"
     )
-    points = report.progress_points([str(progress), str(log)])
-    assert len(points) == 4  # the log's dense point repeats the progress file's and is dropped
+    finished = tmp_path / "r.json"  # a finished run's --out file: its curve, bytes summed to each round
+    run = {"setup": {"name": "nord-1.56"}, "seed": 0, "bytes_per_peer_by_round": [2.0] * 6,
+           "curve": {"round": [0, 3, 6], "val_loss": [9.0, 6.0, 5.5]}}  # fmt: skip
+    finished.write_text(json.dumps({"runs": [run]}))
+    points = report.progress_points([str(progress), str(log), str(finished)])
+    assert len(points) == 6  # the log's dense point repeats the progress file's and is dropped
     out = tmp_path / "partial.json"
     report.partial_report(points, dense_bytes=400.0, out=out)
     rows = {row["round"]: row for row in json.loads(out.read_text())["rows"]}
@@ -129,3 +133,4 @@ def test_partial_report_reads_progress_lines_and_logs_of_unfinished_runs(tmp_pat
     assert shared["vs_dense"] == pytest.approx(0.02) and shared["byte_ratio_vs_dense"] == pytest.approx(100)
     assert rows[6]["central"]["vs_dense"] == pytest.approx(-0.1)
     assert "vs_dense" not in rows[12]["wu0-1.56-shared"]  # no dense point at round 12
+    assert rows[6]["nord-1.56"]["byte_ratio_vs_dense"] == pytest.approx(200)
