@@ -123,6 +123,7 @@ def sample(swarm: Swarm) -> dict[str, float]:
         "t": time.time(),
         "sealed": int(summary["sealed_rounds"]),
         "api_ms": 1000 * (time.perf_counter() - t0),
+        "load1": os.getloadavg()[0],  # times above are only comparable at a similar load
     }
     row.update(proc_status(coord))
     daemons = sorted(p2pd_children(coord))
@@ -173,6 +174,12 @@ def drift(points: list[tuple[int, float]], warmup: int) -> dict[str, float] | No
         "change": (b - a) / a if a else 0.0,
         "max": max(v for _, v in after),
     }
+
+
+def load_span(samples: list[dict], before: tuple[float, ...], after: tuple[float, ...]) -> str:
+    """The 1-minute load average over the run, for the plot's title (it inflates every time shown)."""
+    loads = [s["load1"] for s in samples if "load1" in s] or [before[0], after[0]]
+    return f"load avg {min(loads):.0f}–{max(loads):.0f} on {os.cpu_count()} cores"
 
 
 def plot(samples: list[dict], rounds: list[dict], warmup: int, path: Path, title: str) -> None:
@@ -302,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
+    load = load_span(samples, load_before, load_after)
     title = (
         f"nord soak: {sealed} sealed rounds, tiny model, quorum {args.quorum}, H={args.inner_steps}, "
-        f"{len(result['events'])} joins/leaves (seed {args.seed}); load avg {load_before[0]:.0f} on 2 cores"
+        f"{len(result['events'])} joins/leaves (seed {args.seed}); {load}"
     )
     plot(samples, rounds, warmup, args.plot, title)
     print(f"wrote {args.out} and {args.plot}")
