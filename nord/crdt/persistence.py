@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ from nord.crdt.compaction import Compaction, CompactionView
 from nord.crdt.config import MergeConfig
 from nord.crdt.log import Store
 from nord.crdt.messages import Removal, Seal, window_hash
+from nord.crdt.pool import new_accumulator
 from nord.errors import CodecError, MergeError
 
 log = logging.getLogger(__name__)
@@ -50,13 +52,21 @@ class SnapshotView:
 
 class Persistence:
     """Log, snapshot, compaction and restore for `Replica` (a mixin). Owns `_store` and `_compaction`;
-    of the replica it reads `_base`, `_chain`, `_tip`, `_set`, `_seals` and `_norms`, and changes them
-    only through `_reset_base` and `_install_base`."""
+    it reads the replica only through its public methods (`base`, `seals`, `tip_weights`,
+    `held_envelopes`, `held_seals`, `cached_norms`, `removals`) and changes it only through
+    `reset_base` and `install_base`."""
+
+    def _start_persistence(self, log_dir: str | Path | None) -> None:
+        """Set up the log before anything is recorded: memory only (None) or a new directory."""
+        self._store: Store | None = None
+        self._compaction: Compaction | None = None  # begun, not yet finished (nord.crdt.compaction)
+        if log_dir is not None:
+            self._persist_to(log_dir)
 
     def _persist_to(self, log_dir: str | Path) -> None:
         """Start a new replica directory at the current base."""
         store = Store(log_dir)
-        store.create(self._base.weights, self._base.meta(self.run_id))
+        store.create(self.base.weights, self.base.meta(self.run_id))
         self._store = store
 
     def _persist(self, kind: str, data: bytes) -> None:
@@ -93,23 +103,25 @@ class Persistence:
             raise MergeError(f"keep_rounds must be >= 0, got {keep_rounds}")
         if self._compaction is not None:
             raise MergeError("a compaction of this replica is already in progress")
-        cut = max(0, len(self._chain) - keep_rounds)
-        folded_seals = tuple(self._chain[:cut])
+        chain = self.seals()
+        cut = max(0, len(chain) - keep_rounds)
+        folded_seals = tuple(chain[:cut])
         gone = {c for seal in folded_seals for c in seal.contribution_ids}
+        held = self.held_envelopes()
         view = CompactionView(
             run_id=self.run_id,
-            base=self._base,
+            base=self.base,
             folded_seals=folded_seals,
-            envelopes={c: self._set.envelopes[c] for c in gone},
-            norms={c: self._norms[c] for c in gone if c in self._norms},
-            tip=self._tip if cut == len(self._chain) else None,
-            records=tuple(self._records(self._base.round + cut, gone)),
+            envelopes={c: held[c] for c in gone},
+            norms=self.cached_norms(gone),
+            tip=self.tip_weights if cut == len(chain) else None,
+            records=tuple(self._records(self.base.round + cut, gone)),
             staleness=self.merge.max_staleness,
         )
         self._compaction = Compaction(
             view=view,
             store=self._store,
-            new_accumulator=self._new_accumulator,
+            new_accumulator=functools.partial(new_accumulator, self.spec, self.merge, self.sparse_sums),
             merge=self.merge,
         )
         if self._store is not None:
@@ -131,14 +143,14 @@ class Persistence:
         view = job.view
         cut = len(view.folded_seals)
         folded_ids = [s.seal_id for s in view.folded_seals]
-        if self._base is not view.base or [s.seal_id for s in self._chain[:cut]] != folded_ids:
+        if self.base is not view.base or [s.seal_id for s in self.seals()[:cut]] != folded_ids:
             log.info("compaction dropped: the chain changed below round %d meanwhile", view.new_round)
             self.abandon_compaction(job)
             return False
         self._compaction = None
         if self._store is not None:
             self._store.finish_rewrite()
-        self._install_base(job.new_base, set(view.envelopes))
+        self.install_base(job.new_base, set(view.envelopes))
         return True
 
     def _records(self, from_round: int, gone: set[str]) -> list[tuple[str, Any]]:
@@ -146,17 +158,17 @@ class Persistence:
         records in an order that replays: round by round, seals then contributions (a seal waits for its
         contributions, and lets a listed one into a full round), and removals last."""
         records: list[tuple[str, Any]] = []
-        held = [e for c, e in self._set.envelopes.items() if c not in gone]
-        seals = {r: s for r, s in self._seals.items() if r >= from_round}
-        for rnd in sorted({e.round for e in held} | set(seals)):
-            records += [("seal", s) for s in sorted(seals.get(rnd, {}).values(), key=Seal.rank)]
+        held = [e for c, e in self.held_envelopes().items() if c not in gone]
+        seals = [s for s in self.held_seals() if s.round >= from_round]  # by round, best first
+        for rnd in sorted({e.round for e in held} | {s.round for s in seals}):
+            records += [("seal", s) for s in seals if s.round == rnd]
             records += [("add", e) for e in sorted((e for e in held if e.round == rnd), key=_contribution_id)]
         return records + [("remove", r) for r in self.removals() if r.contribution_id not in gone]
 
     def snapshot_view(self) -> SnapshotView:
         """The sealed tip for a lagging peer: cheap, take it under the lock and `write` it outside."""
-        window = self._base.window(self.round, self._chain, self._set.envelopes, self.merge.max_staleness)
-        tip = Base.of(self._tip, self.round, self.tip_seal, window, hash=self.base_hash)
+        window = self.base.window(self.round, self.seals(), self.held_envelopes(), self.merge.max_staleness)
+        tip = Base.of(self.tip_weights, self.round, self.tip_seal, window, hash=self.base_hash)
         return SnapshotView(
             round=tip.round, base_hash=tip.hash, weights=tip.weights, meta=tip.meta(self.run_id)
         )
@@ -226,7 +238,7 @@ class Persistence:
             raise MergeError(
                 "snapshot metadata (folded contributions, round hashes) is not what its seal covers"
             )
-        replica._reset_base(Base.of(replica._base.weights, base_round, seal, (folded, dots, hashes)))
+        replica.reset_base(Base.of(replica.base.weights, base_round, seal, (folded, dots, hashes)))
         if log_dir is not None:
             replica._persist_to(log_dir)
         return replica

@@ -33,17 +33,17 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
 from nord.checkpoint import weights_hash
-from nord.crdt.accumulator import FixedPointAccumulator, contribution_norm
+from nord.crdt.accumulator import contribution_norm
 from nord.crdt.antientropy import AntiEntropy
 from nord.crdt.base import Base, Window, checked_weights
-from nord.crdt.compaction import Compaction, fold_envelopes
+from nord.crdt.compaction import fold_envelopes
 from nord.crdt.config import MergeConfig
-from nord.crdt.log import Store
 from nord.crdt.messages import Removal, Seal, window_hash
 from nord.crdt.orset import ContributionSet, Dot, Equivocation
 from nord.crdt.persistence import Persistence
@@ -86,14 +86,12 @@ class Replica(AntiEntropy, Persistence):
         self._verified: set[str] = set()  # seal ids whose recomputation matched
         self._norms: dict[str, float] = {}  # contribution id -> clipped L2 norm (median_norm_clip only)
         self._last_verified: tuple[str, dict[str, torch.Tensor]] | None = None
-        self._reset_base(Base.of(checked_weights(self.spec, base), base_round))
-        self._store: Store | None = None
-        self._compaction: Compaction | None = None  # begun, not yet finished (nord.crdt.compaction)
-        if log_dir is not None:
-            self._persist_to(log_dir)
+        self.reset_base(Base.of(checked_weights(self.spec, base), base_round))
+        self._start_persistence(log_dir)
 
     # ----------------------------------------------------------------------------------------- state
-    def _reset_base(self, base: Base) -> None:
+    def reset_base(self, base: Base) -> None:
+        """Start over at `base` with an empty chain (a new replica, or one restored from a snapshot)."""
         self._base = base
         self._chain: list[Seal] = []
         self._tip = base.weights
@@ -141,9 +139,6 @@ class Replica(AntiEntropy, Persistence):
         self._folded_ids, self._folded_dots = self._folded_before(self.round)
         self._pool = Pool(self.spec, self.merge, self.sparse_sums)
         self._sync(self._set.envelopes)
-
-    def _new_accumulator(self) -> FixedPointAccumulator:
-        return new_accumulator(self.spec, self.merge, self.sparse_sums)
 
     def _eligible(self, cid: str) -> bool:
         return self._set.live(cid) and self._foldable(cid, self.round, self._folded_ids, self._folded_dots)
@@ -285,7 +280,8 @@ class Replica(AntiEntropy, Persistence):
         if not self.merge.median_norm_clip and set(cids) == self._pool.ids and prev is self._tip:
             return self._pool.sums.apply_update(prev)
         envelopes = {c: self._set.envelopes[c] for c in cids}
-        return fold_envelopes(prev, envelopes, self._new_accumulator(), self.merge, self._norm)
+        sums = new_accumulator(self.spec, self.merge, self.sparse_sums)
+        return fold_envelopes(prev, envelopes, sums, self.merge, self._norm)
 
     def _norm(self, cid: str) -> float:
         if cid not in self._norms:
@@ -364,7 +360,7 @@ class Replica(AntiEntropy, Persistence):
             self._set.forget_removals_of(self._folded_ids)
             self._prune()
 
-    def _install_base(self, base: Base, gone: set[str]) -> None:
+    def install_base(self, base: Base, gone: set[str]) -> None:
         """Make `base` (this chain's first seals folded: compaction) the base and drop the payloads of the
         `gone` contributions it folded. The pool stays: they were folded, so never pooled, and a dot mate
         that stops equivocating is still ineligible (its dot stays in the window while it could be
@@ -390,6 +386,24 @@ class Replica(AntiEntropy, Persistence):
             self._norms.pop(cid, None)
 
     # ------------------------------------------------------------------------------------- reading
+    @property
+    def base(self) -> Base:
+        """The base snapshot (the compaction point) the chain of seals starts from."""
+        return self._base
+
+    @property
+    def tip_weights(self) -> Mapping[str, torch.Tensor]:
+        """The sealed weights the open round builds on (shared, never changed in place: do not change)."""
+        return self._tip
+
+    def held_envelopes(self) -> Mapping[str, Any]:
+        """Every held contribution by id (a read-only view)."""
+        return MappingProxyType(self._set.envelopes)
+
+    def cached_norms(self, ids: Iterable[str]) -> dict[str, float]:
+        """The clipped norms already computed for those of `ids` that have one (median_norm_clip only)."""
+        return {c: self._norms[c] for c in ids if c in self._norms}
+
     def has(self, contribution_id: str) -> bool:
         return contribution_id in self._set.envelopes or contribution_id in self._folded_ids
 
