@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 from rss_probe import peak_rss_growth
-from test_memory import saved_activation_bytes  # the autograd-saved-bytes probe of the estimator's tests
+from test_memory import neuron_as_on_cuda, saved_activation_bytes  # noqa: F401 (the estimator tests' probe)
 
 from nord.codec import CodecConfig, DeltaEncoder
 from nord.config import TrainConfig
