@@ -11,6 +11,7 @@ too; every later state carries an authority seal (`Replica.from_snapshot`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import tempfile
 import time
@@ -26,9 +27,10 @@ from nord.config import RunConfig, check_fingerprint
 from nord.crdt import Replica
 from nord.crdt.log import Store
 from nord.errors import CheckpointError, ConfigError, MergeError, TransportError
-from nord.gossip import RunNotFound, fetch_run_config_json, fetch_snapshot, hello, snapshot_max_bytes
+from nord.gossip import fetch_run_config_json, fetch_snapshot, hello, snapshot_max_bytes
 from nord.model import NordLM
 from nord.transport import Transport, TransportConfig, peer_id_of
+from nord.transport.peer import network_peer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,11 +83,10 @@ def find_run(
     problems = []
     for peer in candidates:
         try:
-            names.learn(peer, hello(transport, peer, run_id))
+            asked = functools.partial(hello, transport, peer, run_id)  # again if the stream ended early
+            names.learn(peer, with_retries(f"asking {network_peer(peer)} for run {run_id!r}", asked))
             return peer
-        except RunNotFound as e:
-            problems.append(str(e))
-        except TransportError as e:
+        except TransportError as e:  # RunNotFound included: that peer serves another run
             problems.append(str(e))
     raise TransportError(problems[0] if len(problems) == 1 else "; ".join(problems))
 
