@@ -224,6 +224,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dense", action="store_true", help="train the dense twin (no spikes) instead")
     p.add_argument("--eight-bit", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    p.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="on CPU, bf16 autocast: ~2x tokens/s where the CPU has native bf16, slightly worse loss "
+        "(docs/benchmarks/model_step.md); CUDA always uses fp16 autocast",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=run)
@@ -315,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
         chunk = min(args.eval_every, args.steps - step)
         stats = train_steps(
             model, optimizer, batches, chunk, scaler=scaler, grad_clip=train_cfg.grad_clip,
-            lr_fn=lr_fn, start_step=step, device=device,
+            lr_fn=lr_fn, start_step=step, device=device, cpu_bf16=args.cpu_bf16,
         )  # fmt: skip
         step += chunk
         val = evaluate(model, corpus, seq_len=args.seq_len, max_batches=args.eval_batches, device=device)
