@@ -203,9 +203,9 @@ class Worker:
     def _compact_if_due(self) -> None:
         """Fold old sealed rounds into the replica's base snapshot so memory and disk stay bounded."""
         with self.gossip.lock:
-            if len(self.replica.seals()) > self.options.compact_every:
-                self.replica.compact(keep_rounds=1)
-                log.info("compacted the replica: base round %d", self.replica.base_round)
+            due = len(self.replica.seals()) > self.options.compact_every
+        if due and self.replica.compact(keep_rounds=1, lock=self.gossip.lock):  # folds outside the lock
+            log.info("compacted the replica: base round %d", self.replica.base_round)
 
     def contribute(self) -> RoundReport:
         """Train H steps on the open round's sealed weights and send the delta (once per round)."""
