@@ -8,6 +8,7 @@ log          snapshot + append-only, checksummed, fsynced log of a replica direc
 base         `Base`: the snapshot a chain starts from (weights + the window of what was folded before)
 pool         the open round's pooled contributions and sums; admission's choice
 compaction   two-phase compaction: a view under the lock, fold + write outside it, commit under it
+chain        seal checks by recomputation and the choice of the best verified seal per round
 replica      `Replica`: rounds, seals and their verification (persistence, antientropy: its log,
              snapshots, compaction and restore; digests and deltas for anti-entropy)
 """

@@ -17,14 +17,9 @@ pool holds at most that many: in both cases the smallest contribution ids (a new
 evicts the largest held one; contributions a held seal lists are exempt). The admitted sets are thus a
 function of the contributions seen, not of the order they arrived in.
 
-Seals. An authority signs (round, prev_hash, sorted contribution ids, weights_hash, window_hash). A
-replica accepts a seal only by recomputing it: the listed contributions must be known and foldable at
-that round, folding exactly them into the previous weights must give `weights_hash`, and the window a
-replica based on those weights must remember (`Base.window`) must hash to `window_hash`.
-The seal is authoritative over its list (removals and equivocation govern only the open pool and what
-an honest authority lists). Competing seals for one round: the one with the most contributions wins,
-then the lowest seal id; a replica that learns of a better verified seal rolls back to that round and
-replays. Rounds are final once compacted.
+Seals. A replica accepts an authority's seal only by recomputing it, and follows the best verified
+seal of each round, rolling back when a better one arrives (nord.crdt.chain). Rounds are final once
+compacted.
 """
 
 from __future__ import annotations
@@ -42,6 +37,7 @@ from nord.checkpoint import weights_hash
 from nord.crdt.accumulator import contribution_norm
 from nord.crdt.antientropy import AntiEntropy
 from nord.crdt.base import Base, Window, checked_weights
+from nord.crdt.chain import better_seal, check_signer, recompute
 from nord.crdt.compaction import fold_envelopes
 from nord.crdt.config import MergeConfig
 from nord.crdt.messages import Removal, Seal, window_hash
@@ -231,10 +227,7 @@ class Replica(AntiEntropy, Persistence):
         Raises MergeError if it is not from an authority, is for another run, or is forged: its listed
         contributions are not foldable at its round or recomputation gives another weights hash.
         """
-        if seal.run_id != self.run_id:
-            raise MergeError(f"seal is for run {seal.run_id!r}, this replica is {self.run_id!r}")
-        if seal.authority not in self.authorities:
-            raise MergeError(f"seal signed by {seal.authority.hex()[:16]}, not an authority of this run")
+        check_signer(seal, self.run_id, self.authorities)
         if seal.round < self._base.round:
             log.info("ignoring seal for round %d: compacted here at %d", seal.round, self._base.round)
             return False
@@ -243,13 +236,16 @@ class Replica(AntiEntropy, Persistence):
             return False
         if len(seal.contribution_ids) > self.merge.max_contributions:
             raise MergeError(f"seal lists {len(seal.contribution_ids)} contributions, over max_contributions")
-        ready = all(c in self._set.envelopes for c in seal.contribution_ids)
-        if ready and seal.prev_hash == self._hash_at(seal.round) and sid not in self._verified:
-            self._verify(seal, self._weights_at(seal.round))  # raises if forged
+        if self._ready(seal) and seal.prev_hash == self._hash_at(seal.round) and sid not in self._verified:
+            self._verify(seal)  # raises if forged
         self._seals.setdefault(seal.round, {})[sid] = seal
         self._persist("seal", seal.to_bytes())
         self._settle()
         return self._on_chain(sid)
+
+    def _ready(self, seal: Seal) -> bool:
+        """Whether every contribution `seal` lists is held."""
+        return all(c in self._set.envelopes for c in seal.contribution_ids)
 
     def _on_chain(self, sid: str) -> bool:
         return any(s.seal_id == sid for s in self._chain)
@@ -303,54 +299,40 @@ class Replica(AntiEntropy, Persistence):
         chain = self._chain[: rnd - self._base.round]
         return self._base.window(rnd + 1, chain, self._set.envelopes, self.merge.max_staleness, ids)
 
-    def _verify(self, seal: Seal, prev: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Recompute `seal` on `prev`; return the weights, or raise MergeError if it does not hold."""
+    def _verify(self, seal: Seal) -> dict[str, torch.Tensor]:
+        """Recompute `seal` on this chain (nord.crdt.chain.recompute): its weights, or MergeError."""
         if self._last_verified is not None and self._last_verified[0] == seal.seal_id:
             return self._last_verified[1]
         folded, dots = self._folded_before(seal.round)
-        bad = [c for c in seal.contribution_ids if not self._foldable(c, seal.round, folded, dots)]
-        if bad:
-            raise MergeError(f"seal for round {seal.round} lists {bad[0][:16]}, not foldable in that round")
-        peers = [ContributionSet.dot(self._set.envelopes[c]) for c in seal.contribution_ids]
-        if len(set(peers)) != len(peers):
-            raise MergeError(f"seal for round {seal.round} folds two contributions of one peer and round")
-        weights = self._fold(prev, seal.contribution_ids)
-        if weights_hash(weights) != seal.weights_hash:
-            raise MergeError(f"seal for round {seal.round} is forged: its weights hash does not recompute")
-        if window_hash(*self._window_after(seal.round, seal.contribution_ids)) != seal.window_hash:
-            raise MergeError(f"seal for round {seal.round} is forged: its window hash does not recompute")
+        weights = recompute(
+            seal,
+            self._weights_at(seal.round),
+            envelopes=self._set.envelopes,
+            foldable=lambda cid: self._foldable(cid, seal.round, folded, dots),
+            fold=self._fold,
+            window=lambda: self._window_after(seal.round, seal.contribution_ids),
+        )
         self._verified.add(seal.seal_id)
         self._last_verified = (seal.seal_id, weights)
         return weights
 
     def _settle(self) -> None:
-        """Make the chain the best verified seal at each round, starting from the base (module doc)."""
+        """Make the chain the best verified seal at each round, starting from the base (nord.crdt.chain)."""
         changed = False
         rnd = self._base.round
         while True:
             current = self._chain[rnd - self._base.round] if rnd < self.round else None
             prev_hash = self._hash_at(rnd)
-            candidates = sorted(
-                (s for s in self._seals.get(rnd, {}).values() if s.prev_hash == prev_hash), key=Seal.rank
+            better = better_seal(
+                self._seals.get(rnd, {}), prev_hash, current, ready=self._ready, verify=self._verify
             )
-            for seal in candidates:
-                if current is not None and seal.rank() >= current.rank():
-                    break
-                if not all(c in self._set.envelopes for c in seal.contribution_ids):
-                    continue  # still waiting for its contributions
-                try:
-                    weights = self._verify(seal, self._weights_at(rnd))
-                except MergeError as e:
-                    log.warning("dropping seal %s: %s", seal.seal_id[:16], e)
-                    del self._seals[rnd][seal.seal_id]
-                    continue
+            if better is not None:
                 if current is not None:
-                    log.warning("round %d: switching to the better seal %s", rnd, seal.seal_id[:16])
+                    log.warning("round %d: switching to the better seal %s", rnd, better[0].seal_id[:16])
                 del self._chain[rnd - self._base.round :]
-                self._chain.append(seal)
-                self._tip = weights
-                current, changed = seal, True
-                break
+                self._chain.append(better[0])
+                current, self._tip = better
+                changed = True
             if current is None:
                 break
             rnd += 1
