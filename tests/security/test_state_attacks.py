@@ -77,7 +77,7 @@ class Run:
             lambda: (
                 (self.coord / "maddrs.txt").is_file() and (self.coord / "maddrs.txt").read_text().split()[0]
             ),
-            180,
+            600,  # generous: a loaded 2-core machine starts processes slowly
             "the coordinator's address",
         )
         self.fingerprint = Identity.load_or_create(self.coord / "identity.key").fingerprint
@@ -93,7 +93,7 @@ class Run:
         state = self.tmp / f"hostile-{mode}"
         self.peers.start(f"hostile-{mode}", HOSTILE, "--initial-peers", self.maddr, "--run", RUN,
                          "--mode", mode, "--state-dir", str(state))  # fmt: skip
-        wait_for(lambda: (state / "maddrs.txt").is_file(), 180, f"the {mode} peer to start")
+        wait_for(lambda: (state / "maddrs.txt").is_file(), 600, f"the {mode} peer to start")
         return state
 
     def status(self, name: str) -> dict:
