@@ -339,9 +339,22 @@ def _build(name: str, flags: list[str]) -> ModuleType | None:
         return _import_built(name) or _compile(name, flags)
 
 
+def _find_ninja() -> None:
+    """torch runs `ninja` from PATH; the pip package's binary may not be on it (a venv or pyenv not
+    activated, no shell rehash since the install), so point PATH at it when no other ninja is found."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
 def _compile(name: str, flags: list[str]) -> ModuleType | None:
     from torch.utils.cpp_extension import load_inline
 
+    _find_ninja()
     build = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=cache_directory()))
     try:
         load_inline(name, cpp_sources=_SOURCE, functions=_FUNCTIONS, extra_cflags=flags,

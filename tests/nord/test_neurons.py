@@ -412,3 +412,15 @@ def test_neuron_backward_matches_finite_differences(request, monkeypatch, tile_s
         threshold = torch.randn(5, generator=gen, dtype=torch.float64)
         fn = lambda *args: dynamic._KernelNeuron.apply(*args, threshold, 2.0, kernel)[1]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, window, weight, bias, h0))
+
+
+def test_the_kernel_build_finds_pip_ninja_off_path(monkeypatch, tmp_path):
+    """torch runs `ninja` from PATH; the pip package's binary is found even when PATH lacks it."""
+    import shutil
+
+    from nord.neurons import fused
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty dir: no ninja, as in an unactivated venv
+    assert shutil.which("ninja") is None
+    fused._find_ninja()
+    assert shutil.which("ninja") is not None
