@@ -89,13 +89,13 @@ class Swarm(Procs):
         )  # fmt: skip
         assert init.wait(timeout=300) == 0, self.log("init")
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, *extra: str) -> None:
         host = self.host("coord")
         proc = self.running["coord"] = self.spawn(
             "coord", "coordinator", "serve", "--run-config", str(self.tmp / "run.json"),
             "--state-dir", str(self.tmp / "coord"), "--http", f"{host}:{self.http}",
             "--host-maddrs", f"/ip4/{host}/tcp/{self.p2p}", "--local-only", "--val-batches", "1",
-            "--max-loss-increase", "5",
+            "--max-loss-increase", "5", *extra,
         )  # fmt: skip
         wait_for(lambda: proc.poll() is not None or self.get("/api/summary"), 300, "the coordinator's API")
         assert proc.poll() is None, self.log("coord")

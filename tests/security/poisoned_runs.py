@@ -23,6 +23,7 @@ from swarm import Swarm
 
 RUN = "poisoned"
 ROUNDS = 12  # the attacker needs 7 rounds when no attack misses its round
+BAN_AFTER = 4
 HOSTILE = str(Path(__file__).with_name("contribution_peer.py"))
 REPO = str(Path(__file__).resolve().parents[2])  # the hostile peer imports node/ and nord/ from here
 Outcome = TypeVar("Outcome")
@@ -56,7 +57,9 @@ def start(swarm: Swarm, attack: bool) -> Path:
 
     The hostile peer starts first, so it is there from round 0 (its presence record names no shards:
     the honest worker plans its shards as in the clean run)."""
-    swarm.start_coordinator()
+    # a ban after 4 rejections: the attacks the authority judges make 4 (x1000, fp16-max, the equivocating
+    # pair), so one attack sent again because the attacker missed its verdict still leaves the pair judged
+    swarm.start_coordinator("--ban-after", str(BAN_AFTER))
     hostile = swarm.tmp / "hostile"
     if attack:
         proc = swarm.start("hostile", sys.executable, HOSTILE, "--initial-peers", swarm.maddr, "--run", RUN,

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import pytest
-from poisoned_runs import ROUNDS, clean_and_attacked, start
+from poisoned_runs import BAN_AFTER, ROUNDS, clean_and_attacked, start
 from procs import wait_for
 from swarm import Swarm, sealed_hash
 
@@ -122,21 +122,30 @@ def test_each_poisoned_contribution_is_stopped_where_the_protocol_says(runs):
             assert rows == [None], rows
     assert run["coord_log"].count("scale is NaN or infinite") >= 2
     assert "was built on base" in run["coord_log"]
-    # judged by the authority
-    for name, status, reason in (
-        ("scaled", "rejected", "update norm"),
-        ("fp16-max", "rejected", "update norm"),
-        ("banned", "revoked", "peer is banned"),
-    ):
-        _, (row,) = verdict(name)
-        assert row["status"] == status and reason in row["reason"], (name, row)
-    _, pair = verdict("equivocation")
-    assert {r["status"] for r in pair} == {"rejected"}, pair
-    assert all(r["reason"].startswith("equivocation: 2 different contributions") for r in pair), pair
+    # judged by the authority. Each attack it judges adds a rejection, and so does a try sent again because
+    # the attacker missed its verdict: a ban that came before an attack arrived revokes it instead
     (ban,) = run["bans"]
-    assert ban["peer"] == me and ban["by"] == "validator" and "contributions rejected" in ban["reason"], ban
-    assert ban["at"] >= max(r["received_at"] for r in pair)  # two rejections before: the pair made it 3+
-    assert ban["at"] <= verdict("banned")[1][0]["received_at"]
+    assert ban["peer"] == me and ban["by"] == "validator", ban
+    assert ban["reason"] == f"{BAN_AFTER} contributions rejected", ban
+
+    def judged(rows: list[dict], reason: str) -> bool:
+        """True if the authority judged `rows` by `reason`; False if they came after the ban."""
+        if ban["at"] <= min(r["received_at"] for r in rows):
+            assert all(r["status"] == "revoked" and "peer is banned" in r["reason"] for r in rows), rows
+            return False
+        assert all(r["status"] == "rejected" and r["reason"].startswith(reason) for r in rows), rows
+        return True
+
+    assert judged(verdict("scaled")[1], "update norm")  # the first rejection: never after a ban
+    judged(verdict("fp16-max")[1], "update norm")
+    pair = verdict("equivocation")[1]
+    if judged(pair, "equivocation: 2 different contributions"):
+        assert ban["at"] >= max(r["received_at"] for r in pair)  # the pair's two made it 4
+    else:  # two tries sent again before the pair: the ban is what stopped it (equivocation: test_authority)
+        print("the ban came before the equivocating pair")
+    (row,) = verdict("banned")[1]
+    assert row["status"] == "revoked" and "peer is banned" in row["reason"], row
+    assert ban["at"] <= row["received_at"]
     theirs = [c for c in held.values() if c["peer"] == me and c["sealed_in"] is not None]
     assert [c["id"] for c in theirs] == benign["cids"]  # nothing else of theirs was sealed
 
