@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 31
-KINDS = ("add", "remove", "seal")
+KINDS = ("add", "remove", "seal", "aggregate")
 
 
 def frame(kind: str, data: bytes) -> bytes:

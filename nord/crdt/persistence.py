@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from nord.checkpoint import save_checkpoint
+from nord.crdt.aggregate import Aggregate
 from nord.crdt.base import Base
 from nord.crdt.compaction import Compaction, CompactionView
 from nord.crdt.config import MergeConfig
@@ -60,6 +61,7 @@ class Persistence:
         """Set up the log before anything is recorded: memory only (None) or a new directory."""
         self._store: Store | None = None
         self._compaction: Compaction | None = None  # begun, not yet finished (nord.crdt.compaction)
+        self._logged_aggregates = 0  # aggregate records in the log since its snapshot
         if log_dir is not None:
             self._persist_to(log_dir)
 
@@ -72,6 +74,12 @@ class Persistence:
     def _persist(self, kind: str, data: bytes) -> None:
         if self._store is not None:
             self._store.append(kind, data)
+            self._logged_aggregates += kind == "aggregate"
+
+    def rounds_since_snapshot(self) -> int:
+        """Sealed rounds held beyond the base snapshot: the chain's seals and the adopted aggregates the
+        log holds (what `compact` folds away, bounding memory and disk)."""
+        return len(self.seals()) + self._logged_aggregates
 
     def compact(self, keep_rounds: int = 0, *, lock: AbstractContextManager | None = None) -> bool:
         """Fold sealed rounds into the base snapshot and drop their payloads (those rounds become final).
@@ -150,6 +158,7 @@ class Persistence:
         self._compaction = None
         if self._store is not None:
             self._store.finish_rewrite()
+        self._logged_aggregates = 0
         self.install_base(job.new_base, set(view.envelopes))
         return True
 
@@ -273,11 +282,14 @@ class Persistence:
                     replica.add(decode_envelope(data, replica.spec, run_id=replica.run_id))
                 elif kind == "remove":
                     replica.apply_removal(Removal.from_bytes(data))
+                elif kind == "aggregate":
+                    replica.apply_aggregate(Aggregate.from_bytes(data, replica.spec))
                 else:
                     replica.apply_seal(Seal.from_bytes(data))
             except (CodecError, MergeError) as e:
                 log.warning("%s: a logged %s record no longer applies: %s", log_dir, kind, e)
         replica._store = store
+        replica._logged_aggregates = sum(kind == "aggregate" for kind, _ in records)
         return replica
 
     def close(self) -> None:

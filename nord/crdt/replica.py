@@ -19,7 +19,9 @@ function of the contributions seen, not of the order they arrived in.
 
 Seals. A replica accepts an authority's seal only by recomputing it, and follows the best verified
 seal of each round, rolling back when a better one arrives (nord.crdt.chain). Rounds are final once
-compacted.
+compacted. A replica that does not hold a seal's contributions may adopt it from its `Aggregate` (the
+exact change of the weights, checked against the seal's hashes): that round becomes its new base, final
+like a compacted one (nord.crdt.aggregate).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 
 from nord.checkpoint import weights_hash
 from nord.crdt.accumulator import contribution_norm
+from nord.crdt.aggregate import Aggregate
 from nord.crdt.antientropy import AntiEntropy
 from nord.crdt.base import Base, Window, checked_weights
 from nord.crdt.chain import better_seal, check_signer, recompute
@@ -48,6 +51,8 @@ from nord.errors import ConfigError, MergeError
 from nord.protocol import admission_error
 
 log = logging.getLogger(__name__)
+
+Weights = Mapping[str, torch.Tensor]
 
 
 class Replica(AntiEntropy, Persistence):
@@ -91,6 +96,7 @@ class Replica(AntiEntropy, Persistence):
         self._base = base
         self._chain: list[Seal] = []
         self._tip = base.weights
+        self._prev_tip: tuple[str, Mapping[str, torch.Tensor]] | None = None  # tip seal id, weights before it
         self._rebuild_pool()
 
     @property
@@ -329,6 +335,8 @@ class Replica(AntiEntropy, Persistence):
             if better is not None:
                 if current is not None:
                     log.warning("round %d: switching to the better seal %s", rnd, better[0].seal_id[:16])
+                # Appending at the tip, the tip's weights are the ones the new seal built on.
+                self._prev_tip = (better[0].seal_id, self._tip) if current is None else None
                 del self._chain[rnd - self._base.round :]
                 self._chain.append(better[0])
                 current, self._tip = better
@@ -341,6 +349,60 @@ class Replica(AntiEntropy, Persistence):
             self._rebuild_pool()
             self._set.forget_removals_of(self._folded_ids)
             self._prune()
+
+    def apply_aggregate(self, aggregate: Aggregate) -> bool:
+        """Adopt the seal of the open round from its aggregate, without its contributions: the sealed
+        weights become the base (final, like a compacted round). False if that round is already sealed
+        here. MergeError if the seal is not an authority's, does not build on this replica's sealed
+        weights, or the aggregate does not give the weights and window its seal certifies."""
+        seal = aggregate.seal
+        check_signer(seal, self.run_id, self.authorities)
+        if seal.round < self.round:
+            return False
+        if seal.round > self.round or seal.prev_hash != self.base_hash:
+            raise MergeError(
+                f"aggregate of round {seal.round} does not build on this replica's round {self.round}"
+            )
+        if len(seal.contribution_ids) > self.merge.max_contributions:
+            raise MergeError(f"seal lists {len(seal.contribution_ids)} contributions, over max_contributions")
+        if window_hash(*aggregate.window) != seal.window_hash:
+            raise MergeError(f"aggregate of round {seal.round}: its window is not what its seal covers")
+        weights = aggregate.apply(self._tip)
+        if weights_hash(weights) != seal.weights_hash:
+            raise MergeError(f"aggregate of round {seal.round} does not give the weights its seal certifies")
+        self._persist("aggregate", aggregate.to_bytes())
+        folded = {c for s in [*self._chain, seal] for c in s.contribution_ids}
+        prev, self._tip = self._tip, weights
+        self._pool = Pool(self.spec, self.merge, self.sparse_sums)  # the open round moves on: rebuilt below
+        self.install_base(
+            Base.of(weights, seal.round + 1, seal, aggregate.window, hash=seal.weights_hash),
+            folded & self._set.envelopes.keys(),
+        )
+        self._prev_tip = (seal.seal_id, prev)
+        self._rebuild_pool()
+        self._set.forget_removals_of(self._folded_ids)
+        self._settle()
+        return True
+
+    def aggregate_parts(self) -> tuple[Seal, Window, Weights, Weights] | None:
+        """What `Aggregate.build` needs for the tip seal (seal, window after it, weights before and after),
+        or None if this replica does not know the weights before it. Cheap (references to tensors never
+        changed in place): take it under the lock, build outside."""
+        seal = self.tip_seal
+        if seal is None or self._prev_tip is None or self._prev_tip[0] != seal.seal_id:
+            return None
+        window = self._base.window(self.round, self._chain, self._set.envelopes, self.merge.max_staleness)
+        return seal, window, self._prev_tip[1], self._tip
+
+    def waiting_seals(self) -> list[Seal]:
+        """Seals held for the open round, not applied (their contributions are missing); best first."""
+        return sorted(self._seals.get(self.round, {}).values(), key=Seal.rank)
+
+    def sealed(self, rnd: int) -> Seal | None:
+        """The seal that sealed round `rnd` on this replica (on the chain, or the base's); None if unknown."""
+        if self._base.seal is not None and self._base.seal.round == rnd:
+            return self._base.seal
+        return next((s for s in self._chain if s.round == rnd), None)
 
     def install_base(self, base: Base, gone: set[str]) -> None:
         """Make `base` (this chain's first seals folded: compaction) the base and drop the payloads of the
