@@ -13,6 +13,7 @@ import sys
 from node.options import apply_sources
 from nord.checks import MAX_NAME_CHARS, is_display_name
 from nord.cli import run_command
+from nord.protocol import ADOPT
 
 
 def _common_peer_flags(p: argparse.ArgumentParser) -> None:
@@ -90,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     join.add_argument(
         "--poll-s", type=float, default=1.0, help="seconds between anti-entropy passes while waiting"
+    )
+    join.add_argument(
+        "--adopt",
+        choices=ADOPT,
+        default="auto",
+        help="how this worker follows the sealed rounds: 'auto' (default) sends its contribution to the "
+        "coordinator only and, per sealed round, downloads whichever is fewer bytes: the round's change "
+        "of the weights (its aggregate) or the contributions it lists, both checked against the "
+        "authority's seal; 'aggregate' always the former; 'contributions' gathers every peer's "
+        "contribution as it is published (downloads grow with the number of peers)",
     )
     join.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     join.add_argument(

@@ -15,13 +15,16 @@ class RoundReport:
     contributed: bool
 
 
+ACCEPTED = "contribution accepted"
+
+
 def contribution_verdict(mine: list[str], sealed: tuple[str, ...] | None, reasons: dict[str, str]) -> str:
     """One line on our contributions `mine` to a round: accepted if its seal (`sealed`: the ids it folded;
     None when the seal is not held) lists one, rejected with the removal's reason, else still undecided."""
     if not mine:
         return "no contribution from this peer"
     if sealed is not None and any(cid in sealed for cid in mine):
-        return "contribution accepted"
+        return ACCEPTED
     rejected = [reasons[cid] for cid in mine if cid in reasons]
     if rejected:
         return f"contribution rejected: {rejected[0]}"
@@ -34,8 +37,10 @@ def replica_verdict(replica, me: bytes, rnd: int) -> str:
     """What the authority did with the contribution of key `me` to sealed round `rnd`, as `replica` holds
     it: its seal lists it (accepted), a signed removal gives the validator's reason (rejected), or neither
     (yet). Call under the gossip lock."""
+    seal = replica.sealed(rnd)
+    if seal is not None and (me, rnd) in replica.base.dots:  # adopted from its aggregate: ours was folded
+        return ACCEPTED
     mine = [cid for cid, e in replica.contributions(round=rnd) if e.peer_key == me]
-    seal = next((s for s in replica.seals() if s.round == rnd), None)
     reasons = {r.contribution_id: r.reason for r in replica.removals()}
     return contribution_verdict(mine, seal.contribution_ids if seal else None, reasons)
 

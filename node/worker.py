@@ -109,6 +109,7 @@ class Worker:
             bootstrap_peers=self.bootstrap,
             tokenizer_path=Path(corpus.path) / "tokenizer.json",
             identity=self.identity,
+            adopt=o.adopt,
             presence={
                 "key": self.identity.public_hex,
                 **({"name": o.name} if o.name else {}),
@@ -203,7 +204,7 @@ class Worker:
     def _compact_if_due(self) -> None:
         """Fold old sealed rounds into the replica's base snapshot so memory and disk stay bounded."""
         with self.gossip.lock:
-            due = len(self.replica.seals()) > self.options.compact_every
+            due = self.replica.rounds_since_snapshot() > self.options.compact_every
         if due and self.replica.compact(keep_rounds=1, lock=self.gossip.lock):  # folds outside the lock
             log.info("compacted the replica: base round %d", self.replica.base_round)
 

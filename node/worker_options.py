@@ -13,6 +13,7 @@ from node.session import peer_ids
 from nord.checks import is_display_name
 from nord.config import check_fingerprint
 from nord.errors import ConfigError
+from nord.protocol import ADOPT
 
 DEFAULT_SHARDS = 8  # shard count when --shard is not given: worker i = hash(peer id) mod 8
 
@@ -37,6 +38,7 @@ class WorkerOptions:
     announce_maddrs: tuple[str, ...] = ()
     client_mode: bool = False
     local_only: bool = False
+    adopt: str = "auto"  # how seals are adopted (nord.gossip.aggregates)
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -50,6 +52,8 @@ class WorkerOptions:
             parse_data_shard(self.shard)
         if self.name is not None and not is_display_name(self.name):
             raise ConfigError(f"--name {self.name[:40]!r} is not a display name")
+        if self.adopt not in ADOPT:
+            raise ConfigError(f"--adopt must be one of {', '.join(ADOPT)}, got {self.adopt!r}")
         if self.poll_s <= 0 or self.compact_every < 1:
             raise ConfigError("--poll-s must be > 0 and --compact-every >= 1")
 
@@ -72,6 +76,7 @@ class WorkerOptions:
             announce_maddrs=tuple(args.announce_maddrs or ()),
             client_mode=bool(getattr(args, "client_mode", False)),
             local_only=bool(args.local_only),
+            adopt=getattr(args, "adopt", "auto"),
         )
 
 

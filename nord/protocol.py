@@ -8,9 +8,34 @@ does I/O, holds a lock or reads a clock: callers pass the time and their random 
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
+
+ADOPT = ("auto", "aggregate", "contributions")  # how a peer adopts seals (nord.gossip.aggregates)
+# An aggregate (nord.crdt.aggregate): compressed XOR bytes per changed coordinate, and its compressed
+# bitmap's size over the bitmap's entropy (bench/aggregate.py).
+AGGREGATE_VALUE_BYTES = 2.6
+AGGREGATE_BITMAP_OVERHEAD = 1.3
+
+
+def aggregate_bytes_estimate(numel: int, density: float, contributions: int) -> float:
+    """Expected size of the aggregate of a round folding `contributions` contributions that each change
+    a `density` share of `numel` parameters, at independent coordinates (real ones overlap: an upper
+    bound): the changed share u = 1 - (1 - density)^k costs AGGREGATE_VALUE_BYTES each, the bitmap
+    about its entropy H(u) bits per parameter."""
+    u = 1.0 - (1.0 - min(max(density, 0.0), 1.0)) ** max(contributions, 0)
+    entropy = 0.0 if u in (0.0, 1.0) else -(u * math.log2(u) + (1 - u) * math.log2(1 - u))
+    return numel * (u * AGGREGATE_VALUE_BYTES + AGGREGATE_BITMAP_OVERHEAD * entropy / 8)
+
+
+def adopt_by_contributions(
+    missing: int, contribution_bytes: float, listed: int, density: float, numel: int
+) -> bool:
+    """With adopt="auto": whether fetching a seal's `missing` contributions (`contribution_bytes` each)
+    is fewer bytes than its aggregate (`listed` contributions of `density` over `numel` parameters)."""
+    return missing * contribution_bytes < aggregate_bytes_estimate(numel, density, listed)
 
 
 def reachable(peers: Mapping[str, bool], backoff: Mapping[str, float], now: float) -> list[str]:

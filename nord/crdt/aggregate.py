@@ -145,6 +145,13 @@ class Aggregate:
         return cls(seal, window, parts)
 
 
+def aggregate_max_bytes(spec: Mapping[str, tuple[int, ...]], window_bytes: int) -> int:
+    """The most a well-formed aggregate for `spec` can take (every tensor at its bounds, plus the seal and
+    a window of at most `window_bytes`): a reply past it is cut by the transport."""
+    sizes = (math.prod(shape) for shape in spec.values())
+    return window_bytes + sum(_bound((n + 7) // 8) + _bound(4 * n) + 256 for n in sizes)
+
+
 def _bits(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy().view(np.uint32)
 

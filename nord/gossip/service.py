@@ -17,7 +17,8 @@ from typing import Any
 
 from nord.checks import is_hex64
 from nord.crdt import Delta, Removal, Replica, Seal
-from nord.errors import MergeError, NordError, TransportError
+from nord.errors import ConfigError, MergeError, NordError, TransportError
+from nord.gossip.aggregates import Aggregates
 from nord.gossip.wire import (
     BACKOFF_S,
     MAX_DELTA_BYTES,
@@ -36,11 +37,12 @@ from nord.gossip.wire import (
     within_budget,
 )
 from nord.identity import Identity
-from nord.protocol import next_fetch, reachable, sync_partners
+from nord.protocol import ADOPT, next_fetch, reachable, sync_partners
 from nord.transport import Transport
 from nord.transport.peer import network_peer
 
 log = logging.getLogger("nord.gossip")
+
 
 
 class Gossip:
@@ -58,6 +60,10 @@ class Gossip:
         on_heard: called with the peer id of every request received, before it is handled (may be set
             after construction; the coordinator's liveness uses it).
         identity: this peer's signing key: hello replies carry it and its signature of `hello_binding`.
+        adopt: how this peer adopts seals: "contributions" (gather every contribution and recompute each
+            seal: the coordinator and relays), or "auto"/"aggregate" (push our own to the bootstrap
+            peers only, sync seals only, and adopt each seal from its aggregate, or with "auto" from
+            its contributions when they are fewer bytes: nord.gossip.aggregates).
     """
 
     def __init__(
@@ -73,7 +79,12 @@ class Gossip:
         presence: dict[str, Any] | None = None,
         on_heard: Callable[[str], None] | None = None,
         identity: Identity | None = None,
+        adopt: str = "contributions",
     ) -> None:
+        if adopt not in ADOPT:
+            raise ConfigError(f"adopt must be one of {ADOPT}, got {adopt!r}")
+        self.adopt = adopt
+        self.aggregates = Aggregates(self)
         self.transport = transport
         self.replica = replica
         self.run_id = replica.run_id
@@ -106,6 +117,7 @@ class Gossip:
             "push": (self._on_push, MAX_DELTA_BYTES),
             "fetch": (self._on_fetch, SMALL_REQUEST_BYTES),
             "snapshot": (self._on_snapshot, SMALL_REQUEST_BYTES),
+            "aggregate": (self._on_aggregate, SMALL_REQUEST_BYTES),
             "tokenizer": (self._on_tokenizer, SMALL_REQUEST_BYTES),
         }
         for name, (fn, max_bytes) in handlers.items():
@@ -142,13 +154,18 @@ class Gossip:
         return self.run_config_json.encode("utf-8")
 
     def _on_sync(self, peer: str, body: bytes) -> bytes:
-        digest = self._request_of(body, "sync").get("digest")
+        req = self._request_of(body, "sync")
+        digest, contributions = req.get("digest"), req.get("contributions", True)
         if not isinstance(digest, dict):
             raise TransportError("sync request carries no digest")
+        if not isinstance(contributions, bool):
+            raise TransportError("sync request: contributions must be true or false")
         with self.lock:
             behind = self.replica.needs_snapshot(digest)
             delta = self.replica.delta_for(digest)
             mine = self.replica.digest()
+        if not contributions:  # a peer that adopts seals from aggregates: seals and removals only
+            delta = Delta(removals=delta.removals, seals=delta.seals)
         delta, more = within_budget(delta, SYNC_BUDGET_BYTES)
         return pack({"delta": delta.to_bytes(), "digest": mine, "behind": behind, "more": more})
 
@@ -178,6 +195,9 @@ class Gossip:
                     view.write(path)
                     self._snapshot_cache = (key, path.read_bytes())
             return self._snapshot_cache[1]
+
+    def _on_aggregate(self, peer: str, body: bytes) -> bytes:
+        return self.aggregates.serve(self._request_of(body, "aggregate"))
 
     def _on_tokenizer(self, peer: str, body: bytes) -> bytes:
         self._request_of(body, "tokenizer")
@@ -242,7 +262,11 @@ class Gossip:
         Returns how many peers accepted the push.
         """
         self._announce_holder([(envelope.contribution_id, envelope)])
-        return self._push_all(Delta(envelopes=(envelope.to_bytes(),)))
+        delta = Delta(envelopes=(envelope.to_bytes(),))
+        if self.adopt != "contributions":  # the bootstrap peers gather contributions; nobody else needs ours
+            reachable = set(self.reachable_peers())
+            return self._push_all(delta, [p for p in self.bootstrap_peers if p in reachable])
+        return self._push_all(delta)
 
     def publish_seal(self, seal: Seal) -> int:
         return self._push_all(Delta(seals=(seal,)))
@@ -250,9 +274,10 @@ class Gossip:
     def publish_removal(self, removal: Removal) -> int:
         return self._push_all(Delta(removals=(removal,)))
 
-    def _push_all(self, delta: Delta) -> int:
+    def _push_all(self, delta: Delta, peers: list[str] | None = None) -> int:
         body = pack({"run_id": self.run_id, "delta": delta.to_bytes()})
-        futures = [self._pool.submit(self._push_one, peer, body) for peer in self.reachable_peers()]
+        targets = self.reachable_peers() if peers is None else peers
+        futures = [self._pool.submit(self._push_one, peer, body) for peer in targets]
         return sum(f.result() for f in futures)
 
     def _push_one(self, peer: str, body: bytes) -> int:
@@ -283,17 +308,16 @@ class Gossip:
     # ---- pulling -----------------------------------------------------------------------------------------
 
     def sync_with(self, peer: str) -> tuple[int, bool]:
-        """Two-way exchange with `peer`; returns (items accepted here, whether we lag its compaction)."""
+        """Two-way exchange with `peer`; returns (items accepted here, whether we lag its compaction).
+        Unless adopt="contributions" it brings seals and removals only (and still sends what `peer` lacks)."""
         accepted, behind = 0, False
+        request = {"run_id": self.run_id, "contributions": self.adopt == "contributions"}
         for _ in range(64):  # bounded: each reply carries at most SYNC_BUDGET_BYTES of envelopes
             with self.lock:
                 digest = self.replica.digest()
             reply = unpack(
                 self.transport.request(
-                    peer,
-                    "sync",
-                    pack({"run_id": self.run_id, "digest": digest}),
-                    max_reply_bytes=MAX_DELTA_BYTES,
+                    peer, "sync", pack({**request, "digest": digest}), max_reply_bytes=MAX_DELTA_BYTES
                 ),
                 "sync reply",
             )
@@ -358,13 +382,16 @@ class Gossip:
         return accepted
 
     def anti_entropy(self, fanout: int = 2) -> tuple[int, bool]:
-        """Pull announced contributions, then sync with up to `fanout` random reachable peers.
+        """Pull announced contributions, then sync with up to `fanout` random reachable peers; with
+        another `adopt`, sync (seals only), then adopt the held seals (nord.gossip.aggregates).
 
         Returns (items accepted, whether some peer says we are behind its compaction point).
         """
         with self.lock:
             rnd, staleness = self.replica.round, self.replica.merge.max_staleness
-        accepted = self.pull_announced(range(rnd - staleness, rnd + staleness + 1))
+        accepted = 0
+        if self.adopt == "contributions":
+            accepted = self.pull_announced(range(rnd - staleness, rnd + staleness + 1))
         peers = self.reachable_peers()
         behind = False
         for peer in sync_partners(peers, fanout, random):
@@ -376,6 +403,8 @@ class Gossip:
             self._backoff.pop(peer, None)
             accepted += got
             behind = behind or peer_behind
+        if self.adopt != "contributions":
+            accepted += self.aggregates.adopt()
         return accepted, behind
 
     def close(self) -> None:

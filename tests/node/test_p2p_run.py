@@ -1,10 +1,13 @@
 """End to end on 127.0.0.1, each peer its own process: the real coordinator (`nord-coordinator serve`,
 its `Authority` validating and sealing) and three workers (one in client mode) train the tiny model for
-three rounds; one worker is SIGKILLed mid-round and restarted.
+three rounds; one worker is SIGKILLed mid-round and restarted. The workers follow the seals in the
+three ways there are (`--adopt`): auto (the default: here, few contributions, it fetches them), from
+each round's aggregate (the one killed), and by gathering every contribution (the client-mode one).
 
 Checks: every replica ends on the same sealed weights hash; every round's seal folds exactly one
-contribution from each of the three workers (nothing lost, nothing counted twice); no p2pd outlives the
-test. Also: `nord-node bootstrap` (the small authority other tests use) compacts after every seal.
+contribution from each of the three workers (nothing lost, nothing counted twice); the aggregate worker
+adopted seals from aggregates; no p2pd outlives the test. Also: `nord-node bootstrap` (the small
+authority other tests use) compacts after every seal.
 """
 
 from __future__ import annotations
@@ -111,8 +114,8 @@ def test_three_workers_converge_and_a_killed_worker_catches_up(tmp_path):
 
         workers = {
             "w0": join("w0", ROUNDS),
-            "w1": join("w1", ROUNDS),
-            "w2": join("w2", ROUNDS, "--client-mode"),
+            "w1": join("w1", ROUNDS, "--adopt", "aggregate"),
+            "w2": join("w2", ROUNDS, "--client-mode", "--adopt", "contributions"),
         }
         for proc in workers.values():
             peers.record_daemon(proc)
@@ -121,12 +124,14 @@ def test_three_workers_converge_and_a_killed_worker_catches_up(tmp_path):
         wait_for(lambda: read_status(tmp_path / "w1").get("round") == 1, 300, "w1 to reach round 1")
         workers["w1"].kill()
         workers["w1"].wait()
-        workers["w1"] = join("w1", ROUNDS - 1)
+        workers["w1"] = join("w1", ROUNDS - 1, "--adopt", "aggregate")
         peers.record_daemon(workers["w1"])
 
         for name, proc in workers.items():
             code = proc.wait(timeout=400)
             assert code == 0, f"{name} exited with {code}:\n{peers.log(name)}"
+        w1_log = peers.log("w1", tail=1 << 20)
+        assert "seal from " in w1_log and "'s aggregate (" in w1_log, w1_log[-3000:]
 
         # anyone can pull the sealed weights over P2P as a model file `nord generate` reads
         out = tmp_path / "pulled" / "model.safetensors"
