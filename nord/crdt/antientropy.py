@@ -1,8 +1,10 @@
 """Anti-entropy: replicas exchange small digests, then only what the other lacks (delta-state CRDT).
 
 A digest lists, per dot (peer, round) in the useful window, a 64-bit hash of the sorted ids held on that
-dot, plus the id prefixes of held removals and seals. `missing` compares dot hashes, so an equivocating
-second payload on a dot is sent too. `join` applies a `Delta` until nothing more applies: contributions
+dot, or FOLDED for a dot the sealed rounds folded (its payload may be gone: compaction, aggregates; any
+other contribution on it is refused, so nobody sends one), plus the id prefixes of held removals and
+seals. `missing` compares dot hashes, so an equivocating second payload on an open dot is sent too.
+`join` applies a `Delta` until nothing more applies: contributions
 first (removals may name them, seals need them), then removals and seals, then again whatever was
 rejected only for being ahead of the round.
 """
@@ -18,6 +20,8 @@ from nord.crdt.messages import Delta
 from nord.errors import CodecError, MergeError
 
 log = logging.getLogger(__name__)
+
+FOLDED = "folded"  # a digest's mark for a dot already folded by a sealed round
 
 
 def _checked_digest(remote: Any) -> dict[str, Any]:
@@ -49,17 +53,22 @@ def _checked_digest(remote: Any) -> dict[str, Any]:
 class AntiEntropy:
     """Digest, missing, delta_for and join for `Replica`, over its public interface only: `run_id`,
     `spec`, `merge`, `round`, `base_round`, `base_hash`, `dot_digest`, `on_dot`, `envelope`,
-    `removals`, `held_seals`, `add`, `apply_removal` and `apply_seal`."""
+    `removals`, `base`, `folded_dots`, `held_seals`, `add`, `apply_removal` and `apply_seal`."""
 
     def digest(self) -> dict[str, Any]:
         """Small summary for anti-entropy: per-dot id hashes, removal and seal id prefixes."""
         window = self.merge.max_staleness
+        rounds = range(self.base_round - window, self.round + window + 1)
+        adds = self.dot_digest(rounds)
+        for peer, rnd in self.folded_dots():
+            if rnd in rounds:
+                adds.setdefault(peer.hex(), {})[str(rnd)] = FOLDED
         return {
             "run_id": self.run_id,
             "round": self.round,
             "base_round": self.base_round,
             "base_hash": self.base_hash,
-            "adds": self.dot_digest(range(self.base_round - window, self.round + window + 1)),
+            "adds": adds,
             "removals": sorted(r.removal_id[:16] for r in self.removals()),
             "seals": sorted(s.seal_id[:16] for s in self.held_seals()),
         }
@@ -75,7 +84,7 @@ class AntiEntropy:
             range(remote_round - window, remote_round + window + 1)
         ).items():
             for rnd, h in rounds.items():
-                if remote_adds.get(peer_hex, {}).get(rnd) != h:
+                if remote_adds.get(peer_hex, {}).get(rnd) not in (h, FOLDED):
                     out.extend(self.on_dot(bytes.fromhex(peer_hex), int(rnd)))
         return sorted(out)
 
@@ -85,18 +94,20 @@ class AntiEntropy:
         have_removals = set(remote_digest.get("removals", ()))
         have_seals = set(remote_digest.get("seals", ()))
         remote_base = int(remote_digest.get("base_round", 0))
+        # The base's seal too: a replica one round behind it adopts it (from its aggregate, or its
+        # contributions from peers that hold them) instead of a snapshot (`needs_snapshot`).
+        seals = [self.base.seal, *self.held_seals()] if self.base.seal is not None else self.held_seals()
         return Delta(
             envelopes=tuple(self.envelope(c).to_bytes() for c in self.missing(remote_digest)),
             removals=tuple(r for r in self.removals() if r.removal_id[:16] not in have_removals),
-            seals=tuple(
-                s for s in self.held_seals() if s.round >= remote_base and s.seal_id[:16] not in have_seals
-            ),
+            seals=tuple(s for s in seals if s.round >= remote_base and s.seal_id[:16] not in have_seals),
         )
 
     def needs_snapshot(self, remote_digest: Mapping[str, Any]) -> bool:
-        """True if the remote is behind this replica's compaction point: send it a snapshot instead."""
+        """True if the remote is behind this replica's compaction point by more than the base's seal
+        (which `delta_for` sends): send it a snapshot instead."""
         remote_digest = _checked_digest(remote_digest)
-        return int(remote_digest.get("round", 0)) < self.base_round
+        return int(remote_digest.get("round", 0)) < self.base_round - 1
 
     def join(self, other: Any) -> int:
         """Apply what `other` (a Replica or a Delta) has and this replica lacks; how many items were new.

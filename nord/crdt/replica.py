@@ -470,6 +470,10 @@ class Replica(AntiEntropy, Persistence):
         """A held contribution (KeyError if not held)."""
         return self._set.envelopes[contribution_id]
 
+    def folded_dots(self) -> frozenset[Dot]:
+        """Dots (peer, round) the sealed rounds folded, as far back as a duplicate could still claim."""
+        return frozenset(self._folded_dots)
+
     def on_dot(self, peer_key: bytes, rnd: int) -> list[str]:
         """Ids of the contributions held that `peer_key` signed for round `rnd` (two: equivocation)."""
         return sorted(self._set.dots.get((peer_key, rnd), ()))

@@ -164,3 +164,23 @@ def test_every_changed_coordinate_is_carried_exactly():
     rebuilt = agg.apply(before)
     for name in SPEC:
         assert torch.equal(rebuilt[name].view(torch.int32), after[name].view(torch.int32))
+
+
+def test_folded_contributions_are_not_sent_again_to_a_replica_that_dropped_them():
+    """Digests mark folded dots: a worker still holding its sealed contribution does not push it again
+    (every anti-entropy pass did, to a coordinator that had compacted it away)."""
+    hub = make_replica(authorities=KEYS)
+    worker = make_replica(authorities=KEYS)
+    for p in range(3):
+        env = envelope(p, 0, hub.base_hash)
+        hub.add(env)
+        worker.add(env)
+    seal = hub.seal(AUTHORITY)
+    hub.compact()  # the hub drops the folded payloads
+    assert worker.missing(hub.digest()) == []
+    worker.apply_seal(seal)
+    assert worker.delta_for(hub.digest()).envelopes == ()
+    # One round behind the hub's compaction point is not "behind": the base's seal travels instead.
+    late = make_replica(authorities=KEYS)
+    assert not hub.needs_snapshot(late.digest())
+    assert hub.delta_for(late.digest()).seals == (seal,)
