@@ -11,9 +11,11 @@ Holders announce one record per seal in the DHT,
 
     nord/<run>/aggregate/<round>    subkey <holder>    {seal, holder}
 
-(N records a round, not one per contribution per holder), and a peer that lacks it tries holders and the
-bootstrap peers at random. Nothing a holder sends is trusted: `Replica.apply_aggregate` checks it against
-the authority's seal, and a holder whose aggregate fails is skipped for BACKOFF_S.
+(N records a round, not one per contribution per holder), and a peer that lacks it tries up to
+ANNOUNCED_TRIED announced holders, then the bootstrap peers, in random order. Nothing a holder sends is
+trusted: `Replica.apply_aggregate` checks it against the authority's seal; a holder whose aggregate is
+refused is not asked again for DISTRUST_S, one that fails otherwise for BACKOFF_S, and a download may
+take at most AGGREGATE_TIMEOUT_S (anyone can write holder records: a liar costs one of those).
 
 A peer builds an aggregate only for its tip seal (it keeps the weights before it), once per seal and one
 at a time, outside the gossip lock; it keeps the bytes of the last KEEP_ROUNDS rounds it built or adopted.
@@ -48,9 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nord.gossip")
 
-KEEP_ROUNDS = 4  # aggregates kept to serve: a peer a few rounds behind can still adopt round by round
-MAX_HOLDERS_TRIED = 8  # holders asked for one round in one pass (the next pass asks others)
-AGGREGATE_TIMEOUT_S = 600.0
+KEEP_ROUNDS = 2  # aggregates kept to serve (up to ~2.6 bytes per parameter each)
+ANNOUNCED_TRIED = 2  # announced holders asked for one round in one pass before the bootstrap peers
+AGGREGATE_TIMEOUT_S = 120.0
+DISTRUST_S = 600.0
 
 
 class Aggregates:
@@ -60,6 +63,7 @@ class Aggregates:
         self.gossip = gossip
         self._kept: dict[int, tuple[str, bytes]] = {}  # round -> (seal id, aggregate bytes)
         self._build = threading.Lock()  # one aggregate built at a time, outside the gossip lock
+        self._distrusted: dict[str, float] = {}  # holder -> monotonic time until which it is not asked
 
     def serve(self, req: dict) -> bytes:
         """The aggregate of round `req["round"]`, kept or built from the tip; TransportError if neither."""
@@ -145,9 +149,7 @@ class Aggregates:
         g = self.gossip
         spec = g.replica.spec
         limit = aggregate_max_bytes(spec, SNAPSHOT_META_BYTES)
-        now = time.monotonic()
-        holders = [h for h in self._holders(rnd) if g._backoff.get(h, 0.0) <= now]
-        for holder in holders[:MAX_HOLDERS_TRIED]:
+        for holder in self._holders(rnd):
             try:
                 data = g.transport.request(
                     holder,
@@ -164,7 +166,10 @@ class Aggregates:
                 g._failed(holder, "aggregate", e)
                 continue
             except MergeError as e:
-                g._failed(holder, "aggregate", TransportError(f"its aggregate was refused: {e}"))
+                self._distrusted[holder] = time.monotonic() + DISTRUST_S
+                log.warning(
+                    "not asking %s for aggregates for %.0f s: %s", network_peer(holder), DISTRUST_S, e
+                )
                 continue
             self._keep(rnd, aggregate.seal.seal_id, data)
             self._announce(rnd, aggregate.seal.seal_id)
@@ -177,9 +182,10 @@ class Aggregates:
         return False
 
     def _holders(self, rnd: int) -> list[str]:
-        """Peers that announced the aggregate of round `rnd`, then the bootstrap peers, each in random
-        order (anyone can write the records: a liar costs one refused download, then a backoff)."""
+        """Up to ANNOUNCED_TRIED peers that announced the aggregate of round `rnd`, then the bootstrap
+        peers, each in random order, none backed off or distrusted."""
         g = self.gossip
+        now = time.monotonic()
         announced: list[str] = []
         try:
             records = g.transport.get_records(f"nord/{g.run_id}/aggregate/{rnd}")
@@ -188,10 +194,14 @@ class Aggregates:
         for holder, record in records.items():
             if isinstance(record, dict) and is_hex64(record.get("seal")) and holder != g.transport.peer_id:
                 announced.append(holder)
-        random.shuffle(announced)
         boot = [p for p in g.bootstrap_peers if p not in announced]
+        usable = [p for p in announced if self._usable(p, now)]
+        random.shuffle(usable)
         random.shuffle(boot)
-        return announced + boot
+        return usable[:ANNOUNCED_TRIED] + [p for p in boot if self._usable(p, now)]
+
+    def _usable(self, peer: str, now: float) -> bool:
+        return self.gossip._backoff.get(peer, 0.0) <= now and self._distrusted.get(peer, 0.0) <= now
 
     def _announce(self, rnd: int, seal_id: str) -> None:
         g = self.gossip

@@ -44,7 +44,6 @@ from nord.transport.peer import network_peer
 log = logging.getLogger("nord.gossip")
 
 
-
 class Gossip:
     """Serves and runs the anti-entropy protocol for one replica.
 
