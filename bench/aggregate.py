@@ -11,7 +11,8 @@ Recorded: bytes, the changed fraction of the weights, bitmap and XOR bytes, byte
 and the k envelopes' bytes together. Random deltas keep independent top-k indices, so the changed fraction
 is about the union 1 − (1 − d)^k: an upper bound for real training deltas, whose kept indices overlap.
 The fit of the simulator's size model (nord/sim/costs.py `aggregate_bytes`) to these rows is printed and
-saved too. Results: bench/results/aggregate.json (or --out).
+saved too (`--refit FILE`: refit saved rows without measuring). Results: bench/results/aggregate.json
+(or --out).
 """
 
 from __future__ import annotations
@@ -119,20 +120,29 @@ def binary_entropy(f: float) -> float:
 
 
 def fit(rows: list[dict]) -> dict:
-    """Least squares of bytes ≈ a + b·k + c·params·H(f)/8 + e·params·f, f = 1 − (1 − d)^k (H: binary
-    entropy: the bitmap's information), and each row's relative error."""
+    """bytes ≈ a + b·k + c·params·H(f)/8 + e·params·f, f = 1 − (1 − d)^k (H: binary entropy, the bitmap's
+    information; e: XOR bytes per changed value). a + b·k (the seal and the window: ids and dots) is a
+    least-squares line through the rows' bytes besides the tensors; c and e minimise the relative error
+    of the tensors' bytes. Returns the constants and each row's relative error."""
     import numpy as np
 
-    def features(r: dict) -> list[float]:
-        f = r["union_fraction"]
-        return [1.0, r["k"], r["params"] * binary_entropy(f) / 8, r["params"] * f]
-
-    x = np.array([features(r) for r in rows])
-    y = np.array([r["bytes"] for r in rows], dtype=np.float64)
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-    errors = [float(x[i] @ coef / y[i] - 1) for i in range(len(rows))]
+    k = np.array([r["k"] for r in rows], dtype=np.float64)
+    line = np.stack([np.ones_like(k), k], axis=1)
+    (a, b), *_ = np.linalg.lstsq(
+        line, np.array([r["other_bytes"] for r in rows], dtype=np.float64), rcond=None
+    )
+    x = np.array(
+        [
+            [r["params"] * binary_entropy(r["union_fraction"]) / 8, r["params"] * r["union_fraction"]]
+            for r in rows
+        ]
+    )
+    y = np.array([r["bitmap_bytes"] + r["xor_bytes"] for r in rows], dtype=np.float64)
+    (c, e), *_ = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)
+    predicted = a + b * k + x @ np.array([c, e])
+    errors = [float(p / r["bytes"] - 1) for p, r in zip(predicted, rows, strict=True)]
     names = ["fixed_bytes", "bytes_per_contribution", "bitmap_per_entropy_byte", "bytes_per_changed"]
-    return {"coef": dict(zip(names, map(float, coef), strict=True)), "relative_errors": errors}
+    return {"coef": dict(zip(names, map(float, (a, b, c, e)), strict=True)), "relative_errors": errors}
 
 
 def table(rows: list[dict], errors: list[float]) -> str:
@@ -165,7 +175,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--out", type=Path, default=RESULTS / "aggregate.json")
+    parser.add_argument("--refit", type=Path, help="refit the rows saved in this JSON (no measuring)")
     args = parser.parse_args()
+    if args.refit:
+        saved = json.loads(args.refit.read_text())
+        saved["fit"] = fit(saved["rows"])
+        print(table(saved["rows"], saved["fit"]["relative_errors"]))
+        print("fit:", json.dumps(saved["fit"]["coef"]))
+        args.refit.write_text(json.dumps(saved, indent=1) + "\n")
+        return
 
     import torch
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -248,6 +249,8 @@ SWEEP_COLUMNS = (
     ("volunteer_down_MB", "mean", "vol. down MB/round"),
     ("volunteer_up_MB", "mean", "vol. up MB/round"),
     ("public_volunteer_up_MB", "mean", "public vol. up MB/round"),
+    ("relay_up_MB", "mean", "relay up MB/round"),
+    ("aggregate_MB", "mean", "aggregate MB"),
 )
 
 
@@ -255,7 +258,9 @@ def sweep_row(cfg) -> dict:
     """One simulation reduced to the sweep's columns (per-round bytes: totals / sealed rounds)."""
     from nord.sim import simulate
 
+    cpu = time.process_time()
     s = simulate(cfg)
+    cpu = time.process_time() - cpu
     rounds = max(1, s["sealed_rounds"])
     row = {"peers": cfg.peers, "relays": cfg.relays, "H": cfg.inner_steps, "adopt": cfg.adopt}
     row["rounds"] = s["sealed_rounds"]
@@ -272,6 +277,11 @@ def sweep_row(cfg) -> dict:
         "dht_failed_gets": s["dht"]["failed_gets"],
         "sim_h": s["sim_seconds"] / 3600,
         "wall_s": s["wall_seconds"],
+        "cpu_s": cpu,
+        "load": os.getloadavg()[0],
+        "coordinator_out_MB_per_round": s["coordinator_out_MB_per_round"],
+        "counters": s["counters"],
+        "aggregate_dht": s["aggregate_dht"],
     }
     return row
 
@@ -282,19 +292,22 @@ def sweep(
     hs: list[int],
     rounds: int,
     model: str,
-    aggregate: bool,
+    adopt: list[str],
     extra: dict,
     on_row=None,
 ) -> dict:
-    """N's baseline row, then one setting changed at a time (relays, H, aggregate adoption)."""
+    """N's baseline row, then one setting changed at a time (relays, H, another adoption mode)."""
     from tqdm import tqdm
 
     from nord.sim import SimConfig
 
-    grid = [(n, 0, hs[0], "contributions") for n in peers]
-    grid += [(n, r, hs[0], "contributions") for n in peers for r in relays if r]
-    grid += [(n, 0, h, "contributions") for n in peers for h in hs[1:]]
-    grid += [(n, r, hs[0], "aggregate") for n in peers for r in relays[:1] + relays[-1:]] if aggregate else []
+    grid = []
+    if "contributions" in adopt:
+        grid += [(n, 0, hs[0], "contributions") for n in peers]
+        grid += [(n, r, hs[0], "contributions") for n in peers for r in relays if r]
+        grid += [(n, 0, h, "contributions") for n in peers for h in hs[1:]]
+    others = [a for a in adopt if a != "contributions"]
+    grid += [(n, r, hs[0], a) for n in peers for a in others for r in sorted({relays[0], relays[-1]})]
     grid.sort(key=lambda setting: setting[0])  # smallest N first; rows are saved as they finish
     out = {"machine": _machine(), "model": model, "rounds": rounds, "extra": extra, "rows": []}
     for n, r, h, a in tqdm(grid, desc="sweep"):
@@ -313,12 +326,14 @@ def sweep_table(rows: list[dict]) -> str:
         "adopt",
         *[label for *_, label in SWEEP_COLUMNS],
         "coord. in MB/round",
+        "coord. out MB/round",
         "coord. CPU s/round",
         "useful compute",
         "folded/published",
         "DHT gets failed",
         "sim h",
         "wall s",
+        "CPU s",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "--:|" * len(head)]
     for r in rows:
@@ -329,12 +344,14 @@ def sweep_table(rows: list[dict]) -> str:
             r["adopt"],
             *[_num(r[k]) for k, *_ in SWEEP_COLUMNS],
             _num(r["coordinator_in_MB_per_round"]),
+            _num(r.get("coordinator_out_MB_per_round", math.nan)),
             _num(r["coordinator_cpu_s_per_round"]),
             f"{100 * r['useful_compute_share']:.2f}%",
             f"{r['folded']}/{r['published']}",
             r["dht_failed_gets"],
             _num(r["sim_h"]),
             _num(r["wall_s"]),
+            _num(r.get("cpu_s", math.nan)),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -396,7 +413,12 @@ def main() -> None:
     parser.add_argument("--sweep-relays", type=int, nargs="+", default=[0, 8], help="--sweep: relays")
     parser.add_argument("--sweep-h", type=int, nargs="+", default=[20, 200], help="--sweep: H (first: base)")
     parser.add_argument("--rounds", type=int, default=12, help="--sweep: rounds per simulation")
-    parser.add_argument("--aggregate", action="store_true", help="--sweep: add --adopt aggregate rows")
+    parser.add_argument(
+        "--adopt",
+        nargs="+",
+        default=["contributions"],
+        help="--sweep: adoption modes (contributions: every relays and H row; others: first and last relays)",
+    )
     parser.add_argument("--set", nargs="*", default=[], help="--sweep: SimConfig KEY=VALUE for every row")
     parser.add_argument("--model", default="small", help="--sweep: recipe")
     parser.add_argument("--name", default="sweep", help="--sweep: result and figure name")
@@ -418,7 +440,7 @@ def main() -> None:
             args.sweep_h,
             args.rounds,
             args.model,
-            args.aggregate,
+            args.adopt,
             extra,
             on_row=lambda partial: path.write_text(json.dumps(partial, indent=1)),
         )

@@ -46,9 +46,10 @@ HELP = {
     "ban_after": "rejections before the coordinator bans a peer",
     "coordinator_cores": "contributions the coordinator scores at once",
     "cost_scale": "multiplier on the fitted CPU times (e.g. 0.1 for a coordinator with a GPU)",
-    "adopt": "how peers adopt a seal: contributions (today: fetch every listed contribution) or "
-    "aggregate (what-if: volunteers push to the authority and relays only, and download the sealed "
-    "round's sum from a public peer)",
+    "adopt": "how volunteers adopt a seal: contributions (gather every contribution), aggregate (push "
+    "ours to the coordinator and relays only, sync seals only, download each round's aggregate from a "
+    "holder found in the DHT) or auto (as aggregate, but fetch the listed contributions from a "
+    "bootstrap peer when that is fewer bytes: nord.protocol.adopt_by_contributions)",
 }
 
 

@@ -144,7 +144,7 @@ class Authority:
                 w.seal_held[peer, r] = min(w.seal_held[peer, r], arrive)
         self.opened_at = done
         w.retire_before(r - cfg.max_staleness)
-        w.notify()
+        w.notify(seal=True)
         return True
 
 

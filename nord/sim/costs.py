@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,11 @@ FETCH_BYTES_PER_ID = 66  # a contribution id in a fetch request (64 hex + msgpac
 DHT_REPLICAS = 5  # hivemind DHTNode's num_replicas: peers each holder record is stored on
 REQUEST_S = 0.004  # CPU of serving one request (frame, hash, handler), bench/simulate.py --validate
 SMALL_MESSAGE_BYTES = 64  # a push acknowledgement, an error line, a hello
+# bench/aggregate.py: least squares over real aggregates of `small` (docs/simulation.md gives the errors)
+AGGREGATE_BYTES_FIXED = 3047.0  # the seal, msgpack framing
+AGGREGATE_BYTES_PER_CONTRIBUTION = 170.1  # its id and dot in the window
+AGGREGATE_BITMAP_PER_ENTROPY_BYTE = 1.708  # zlib's changed-coordinate bitmap against its entropy
+AGGREGATE_BYTES_PER_CHANGED = 2.897  # zlib'd byte-planar XOR of a changed float32
 
 
 @dataclass(frozen=True)
@@ -117,10 +124,41 @@ def digest_bytes(dots: int) -> int:
     return DIGEST_BYTES_FIXED + DIGEST_BYTES_PER_DOT * dots
 
 
-def aggregate_bytes(contributions_bytes: int, params: int) -> int:
-    """A sealed round's sum as one sparse delta: at most the listed envelopes together, at most the
-    dense NF4 form (4 bits per value + one fp32 absmax per 64 values = 4.5 bits per parameter)."""
-    return min(contributions_bytes, int(params * 4.5 / 8) + 1024)
+def aggregate_bytes(counts: Mapping[int, int], params: int) -> int:
+    """Wire bytes of the `nord.crdt.aggregate.Aggregate` of a seal that folded `counts[q]` contributions
+    of round q: a fit to real aggregates (bench/aggregate.py, docs/simulation.md). The changed fraction is
+    taken as the union of independent top-k index sets, f = 1 − Π (1 − d_q)^k_q (an upper bound: real
+    deltas' indices overlap); the bitmap costs its entropy, the XOR bits a constant per changed value."""
+    keep = 1.0
+    for q, k in counts.items():
+        keep *= (1.0 - density(q)) ** k
+    changed = 1.0 - keep
+    return int(
+        AGGREGATE_BYTES_FIXED
+        + AGGREGATE_BYTES_PER_CONTRIBUTION * sum(counts.values())
+        + AGGREGATE_BITMAP_PER_ENTROPY_BYTE * params * binary_entropy(changed) / 8
+        + AGGREGATE_BYTES_PER_CHANGED * params * changed
+    )
+
+
+def density(rnd: int) -> float:
+    """The default codec's kept fraction for a round-`rnd` contribution (its density warm-up)."""
+    from nord.codec import CodecConfig, density_for_round
+
+    return density_for_round(CodecConfig(), rnd)
+
+
+def binary_entropy(p: float) -> float:
+    """Bits of information per coordinate of a bitmap with a share `p` of ones."""
+    return 0.0 if p <= 0.0 or p >= 1.0 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+@functools.lru_cache(maxsize=1)
+def aggregate_record_bytes() -> int:
+    """One aggregate holder record in the DHT (key, subkey, value) as `nord.gossip.aggregates` stores it."""
+    holder = "12D3KooW" + "x" * 44
+    key = "nord/sim-run/aggregate/1000"
+    return len(msgpack.packb([key, holder, {"seal": "s" * 64, "holder": holder}], use_bin_type=True))
 
 
 def merge_s(envelope_bytes: int, params: int) -> float:

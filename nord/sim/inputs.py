@@ -38,7 +38,7 @@ SMALL_PARAMS = 13.2e6
 
 # Which device and link each population of volunteers has, and how its sessions end.
 POPULATIONS = ("colab", "kaggle", "home", "server")
-ADOPT = ("contributions", "aggregate")
+ADOPT = ("contributions", "aggregate", "auto")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +74,7 @@ class SimConfig:
     ban_after: int = 3  # ValidationConfig.ban_after
     coordinator_cores: int = 1  # contributions validated at once
     cost_scale: float = 1.0  # multiplies the fitted validation and merge CPU times
-    adopt: str = "contributions"  # how a peer adopts a seal: "contributions" (today) or "aggregate"
+    adopt: str = "contributions"  # how a volunteer adopts a seal: "contributions", "aggregate" or "auto"
     extra: dict = field(default_factory=dict, compare=False)  # free-form note kept in the output
 
     def __post_init__(self) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nord.sim.world import COORDINATOR, World
+from nord.sim import costs
+from nord.sim.world import COORDINATOR, SealInfo, World
 
 
 def _stats(values, scale: float = 1.0) -> dict[str, float]:
@@ -82,6 +83,11 @@ def summarize(world: World, authority, wall_s: float) -> dict:
             "never_folded": total - folded - rejected_validation,
         },
         "dht": {"failed_gets": w.dht.failed_gets, "MB_read": w.dht.bytes_read * 1e-6},
+        "aggregate_dht": {
+            "failed_gets": w.aggregate_dht.failed_gets,
+            "MB_read": w.aggregate_dht.bytes_read * 1e-6,
+        },
+        "aggregate_MB": _stats([aggregate_bytes(s, w.sizes.params) for s in w.seals.values()], 1e-6),
         "counters": dict(sorted(w.counters.items())),
         "per_contribution": w.retired,
         "per_round": [
@@ -89,11 +95,17 @@ def summarize(world: World, authority, wall_s: float) -> dict:
                 "round": r,
                 "sealed_at": s.at,
                 "contributions": sum(map(len, s.listed.values())),
+                "aggregate_bytes": aggregate_bytes(s, w.sizes.params),
                 "reason": s.reason,
             }
             for r, s in sorted(w.seals.items())
         ],
     }
+
+
+def aggregate_bytes(seal: SealInfo, params: int) -> int:
+    """The modelled wire size of a seal's aggregate (what `--adopt aggregate` volunteers download)."""
+    return costs.aggregate_bytes({q: len(c) for q, c in seal.listed.items() if c}, params)
 
 
 def plot(summary: dict, out_json: Path) -> list[Path]:

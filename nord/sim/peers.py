@@ -17,11 +17,9 @@ import numpy as np
 
 from nord.protocol import budgeted_count, reachable, sync_partners
 from nord.sim import costs
-from nord.sim.world import COORDINATOR, World
+from nord.sim.world import BACKOFF_S, COORDINATOR, DHT_HOPS_RTT, World
 
-BACKOFF_S = 15.0  # nord.gossip.wire.BACKOFF_S
 SYNC_BUDGET_BYTES = 32 << 20  # nord.gossip.wire.SYNC_BUDGET_BYTES
-DHT_HOPS_RTT = 3  # a DHT get takes about this many round trips
 
 
 def serves(world: World, node: int) -> bool:
@@ -55,7 +53,7 @@ def publish(world: World, node: int, q: int, cols: list[int], now: float) -> Non
     sends its two payloads to two halves of them)."""
     world.net.bytes_up[node] += world.dht.announce(q, len(cols), now)
     targets = reachable(world.live_public, world.backoff[node], now)
-    if world.cfg.adopt == "aggregate":  # only the authority (and the relays) gather contributions
+    if world.seals_only(node):  # only the authority (and the relays) gather contributions
         targets = [t for t in targets if t < world.first_volunteer]
     targets = [t for t in targets if t != node]
     rs = world.rounds[q]
@@ -173,10 +171,11 @@ def idle(world: World, node: int, until: float):
     have found nothing new; their bytes (DHT gets, digests both ways) are counted all the same."""
     env, cfg = world.env, world.cfg
     wait = max(cfg.poll_s, until - env.now)
+    news = world.sealed if world.seals_only(node) else world.changed
     if math.isfinite(wait):
-        yield env.any_of([env.timeout(wait), world.changed])
+        yield env.any_of([env.timeout(wait), news])
     else:
-        yield world.changed
+        yield news
     skipped = int((env.now - world.last_pass[node]) / cfg.poll_s) - 1
     if skipped > 0:
         digest = costs.digest_bytes(held_dots(world, node, env.now))

@@ -15,12 +15,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from nord.protocol import admission_error
+from nord.protocol import admission_error, adopt_by_contributions
 from nord.sim import costs
 from nord.sim.inputs import SimConfig, Traits
 from nord.sim.network import Dht, Network
 
 COORDINATOR = 0
+BACKOFF_S = 15.0  # nord.gossip.wire.BACKOFF_S: a peer that failed a request is skipped this long
+DHT_HOPS_RTT = 3  # a DHT get takes about this many round trips
+MAX_HOLDERS_TRIED = 8  # nord.gossip.aggregates.MAX_HOLDERS_TRIED: holders asked for one round per pass
+MAX_FETCH_IDS = 4096  # nord.gossip.wire.MAX_FETCH_IDS: contribution ids in one fetch request
 INF = np.float32(np.inf)
 
 
@@ -69,6 +73,8 @@ class World:
             latency_s=[lat] * self.first_volunteer + [v.latency_s for v in volunteers],
         )
         self.dht = Dht(record_bytes=costs.record_bytes())
+        self.aggregate_dht = Dht(record_bytes=costs.aggregate_record_bytes())  # nord/<run>/aggregate/<round>
+        self.aggregate_holders: dict[int, list[tuple[float, int]]] = {}  # round -> [(announced at, peer)]
         self.request_s = costs.REQUEST_S  # CPU a served request costs besides its payload's merge
         self.client = [False] * self.first_volunteer + [v.client_mode for v in volunteers]
         self.hostile = [""] * self.first_volunteer + [v.hostile for v in volunteers]
@@ -87,6 +93,7 @@ class World:
         self.useful_train_s = 0.0
         self.finished = self.env.event()
         self.changed = self.env.event()  # fires (and is replaced) at each publication and seal
+        self.sealed = self.env.event()  # fires (and is replaced) at each seal
         self.last_pass = [0.0] * self.n_nodes
         self.idle_digest_bytes = 0  # digests of skipped idle passes (counted on the idle node only)
 
@@ -104,22 +111,32 @@ class World:
         r, s = self.round_of[node], self.cfg.max_staleness
         return range(max(0, r - s), r + s + 1)
 
-    def notify(self) -> None:
-        """Wake every idle peer: something new was published or sealed."""
+    def notify(self, seal: bool = False) -> None:
+        """Wake every idle peer: something new was published or (`seal`) sealed."""
         changed, self.changed = self.changed, self.env.event()
         changed.succeed()
+        if seal:
+            sealed, self.sealed = self.sealed, self.env.event()
+            sealed.succeed()
+
+    def seals_only(self, node: int) -> bool:
+        """Whether `node` waits for seals alone: a volunteer adopting aggregates gathers no contributions."""
+        return self.cfg.adopt != "contributions" and node >= self.first_volunteer
 
     def next_change(self, node: int, now: float) -> float:
         """The earliest time after `now` at which a public peer will hold something `node` lacks in its
-        window, or its next seal (inf if nothing is on its way)."""
+        window, or its next seal (inf if nothing is on its way). A volunteer that adopts aggregates waits
+        for its next seal only, and for the next pass (`now`) once a public peer or itself holds it."""
         public = np.fromiter(self.live_public, dtype=np.int64)
         r = self.round_of[node]
         soon = math.inf
+        if self.seals_only(node) and self.seal_held[[node, *public], min(r, self.cfg.rounds)].min() <= now:
+            return now  # the seal is here or at a public peer: the next pass may adopt it
         if r in self.seals and len(public):
             times = self.seal_held[public, r]
             later = times[times > now]
             soon = float(later.min()) if len(later) else soon
-        for q in self.window(node):
+        for q in () if self.seals_only(node) else self.window(node):
             rs = self.rounds.get(q)
             if rs is None or not len(public):
                 continue
@@ -189,8 +206,8 @@ class World:
 
     def try_advance(self, node: int, now: float) -> float:
         """Adopt every seal `node` holds whose listed contributions it holds too (fold cost each), or,
-        with `adopt="aggregate"`, whose aggregate it downloads from a public peer that adopted it.
-        Returns when the last adoption is done (`now` if none)."""
+        with adopt "aggregate" or "auto", once it downloaded the seal's aggregate or (auto, when fewer
+        bytes) the listed contributions it lacks. Returns when the last adoption is done (`now` if none)."""
         end = now
         while True:
             r = self.round_of[node]
@@ -198,24 +215,93 @@ class World:
             if seal is None or self.seal_held[node, r] > now:
                 return end
             ready = float(self.seal_held[node, r])
-            if self.cfg.adopt == "aggregate" and node != COORDINATOR:
-                sources = [p for p in self.live_public if self.round_of[p] > r and p != node]
-                if not sources:
-                    return end
-                source = self.rng.choice(sources)
-                nbytes = costs.aggregate_bytes(seal.contributions_bytes, self.sizes.params)
-                ready = self.net.request(node, source, costs.SMALL_MESSAGE_BYTES, nbytes, ready)
-            else:
-                for q, cols in seal.listed.items():
-                    if cols:
-                        if q not in self.rounds:  # retired: this node lags, it restarts from a snapshot
-                            return end
-                        ready = max(ready, float(self.rounds[q].held[node, cols].max()))
-                if ready > now:
-                    return end
+            for q, cols in seal.listed.items():
+                if cols:
+                    if q not in self.rounds:  # retired: this node lags, it restarts from a snapshot
+                        return end
+                    ready = max(ready, float(self.rounds[q].held[node, cols].max()))
+            if ready > now and self.cfg.adopt != "contributions" and node != COORDINATOR:
+                start = max(float(self.seal_held[node, r]), end)
+                if self.contributions_cheaper(node, seal, start):
+                    ready = self.fetch_listed(node, seal, start)
+                else:
+                    ready = self.fetch_aggregate(node, seal, start)
+            if ready > now and (self.cfg.adopt == "contributions" or not math.isfinite(ready)):
+                return end
             end = self.net.compute(node, self.cfg.cost_scale * costs.fold_s(self.sizes.params), ready)
             self.round_of[node] = r + 1
             self.adopted.setdefault(r, {})[node] = end
+            if self.seals_only(node) and not self.client[node]:
+                self.net.bytes_up[node] += self.aggregate_dht.announce(r, 1, end)  # `Aggregates._announce`
+                self.aggregate_holders.setdefault(r, []).append((end, node))
+
+    def contributions_cheaper(self, node: int, seal: SealInfo, now: float) -> bool:
+        """`Aggregates._contributions_cheaper` (adopt="auto"): the real `adopt_by_contributions`, with this
+        node's own contribution to the open round as the typical size and density (none: aggregate)."""
+        r = seal.round
+        rs = self.rounds.get(r)
+        if self.cfg.adopt != "auto" or rs is None or node not in rs.author:
+            return False
+        missing = sum(int((self.rounds[q].held[node, c] > now).sum()) for q, c in seal.listed.items())
+        listed = sum(map(len, seal.listed.values()))
+        return adopt_by_contributions(
+            missing, self.sizes.envelope_bytes(r), listed, costs.density(r), self.sizes.params
+        )
+
+    def fetch_listed(self, node: int, seal: SealInfo, now: float) -> float:
+        """`Aggregates._fetch_listed`: the seal's contributions this node lacks, from the bootstrap peers
+        (coordinator, relays) in random order, MAX_FETCH_IDS per request. When it holds them all (inf: not
+        now)."""
+        boot = [p for p in range(self.first_volunteer) if self.backoff[node].get(p, 0.0) <= now]
+        self.rng.shuffle(boot)
+        t = now
+        for peer in boot:
+            if not self.online[peer]:
+                t = self.net.request(node, peer, costs.SMALL_MESSAGE_BYTES, costs.SMALL_MESSAGE_BYTES, t)
+                self.backoff[node][peer] = t + BACKOFF_S
+                self.count("failed_requests")
+                continue
+            for q, cols in seal.listed.items():
+                if q not in self.rounds:
+                    continue
+                row, peer_row = self.rounds[q].held[node], self.rounds[q].held[peer]
+                ids = np.asarray([c for c in cols if row[c] > t and peer_row[c] <= t], dtype=np.int64)
+                for start in range(0, len(ids), MAX_FETCH_IDS):
+                    chunk = ids[start : start + MAX_FETCH_IDS]
+                    reply = int(self.rounds[q].nbytes[chunk].sum())
+                    arrive = self.net.request(node, peer, costs.FETCH_BYTES_PER_ID * len(chunk), reply, t)
+                    self.deliver(node, q, chunk, arrive)
+            self.count("listed_fetched")
+            held = max(float(self.rounds[q].held[node, c].max()) for q, c in seal.listed.items() if c)
+            if math.isfinite(held):  # (try_advance calls this only while every listed round is in play)
+                return held
+        return math.inf
+
+    def fetch_aggregate(self, node: int, seal: SealInfo, now: float) -> float:
+        """`Aggregates._adopt_round`: read the round's holder records (one per public peer that adopted),
+        try at most MAX_HOLDERS_TRIED of them in random order, then the bootstrap peers (coordinator,
+        relays), skipping those in backoff; download from the first that has it. Arrival time (inf: none)."""
+        r, backoff = seal.round, self.backoff[node]
+        ok, nbytes = self.aggregate_dht.get(r, now)
+        self.net.bytes_down[node] += nbytes
+        t = now + DHT_HOPS_RTT * 2 * self.net.latency_s[node]
+        ttl = self.aggregate_dht.ttl_s
+        announced = [p for at, p in self.aggregate_holders.get(r, ()) if ok and at <= now < at + ttl]
+        boot = [p for p in range(self.first_volunteer) if p not in announced]
+        self.rng.shuffle(announced)
+        self.rng.shuffle(boot)
+        holders = [p for p in announced + boot if p != node and backoff.get(p, 0.0) <= t]
+        for holder in holders[:MAX_HOLDERS_TRIED]:
+            if not (self.online[holder] and self.hostile[holder] != "withhold" and self.round_of[holder] > r):
+                t = self.net.request(node, holder, costs.SMALL_MESSAGE_BYTES, costs.SMALL_MESSAGE_BYTES, t)
+                backoff[holder] = t + BACKOFF_S
+                self.count("failed_requests")
+                continue
+            counts = {q: len(cols) for q, cols in seal.listed.items() if cols}
+            nbytes = costs.aggregate_bytes(counts, self.sizes.params)
+            self.count("aggregates_fetched")
+            return self.net.request(node, holder, costs.SMALL_MESSAGE_BYTES, nbytes, t)
+        return math.inf
 
     def retire_before(self, q_min: int) -> None:
         """Summarise and drop rounds below `q_min` (no replica can fold them any more)."""
