@@ -247,7 +247,13 @@ class NordLM(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
-        return self.head(x) if self.head is not None else x @ self.embed.weight.t()
+        weight = self.head.weight if self.head is not None else self.embed.weight
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # bf16 keeps 8 bits of mantissa: logits rounded to it cost validation loss (#22), so the
+            # head runs in fp32 under CPU autocast (fp16 on CUDA keeps 11 bits and runs it in fp16)
+            with torch.autocast("cpu", enabled=False):
+                return F.linear(x.float(), weight.float())
+        return F.linear(x, weight)
 
     def _rates(
         self, activity: list[torch.Tensor], tokens: int

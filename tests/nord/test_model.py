@@ -193,3 +193,16 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tokens):
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_cpu_bf16_autocast_keeps_the_head_in_fp32(tokens):
+    """bf16 logits (8 bits of mantissa) cost validation loss; under CPU autocast the head runs in fp32."""
+    model = build()
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    hidden = {}
+    model.norm.register_forward_hook(lambda m, i, o: hidden.setdefault("x", o))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x, y).logits
+    assert logits.dtype == torch.float32
+    head = model.head.weight if model.head is not None else model.embed.weight
+    torch.testing.assert_close(logits, hidden["x"].float() @ head.t(), rtol=1e-5, atol=1e-5)
