@@ -250,16 +250,19 @@ SWEEP_COLUMNS = (
     ("volunteer_up_MB", "mean", "vol. up MB/round"),
     ("public_volunteer_up_MB", "mean", "public vol. up MB/round"),
     ("relay_up_MB", "mean", "relay up MB/round"),
-    ("aggregate_MB", "mean", "aggregate MB"),
+    ("aggregate_MB_per_seal", "mean", "aggregate MB (mean per seal)"),
 )
 
 
 def sweep_row(cfg) -> dict:
     """One simulation reduced to the sweep's columns (per-round bytes: totals / sealed rounds)."""
+    from tqdm import tqdm
+
     from nord.sim import simulate
 
     cpu = time.process_time()
-    s = simulate(cfg)
+    with tqdm(total=cfg.rounds, desc=f"N {cfg.peers} {cfg.adopt}: seals", leave=False) as bar:
+        s = simulate(cfg, on_seal=lambda _: bar.update())
     cpu = time.process_time() - cpu
     rounds = max(1, s["sealed_rounds"])
     row = {"peers": cfg.peers, "relays": cfg.relays, "H": cfg.inner_steps, "adopt": cfg.adopt}
@@ -376,10 +379,12 @@ def sweep_plots(rows: list[dict], stem: str) -> list[Path]:
     metrics = [
         ("round_s", "round duration, s (median)"),
         ("volunteer_down_MB", "download per volunteer per round, MB"),
+        ("public_volunteer_up_MB", "upload per public volunteer per round, MB"),
         ("coordinator_cpu_s_per_round", "coordinator CPU per sealed round, s"),
         ("coordinator_in_MB_per_round", "coordinator inbound per sealed round, MB"),
+        ("coordinator_out_MB_per_round", "coordinator outbound per sealed round, MB"),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     settings = sorted({(r["relays"], r["H"], r["adopt"]) for r in rows})
     for ax, (key, label) in zip(axes.flat, metrics, strict=True):
         for relays, h, adopt in settings:
@@ -392,7 +397,7 @@ def sweep_plots(rows: list[dict], stem: str) -> list[Path]:
         ax.set_xlabel("volunteers N")
         ax.set_title(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes.flat[0].legend()
+    axes.flat[0].legend(fontsize=7)
     path = FIGURES / f"{stem}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -423,6 +428,12 @@ def main() -> None:
     parser.add_argument("--model", default="small", help="--sweep: recipe")
     parser.add_argument("--name", default="sweep", help="--sweep: result and figure name")
     parser.add_argument("--speed", action="store_true", help="time 1,000 volunteers x 50 rounds")
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        metavar="NAME",
+        help="print the rows of saved sweeps together, plot them as the first",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.fit:
@@ -446,6 +457,14 @@ def main() -> None:
         )
         print(sweep_table(out["rows"]))
         print("figures:", *sweep_plots(out["rows"], args.name))
+    if args.table:
+        rows = [
+            row
+            for name in args.table
+            for row in json.loads((RESULTS / f"simulate_{name}.json").read_text())["rows"]
+        ]
+        print(sweep_table(rows))
+        print("figures:", *sweep_plots(rows, args.table[0]))
     if args.speed:
         from nord.sim import SimConfig, simulate
 

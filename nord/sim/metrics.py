@@ -87,7 +87,7 @@ def summarize(world: World, authority, wall_s: float) -> dict:
             "failed_gets": w.aggregate_dht.failed_gets,
             "MB_read": w.aggregate_dht.bytes_read * 1e-6,
         },
-        "aggregate_MB": _stats([aggregate_bytes(s, w.sizes.params) for s in w.seals.values()], 1e-6),
+        "aggregate_MB_per_seal": _stats([aggregate_bytes(s, w.sizes.params) for s in w.seals.values()], 1e-6),
         "counters": dict(sorted(w.counters.items())),
         "per_contribution": w.retired,
         "per_round": [

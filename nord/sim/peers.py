@@ -121,8 +121,9 @@ def pull_announced(world: World, node: int, now: float) -> float:
 
 
 def sync_with(world: World, node: int, peer: int, now: float, contributions: bool = True) -> float:
-    """`Gossip.sync_with`: digest → what we lack (+ seals), then push what the peer lacks (seals
-    only when not `contributions`)."""
+    """`Gossip.sync_with`: digest → what we lack (+ seals; seals only when not `contributions`), then
+    one push of what the peer lacks, at most SYNC_BUDGET_BYTES of envelopes (`within_budget`), which a
+    seals-only peer sends too."""
     digest = costs.digest_bytes(held_dots(world, node, now))
     if not serves(world, peer):
         t = world.net.request(node, peer, digest, costs.SMALL_MESSAGE_BYTES, now)
@@ -136,17 +137,19 @@ def sync_with(world: World, node: int, peer: int, now: float, contributions: boo
         if seal is not None and world.seal_held[peer, r] <= now and world.seal_held[node, r] > now:
             arrive = world.net.send(peer, node, seal.nbytes, t)
             world.seal_held[node, r] = min(world.seal_held[node, r], arrive)
-    end = t
-    for q in world.window(node) if contributions else ():
+    end, budget = t, SYNC_BUDGET_BYTES  # what the peer lacks goes in one push of at most the budget
+    for q in world.window(node):
         if q not in world.rounds:
             continue
         rs = world.rounds[q]
         have_peer, have_me = rs.held[peer, : rs.n] <= now, rs.held[node, : rs.n] <= now
-        give = np.flatnonzero(have_peer & ~have_me)
+        give = np.flatnonzero(have_peer & ~have_me) if contributions else ()
         if len(give):
             end = max(end, send_envelopes(world, peer, node, q, give, t))
         take = np.flatnonzero(have_me & ~have_peer)
-        if len(take) and world.online[peer]:
+        if len(take) and world.online[peer] and budget > 0:
+            take = take[: budgeted_count(rs.nbytes[take].tolist(), budget)]
+            budget -= int(rs.nbytes[take].sum())
             end = max(end, send_envelopes(world, node, peer, q, take, t))
     return end
 
