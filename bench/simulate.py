@@ -458,11 +458,11 @@ def main() -> None:
         print(sweep_table(out["rows"]))
         print("figures:", *sweep_plots(out["rows"], args.name))
     if args.table:
-        rows = [
-            row
-            for name in args.table
-            for row in json.loads((RESULTS / f"simulate_{name}.json").read_text())["rows"]
-        ]
+        latest = {}  # a setting measured again in a later file replaces the earlier row
+        for name in args.table:
+            for row in json.loads((RESULTS / f"simulate_{name}.json").read_text())["rows"]:
+                latest[(row["peers"], row["relays"], row["H"], row["adopt"])] = row
+        rows = sorted(latest.values(), key=lambda r: (r["peers"], r["adopt"] != "contributions", r["adopt"]))
         print(sweep_table(rows))
         print("figures:", *sweep_plots(rows, args.table[0]))
     if args.speed:

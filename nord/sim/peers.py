@@ -17,7 +17,7 @@ import numpy as np
 
 from nord.protocol import budgeted_count, reachable, sync_partners
 from nord.sim import costs
-from nord.sim.world import BACKOFF_S, COORDINATOR, DHT_HOPS_RTT, World
+from nord.sim.world import BACKOFF_S, DHT_HOPS_RTT, World
 
 SYNC_BUDGET_BYTES = 32 << 20  # nord.gossip.wire.SYNC_BUDGET_BYTES
 
@@ -157,7 +157,7 @@ def sync_with(world: World, node: int, peer: int, now: float, contributions: boo
 def anti_entropy(world: World, node: int, fanout: int):
     """One `Gossip.anti_entropy` pass (a SimPy process step: yields until it is done)."""
     now = world.env.now
-    contributions = world.cfg.adopt == "contributions" or node == COORDINATOR
+    contributions = not world.seals_only(node)  # the coordinator and relays gather every contribution
     t = pull_announced(world, node, now) if contributions else now
     candidates = [p for p in reachable(world.live_public, world.backoff[node], t) if p != node]
     for peer in sync_partners(candidates, fanout, world.rng):
