@@ -83,6 +83,7 @@ class Aggregates:
             return data
 
     def _keep(self, rnd: int, seal_id: str, data: bytes) -> None:
+        """Keep `data` to serve, and only the last KEEP_ROUNDS rounds' (call holding `_build`)."""
         self._kept[rnd] = (seal_id, data)
         for old in sorted(self._kept)[:-KEEP_ROUNDS]:
             del self._kept[old]
@@ -101,12 +102,15 @@ class Aggregates:
                 by_contributions = self._contributions_cheaper(len(waiting[0].contribution_ids), missing)
             if by_contributions:
                 self._fetch_listed(missing)
-            else:
+            if not self._moved_past(rnd):  # or the bootstrap peers no longer held them all
                 self._adopt_round(rnd)
-            with self.gossip.lock:
-                if self.gossip.replica.round <= rnd:
-                    return adopted
+            if not self._moved_past(rnd):
+                return adopted
             adopted += 1
+
+    def _moved_past(self, rnd: int) -> bool:
+        with self.gossip.lock:
+            return self.gossip.replica.round > rnd
 
     def _contributions_cheaper(self, listed: int, missing: list[str]) -> bool:
         """With adopt="auto": whether the `missing` contributions of a seal listing `listed` are fewer
@@ -171,7 +175,8 @@ class Aggregates:
                     "not asking %s for aggregates for %.0f s: %s", network_peer(holder), DISTRUST_S, e
                 )
                 continue
-            self._keep(rnd, aggregate.seal.seal_id, data)
+            with self._build:
+                self._keep(rnd, aggregate.seal.seal_id, data)
             self._announce(rnd, aggregate.seal.seal_id)
             log.info(
                 "adopted round %d's seal from %s's aggregate (%d bytes)", rnd, network_peer(holder), len(data)
