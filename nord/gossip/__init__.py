@@ -9,7 +9,8 @@ and every request names its run, so a peer of another run answers "run ... not f
     sync       {run_id, digest, contributions?: false for seals and removals only} -> {delta: what the
                caller lacks (Delta bytes, at most SYNC_BUDGET_BYTES of envelopes; `more` says to ask
                again), digest: the server's digest, behind: caller is older than the server's
-               compaction point (fetch a snapshot)}
+               compaction point (fetch a snapshot), contributions: whether the server gathers them
+               (false: the caller's push after the sync carries no contributions)}
     push       {run_id, delta} -> {accepted}
     fetch      {run_id, ids: at most MAX_FETCH_IDS contribution ids} -> {delta: those contributions}
     snapshot   {run_id} -> safetensors bytes of the sealed tip (`Replica.save_snapshot`)

@@ -166,7 +166,9 @@ class Gossip:
         if not contributions:  # a peer that adopts seals from aggregates: seals and removals only
             delta = Delta(removals=delta.removals, seals=delta.seals)
         delta, more = within_budget(delta, SYNC_BUDGET_BYTES)
-        return pack({"delta": delta.to_bytes(), "digest": mine, "behind": behind, "more": more})
+        gathers = self.adopt == "contributions"  # whether the caller should push us contributions
+        reply = {"delta": delta.to_bytes(), "digest": mine, "behind": behind, "more": more}
+        return pack({**reply, "contributions": gathers})
 
     def _on_push(self, peer: str, body: bytes) -> bytes:
         req = self._request_of(body, "push")
@@ -308,7 +310,8 @@ class Gossip:
 
     def sync_with(self, peer: str) -> tuple[int, bool]:
         """Two-way exchange with `peer`; returns (items accepted here, whether we lag its compaction).
-        Unless adopt="contributions" it brings seals and removals only (and still sends what `peer` lacks)."""
+        Unless adopt="contributions" it brings seals and removals only; it sends what `peer` lacks, but
+        contributions only to a peer that gathers them (its reply says so)."""
         accepted, behind = 0, False
         request = {"run_id": self.run_id, "contributions": self.adopt == "contributions"}
         for _ in range(64):  # bounded: each reply carries at most SYNC_BUDGET_BYTES of envelopes
@@ -330,6 +333,8 @@ class Gossip:
             try:
                 with self.lock:
                     theirs, _ = within_budget(self.replica.delta_for(remote), SYNC_BUDGET_BYTES)
+                if reply.get("contributions") is False:
+                    theirs = Delta(removals=theirs.removals, seals=theirs.seals)
             except MergeError as e:
                 raise TransportError(f"{network_peer(peer)} sent a malformed digest: {e}") from None
             if len(theirs):

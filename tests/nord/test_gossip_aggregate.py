@@ -76,3 +76,19 @@ def test_seals_only_syncs_and_bad_aggregate_requests(swarm):  # noqa: F811
         error = error or "contributions must be true or false"
         with pytest.raises(TransportError, match=error):
             ask(boot.transport.peer_id, handler, msgpack.packb(body, use_bin_type=True))
+
+
+def test_a_peer_that_gathers_contributions_does_not_push_them_to_one_that_follows_seals(swarm):  # noqa: F811
+    boot, public, _, _ = swarm
+    public.adopt = "aggregate"
+    others = [envelope(i, 0, boot.replica.base_hash) for i in range(3)]
+    with boot.lock:
+        for env in others:
+            boot.replica.add(env)
+    mine = envelope(4, 0, boot.replica.base_hash)
+    with public.lock:
+        public.replica.add(mine)
+    boot.sync_with(public.transport.peer_id)  # the coordinator's periodic sync with a public worker
+    assert not any(public.replica.has(e.contribution_id) for e in others)
+    public.sync_with(boot.transport.peer_id)  # ours still reaches the peer that gathers them
+    assert boot.replica.has(mine.contribution_id)
