@@ -265,7 +265,8 @@ def sweep_row(cfg) -> dict:
         s = simulate(cfg, on_seal=lambda _: bar.update())
     cpu = time.process_time() - cpu
     rounds = max(1, s["sealed_rounds"])
-    row = {"peers": cfg.peers, "relays": cfg.relays, "H": cfg.inner_steps, "adopt": cfg.adopt}
+    adopt = cfg.adopt if cfg.sync_push == "all" else f"{cfg.adopt}, push to {cfg.sync_push}"
+    row = {"peers": cfg.peers, "relays": cfg.relays, "H": cfg.inner_steps, "adopt": adopt}
     row["rounds"] = s["sealed_rounds"]
     for key, stat, _ in SWEEP_COLUMNS:
         value = s[key][stat]

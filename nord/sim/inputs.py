@@ -39,6 +39,7 @@ SMALL_PARAMS = 13.2e6
 # Which device and link each population of volunteers has, and how its sessions end.
 POPULATIONS = ("colab", "kaggle", "home", "server")
 ADOPT = ("contributions", "aggregate", "auto")
+SYNC_PUSH = ("all", "gatherers")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +76,7 @@ class SimConfig:
     coordinator_cores: int = 1  # contributions validated at once
     cost_scale: float = 1.0  # multiplies the fitted validation and merge CPU times
     adopt: str = "contributions"  # how a volunteer adopts a seal: "contributions", "aggregate" or "auto"
+    sync_push: str = "all"  # a sync pushes contributions the partner lacks to "all" partners or "gatherers"
     extra: dict = field(default_factory=dict, compare=False)  # free-form note kept in the output
 
     def __post_init__(self) -> None:
@@ -99,6 +101,8 @@ class SimConfig:
             raise ConfigError("--relays and --max-staleness must be >= 0")
         if self.adopt not in ADOPT:
             raise ConfigError(f"--adopt must be one of {', '.join(ADOPT)}, got {self.adopt!r}")
+        if self.sync_push not in SYNC_PUSH:
+            raise ConfigError(f"--sync-push must be one of {', '.join(SYNC_PUSH)}, got {self.sync_push!r}")
         names = [n for n, _ in self.mix]
         if (
             set(names) - set(POPULATIONS)

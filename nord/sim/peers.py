@@ -147,7 +147,8 @@ def sync_with(world: World, node: int, peer: int, now: float, contributions: boo
         if len(give):
             end = max(end, send_envelopes(world, peer, node, q, give, t))
         take = np.flatnonzero(have_me & ~have_peer)
-        if len(take) and world.online[peer] and budget > 0:
+        wanted = world.cfg.sync_push == "all" or not world.seals_only(peer)
+        if len(take) and world.online[peer] and budget > 0 and wanted:
             take = take[: budgeted_count(rs.nbytes[take].tolist(), budget)]
             budget -= int(rs.nbytes[take].sum())
             end = max(end, send_envelopes(world, node, peer, q, take, t))
