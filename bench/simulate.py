@@ -265,7 +265,8 @@ def sweep_row(cfg) -> dict:
         s = simulate(cfg, on_seal=lambda _: bar.update())
     cpu = time.process_time() - cpu
     rounds = max(1, s["sealed_rounds"])
-    adopt = cfg.adopt if cfg.sync_push == "all" else f"{cfg.adopt}, push to {cfg.sync_push}"
+    pushes = cfg.adopt != "contributions" and cfg.sync_push != "all"  # rows before 4968361: push to all
+    adopt = f"{cfg.adopt}, push to {cfg.sync_push}" if pushes else cfg.adopt
     row = {"peers": cfg.peers, "relays": cfg.relays, "H": cfg.inner_steps, "adopt": adopt}
     row["rounds"] = s["sealed_rounds"]
     for key, stat, _ in SWEEP_COLUMNS:

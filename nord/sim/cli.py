@@ -50,8 +50,8 @@ HELP = {
     "ours to the coordinator and relays only, sync seals only, download each round's aggregate from a "
     "holder found in the DHT) or auto (as aggregate, but fetch the listed contributions from a "
     "bootstrap peer when that is fewer bytes: nord.protocol.adopt_by_contributions)",
-    "sync_push": "whom a sync pushes the contributions a partner lacks: all (Gossip.sync_with today, "
-    "seals-only peers included) or gatherers (only peers that gather contributions: a what-if)",
+    "sync_push": "whom a sync pushes the contributions a partner lacks: gatherers (peers that gather "
+    "contributions: Gossip.sync_with since commit 4968361) or all (seals-only peers too: the code before)",
 }
 
 

@@ -76,7 +76,7 @@ class SimConfig:
     coordinator_cores: int = 1  # contributions validated at once
     cost_scale: float = 1.0  # multiplies the fitted validation and merge CPU times
     adopt: str = "contributions"  # how a volunteer adopts a seal: "contributions", "aggregate" or "auto"
-    sync_push: str = "all"  # a sync pushes contributions the partner lacks to "all" partners or "gatherers"
+    sync_push: str = "gatherers"  # whom a sync pushes contributions: "gatherers" (since 4968361) or "all"
     extra: dict = field(default_factory=dict, compare=False)  # free-form note kept in the output
 
     def __post_init__(self) -> None:
