@@ -464,7 +464,10 @@ def main() -> None:
         for name in args.table:
             for row in json.loads((RESULTS / f"simulate_{name}.json").read_text())["rows"]:
                 latest[(row["peers"], row["relays"], row["H"], row["adopt"])] = row
-        rows = sorted(latest.values(), key=lambda r: (r["peers"], r["adopt"] != "contributions", r["adopt"]))
+        rows = sorted(
+            latest.values(),
+            key=lambda r: (r["peers"], r["adopt"] != "contributions", r["adopt"], r["relays"], r["H"]),
+        )
         print(sweep_table(rows))
         print("figures:", *sweep_plots(rows, args.table[0]))
     if args.speed:
