@@ -222,9 +222,12 @@ class World:
                     ready = max(ready, float(self.rounds[q].held[node, cols].max()))
             if ready > now and self.cfg.adopt != "contributions" and node != COORDINATOR:
                 start = max(float(self.seal_held[node, r]), end)
-                if self.contributions_cheaper(node, seal, start):
-                    ready = self.fetch_listed(node, seal, start)
-                else:
+                ready = (
+                    self.fetch_listed(node, seal, start)
+                    if self.contributions_cheaper(node, seal, start)
+                    else math.inf
+                )
+                if not math.isfinite(ready):  # (e478b41: the bootstrap peers no longer hold them all)
                     ready = self.fetch_aggregate(node, seal, start)
             if ready > now and (self.cfg.adopt == "contributions" or not math.isfinite(ready)):
                 return end
