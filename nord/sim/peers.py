@@ -132,11 +132,12 @@ def sync_with(world: World, node: int, peer: int, now: float, contributions: boo
         return t
     reply_digest = costs.digest_bytes(held_dots(world, peer, now))
     t = world.net.request(node, peer, digest, reply_digest, now)
-    for r in range(world.round_of[node], world.round_of[peer]):  # seals the peer has that we lack
-        seal = world.seals.get(r)
-        if seal is not None and world.seal_held[peer, r] <= now and world.seal_held[node, r] > now:
-            arrive = world.net.send(peer, node, seal.nbytes, t)
+    r = world.round_of[node]
+    while r in world.seals and world.seal_held[peer, r] <= now:  # seals the peer holds (adopted or not)
+        if world.seal_held[node, r] > now:
+            arrive = world.net.send(peer, node, world.seals[r].nbytes, t)
             world.seal_held[node, r] = min(world.seal_held[node, r], arrive)
+        r += 1
     end, budget = t, SYNC_BUDGET_BYTES  # what the peer lacks goes in one push of at most the budget
     for q in world.window(node):
         if q not in world.rounds:
