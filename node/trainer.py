@@ -33,7 +33,7 @@ from nord.shards import (
     trained_names,
     worker_sizing,
 )
-from nord.train import make_optimizer, train_steps
+from nord.train import cpu_bf16_default, make_optimizer, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ class LocalTrainer:
                 start_step=self.inner_steps_done,
                 device=self.device,
                 progress=self.progress,
+                cpu_bf16=cpu_bf16_default(),  # bf16 where the CPU computes it natively (nord.train)
             )
         except torch.cuda.OutOfMemoryError:
             raise OutOfMemory(self._oom_message()) from None

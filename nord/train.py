@@ -81,6 +81,15 @@ def cosine_lr(
     return lr_at
 
 
+def cpu_bf16_default() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16), where bf16 autocast is the faster
+    default; elsewhere it is emulated and slower than fp32."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # a torch build without these probes
+        return False
+
+
 def train_steps(
     model: NordLM,
     optimizer: torch.optim.Optimizer,
@@ -99,12 +108,12 @@ def train_steps(
     """Run `steps` optimizer steps on batches of (x, y) int64 (B, T); return their mean statistics.
 
     On CUDA the forward runs under fp16 autocast and `scaler` (created if None; pass one to keep its
-    scale across calls) scales the loss; on CPU everything is fp32 unless `cpu_bf16` (opt-in: bf16
-    autocast, ~1.7× the tokens per CPU second where the CPU has AMX/AVX512-BF16, at a validation loss
-    docs/benchmarks/model_step.md compares with fp32's). With `carry_state` each step starts
-    from the previous step's neuron state (detached: truncated backprop through time), so the batches must
-    continue each other row by row (`stream_batches`); otherwise every window starts from zero state and
-    slow channels never see what came before their window.
+    scale across calls) scales the loss; on CPU everything is fp32 unless `cpu_bf16` (bf16 autocast with
+    the head in fp32: ~1.5–2× the tokens per CPU second where the CPU has AMX/AVX512-BF16, at a
+    validation loss within the seed spread of fp32's, docs/benchmarks/model_step.md; `cpu_bf16_default`).
+    With `carry_state` each step starts from the previous step's neuron state (detached: truncated
+    backprop through time), so the batches must continue each other row by row (`stream_batches`);
+    otherwise every window starts from zero state and slow channels never see what came before it.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -225,10 +234,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eight-bit", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument(
-        "--cpu-bf16",
-        action="store_true",
-        help="on CPU, bf16 autocast: ~2x tokens/s where the CPU has native bf16, slightly worse loss "
-        "(docs/benchmarks/model_step.md); CUDA always uses fp16 autocast",
+        "--cpu-precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="on CPU: bf16 autocast (the head in fp32) or fp32; auto: bf16 where the CPU computes bf16 "
+        "natively (AMX or AVX512-BF16: ~1.5-2x tokens/s, loss within the seed spread of fp32's, "
+        "docs/benchmarks/model_step.md), else fp32. CUDA always uses fp16 autocast",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -317,11 +328,14 @@ def run(args: argparse.Namespace) -> int:
     log.info("model %s: %.2fM parameters, vocab %d", args.model, model.num_params() / 1e6, cfg.vocab_size)
     lr_fn = cosine_lr(args.lr, warmup_steps=args.warmup, total_steps=args.steps)
     batches = iter(corpus.batches("train", args.batch_size, args.seq_len, seed=args.seed + step))
+    cpu_bf16 = args.cpu_precision == "bf16" or (args.cpu_precision == "auto" and cpu_bf16_default())
+    if device.type == "cpu":
+        log.info("CPU precision: %s", "bf16 autocast (head in fp32)" if cpu_bf16 else "fp32")
     while step < args.steps:
         chunk = min(args.eval_every, args.steps - step)
         stats = train_steps(
             model, optimizer, batches, chunk, scaler=scaler, grad_clip=train_cfg.grad_clip,
-            lr_fn=lr_fn, start_step=step, device=device, cpu_bf16=args.cpu_bf16,
+            lr_fn=lr_fn, start_step=step, device=device, cpu_bf16=cpu_bf16,
         )  # fmt: skip
         step += chunk
         val = evaluate(model, corpus, seq_len=args.seq_len, max_batches=args.eval_batches, device=device)

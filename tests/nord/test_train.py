@@ -185,16 +185,19 @@ def test_evaluate_reads_the_whole_validation_split(corpus_dir):
     assert result.loss == pytest.approx(math.log(corpus.vocab_size), rel=0.1)  # untrained: near uniform
 
 
-def test_nord_train_cpu_bf16_trains_under_bf16_autocast(corpus_dir, tmp_path):
-    """The flag reaches the step: same seed and data, other numerics, still a finite loss."""
+def test_nord_train_cpu_precision_reaches_the_step(corpus_dir, tmp_path):
+    """The flag reaches the step: same seed and data, other numerics, still a finite loss; auto is
+    bf16 exactly where the CPU computes it natively."""
     from nord.checkpoint import read_metadata
     from nord.cli import main
+    from nord.train import cpu_bf16_default
 
     hashes = {}
-    for flags in ((), ("--cpu-bf16",)):
-        out = tmp_path / ("bf16" if flags else "fp32")
-        assert main(train_argv(corpus_dir, out, "--steps", "3", *flags)) == 0
+    for precision in ("fp32", "bf16", "auto"):
+        out = tmp_path / precision
+        assert main(train_argv(corpus_dir, out, "--steps", "3", "--cpu-precision", precision)) == 0
         state = torch.load(out / "train_state.pt", weights_only=True)
         assert all(math.isfinite(v) for v in state["history"]["val_loss"])
-        hashes[flags] = read_metadata(out / "model.safetensors")["weights_hash"]
-    assert hashes[()] != hashes[("--cpu-bf16",)]
+        hashes[precision] = read_metadata(out / "model.safetensors")["weights_hash"]
+    assert hashes["fp32"] != hashes["bf16"]
+    assert hashes["auto"] == hashes["bf16" if cpu_bf16_default() else "fp32"]
