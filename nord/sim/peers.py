@@ -66,12 +66,15 @@ def publish(world: World, node: int, q: int, cols: list[int], now: float) -> Non
                 world.deliver(target, q, np.array([col]), done)
 
 
-def dense_next_fetch(holds: np.ndarray, skip: np.ndarray) -> tuple[int, np.ndarray] | None:
+def dense_next_fetch(
+    holds: np.ndarray, skip: np.ndarray, counts: np.ndarray | None = None
+) -> tuple[int, np.ndarray] | None:
     """`nord.protocol.next_fetch` on a dense table: `holds[i, j]` says holder i announced lacked item j,
     `skip[i]` that holder i was tried. (row of the holder of most, its columns), or None. Same rule,
     vectorized: the Counter over every (item, holder) pair is the simulator's hot spot at N = 1,000;
-    tests/nord/test_sim.py checks that both pick a holder of the same count and the same items."""
-    counts = holds.sum(axis=1)
+    tests/nord/test_sim.py checks that both pick a holder of the same count and the same items.
+    `counts` (holds' row sums, kept by the caller as it clears columns) saves recounting the table."""
+    counts = holds.sum(axis=1) if counts is None else counts.copy()
     counts[skip] = 0
     row = int(np.argmax(counts)) if len(counts) else 0
     if not len(counts) or counts[row] == 0:
@@ -98,8 +101,9 @@ def pull_announced(world: World, node: int, now: float) -> float:
             continue
         holds = rs.held[np.ix_(public, lack)] <= t  # announced holders (public: the others are never tried)
         skip = np.array([int(p) in tried or p == node for p in public], dtype=bool)
+        counts = holds.sum(axis=1)
         while True:
-            step = dense_next_fetch(holds, skip)
+            step = dense_next_fetch(holds, skip, counts)
             if step is None:
                 break
             row, cols = step
@@ -116,6 +120,7 @@ def pull_announced(world: World, node: int, now: float) -> float:
             k = budgeted_count(sizes, SYNC_BUDGET_BYTES)  # `_on_fetch` answers within the budget
             t = world.net.request(node, holder, request, sum(sizes[:k]), t)
             world.deliver(node, q, np.array(ids[:k], dtype=np.int64), t)
+            counts -= holds[:, cols[:k]].sum(axis=1)
             holds[:, cols[:k]] = False  # fetched: nobody is asked for them again
     return t
 
