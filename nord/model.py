@@ -248,10 +248,13 @@ class NordLM(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
         weight = self.head.weight if self.head is not None else self.embed.weight
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if (
+            torch.is_autocast_enabled(x.device.type)
+            and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+        ):
             # bf16 keeps 8 bits of mantissa: logits rounded to it cost validation loss (#22), so the
-            # head runs in fp32 under CPU autocast (fp16 on CUDA keeps 11 bits and runs it in fp16)
-            with torch.autocast("cpu", enabled=False):
+            # head runs in fp32 under bf16 autocast (fp16, 11 bits, as on CUDA, keeps it in fp16)
+            with torch.autocast(x.device.type, enabled=False):
                 return F.linear(x.float(), weight.float())
         return F.linear(x, weight)
 
