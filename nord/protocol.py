@@ -14,28 +14,39 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 
 ADOPT = ("auto", "aggregate", "contributions")  # how a peer adopts seals (nord.gossip.aggregates)
-# An aggregate (nord.crdt.aggregate): compressed XOR bytes per changed coordinate, and its compressed
-# bitmap's size over the bitmap's entropy (bench/aggregate.py).
-AGGREGATE_VALUE_BYTES = 2.6
-AGGREGATE_BITMAP_OVERHEAD = 1.3
+# The size of an aggregate (nord.crdt.aggregate), fitted to real ones of `small` (bench/aggregate.py,
+# within 5.5% at 1 to 300 contributions; docs/simulation.md): used by workers and the simulator alike.
+AGGREGATE_BYTES_FIXED = 3047.0  # the seal, msgpack framing
+AGGREGATE_BYTES_PER_CONTRIBUTION = 170.1  # its id and dot in the window
+AGGREGATE_BITMAP_PER_ENTROPY_BYTE = 1.708  # zlib's changed-coordinate bitmap against its entropy
+AGGREGATE_BYTES_PER_CHANGED = 2.897  # zlib'd byte-planar XOR of a changed float32
 
 
-def aggregate_bytes_estimate(numel: int, density: float, contributions: int) -> float:
-    """Expected size of the aggregate of a round folding `contributions` contributions that each change
-    a `density` share of `numel` parameters, at independent coordinates (real ones overlap: an upper
-    bound): the changed share u = 1 - (1 - density)^k costs AGGREGATE_VALUE_BYTES each, the bitmap
-    about its entropy H(u) bits per parameter."""
-    u = 1.0 - (1.0 - min(max(density, 0.0), 1.0)) ** max(contributions, 0)
-    entropy = 0.0 if u in (0.0, 1.0) else -(u * math.log2(u) + (1 - u) * math.log2(1 - u))
-    return numel * (u * AGGREGATE_VALUE_BYTES + AGGREGATE_BITMAP_OVERHEAD * entropy / 8)
+def aggregate_bytes_estimate(numel: int, changed: float, contributions: int) -> float:
+    """Expected wire size of the aggregate of a round folding `contributions` contributions that change
+    a share `changed` of `numel` parameters together (the bitmap costs about its entropy)."""
+    u = min(max(changed, 0.0), 1.0)
+    return (
+        AGGREGATE_BYTES_FIXED
+        + AGGREGATE_BYTES_PER_CONTRIBUTION * contributions
+        + AGGREGATE_BITMAP_PER_ENTROPY_BYTE * numel * binary_entropy(u) / 8
+        + AGGREGATE_BYTES_PER_CHANGED * numel * u
+    )
+
+
+def binary_entropy(p: float) -> float:
+    """Bits of information per coordinate of a bitmap with a share `p` of ones."""
+    return 0.0 if p <= 0.0 or p >= 1.0 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
 def adopt_by_contributions(
     missing: int, contribution_bytes: float, listed: int, density: float, numel: int
 ) -> bool:
     """With adopt="auto": whether fetching a seal's `missing` contributions (`contribution_bytes` each)
-    is fewer bytes than its aggregate (`listed` contributions of `density` over `numel` parameters)."""
-    return missing * contribution_bytes < aggregate_bytes_estimate(numel, density, listed)
+    is fewer bytes than its aggregate (`listed` contributions of `density` over `numel` parameters, at
+    independent coordinates: real ones overlap, so this overestimates the aggregate a little)."""
+    changed = 1.0 - (1.0 - min(max(density, 0.0), 1.0)) ** listed
+    return missing * contribution_bytes < aggregate_bytes_estimate(numel, changed, listed)
 
 
 def reachable(peers: Mapping[str, bool], backoff: Mapping[str, float], now: float) -> list[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 import msgpack
 
 from nord.fsutil import atomic_write_bytes
+from nord.protocol import aggregate_bytes_estimate
 
 # bench/simulate.py --fit, 1 thread, best of 3 CPU times, load average 11-13 (docs/simulation.md)
 MERGE_S_FIXED = 7.2e-3  # decode_envelope + Replica.add of one envelope: fixed ...
@@ -38,11 +38,6 @@ FETCH_BYTES_PER_ID = 66  # a contribution id in a fetch request (64 hex + msgpac
 DHT_REPLICAS = 5  # hivemind DHTNode's num_replicas: peers each holder record is stored on
 REQUEST_S = 0.004  # CPU of serving one request (frame, hash, handler), bench/simulate.py --validate
 SMALL_MESSAGE_BYTES = 64  # a push acknowledgement, an error line, a hello
-# bench/aggregate.py: least squares over real aggregates of `small` (docs/simulation.md gives the errors)
-AGGREGATE_BYTES_FIXED = 3047.0  # the seal, msgpack framing
-AGGREGATE_BYTES_PER_CONTRIBUTION = 170.1  # its id and dot in the window
-AGGREGATE_BITMAP_PER_ENTROPY_BYTE = 1.708  # zlib's changed-coordinate bitmap against its entropy
-AGGREGATE_BYTES_PER_CHANGED = 2.897  # zlib'd byte-planar XOR of a changed float32
 
 
 @dataclass(frozen=True)
@@ -132,13 +127,7 @@ def aggregate_bytes(counts: Mapping[int, int], params: int) -> int:
     keep = 1.0
     for q, k in counts.items():
         keep *= (1.0 - density(q)) ** k
-    changed = 1.0 - keep
-    return int(
-        AGGREGATE_BYTES_FIXED
-        + AGGREGATE_BYTES_PER_CONTRIBUTION * sum(counts.values())
-        + AGGREGATE_BITMAP_PER_ENTROPY_BYTE * params * binary_entropy(changed) / 8
-        + AGGREGATE_BYTES_PER_CHANGED * params * changed
-    )
+    return int(aggregate_bytes_estimate(params, 1.0 - keep, sum(counts.values())))
 
 
 def density(rnd: int) -> float:
@@ -146,11 +135,6 @@ def density(rnd: int) -> float:
     from nord.codec import CodecConfig, density_for_round
 
     return density_for_round(CodecConfig(), rnd)
-
-
-def binary_entropy(p: float) -> float:
-    """Bits of information per coordinate of a bitmap with a share `p` of ones."""
-    return 0.0 if p <= 0.0 or p >= 1.0 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
 @functools.lru_cache(maxsize=1)
