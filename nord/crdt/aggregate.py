@@ -12,9 +12,9 @@ is taken on the sender's word, so any peer that adopted it can serve it.
 Wire format (msgpack): [tag, version, seal, folded [[cid, round]], dots [[peer key, round]],
 hashes [[round, hash]], tensors [[name, zlib(changed-coordinate bitmap), zlib(XOR bytes, byte-planar)]]].
 Byte-planar: the XOR words' most significant bytes first, then the next ones: a small update leaves the
-high bytes zero, which compresses. Sizes: about 2.6-3.6 bytes per changed coordinate plus the bitmap;
-a round that changes every coordinate costs about 2.7 bytes per parameter whatever the number of
-contributions (bench/aggregate.py).
+high bytes zero, which compresses. Sizes: about 2.9 bytes per changed coordinate plus the bitmap;
+a round that changes every coordinate costs about 3 bytes per parameter whatever the number of
+contributions (bench/aggregate.py; the fit is nord.protocol.aggregate_bytes_estimate).
 """
 
 from __future__ import annotations

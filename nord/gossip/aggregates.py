@@ -5,7 +5,7 @@ to the run's bootstrap peers (the coordinator, relays), learns seals by seals-on
 seal of its open round either from the round's aggregate, which any peer that holds it can serve, or
 ("auto", when that is fewer bytes: few contributions) by fetching the listed contributions it lacks from a
 bootstrap peer and recomputing the seal. An aggregate costs about the same whatever the number of
-contributions (up to ~2.6 bytes per parameter); contributions cost each ~1/100 of that, so "auto" fetches
+contributions (up to ~3 bytes per parameter); contributions cost each ~1/100 of that, so "auto" fetches
 contributions below ~100 a round and the aggregate above (nord.protocol.adopt_by_contributions).
 Holders announce one record per seal in the DHT,
 
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nord.gossip")
 
-KEEP_ROUNDS = 2  # aggregates kept to serve (up to ~2.6 bytes per parameter each)
+KEEP_ROUNDS = 2  # aggregates kept to serve (up to ~3 bytes per parameter each)
 ANNOUNCED_TRIED = 2  # announced holders asked for one round in one pass before the bootstrap peers
 AGGREGATE_TIMEOUT_S = 120.0
 DISTRUST_S = 600.0
