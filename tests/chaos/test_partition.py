@@ -137,8 +137,8 @@ def test_partitions_heal_with_every_acknowledged_contribution_sealed_once(tmp_pa
     with Network(["coord", *WORKERS]) as net, Swarm(tmp_path, netns=net.members) as swarm:
         swarm.init()
         swarm.start_coordinator()
-        for name in WORKERS:
-            swarm.join(name)
+        for name in WORKERS:  # workers that relay each other's contributions (the default sends them
+            swarm.join(name, "--adopt", "contributions")  # to the coordinator only: nothing to hold here)
         wait_for(lambda: swarm.sealed_rounds() >= 1, 600, "a first round sealed across the namespaces")
 
         # 1: the coordinator cut off; the workers hold each other's contributions for the open round
