@@ -90,9 +90,6 @@ class Aggregate:
             out[name] = torch.from_numpy(bits.view(np.float32)).reshape(old.shape)
         return out
 
-    def nbytes(self) -> int:
-        return sum(len(a) + len(b) for a, b in self.tensors.values())
-
     def to_bytes(self) -> bytes:
         folded, dots, hashes = self.window
         return msgpack.packb(
