@@ -1,9 +1,12 @@
 """Anti-entropy: replicas exchange small digests, then only what the other lacks (delta-state CRDT).
 
 A digest lists, per dot (peer, round) in the useful window, a 64-bit hash of the sorted ids held on that
-dot, or FOLDED for a dot the sealed rounds folded (its payload may be gone: compaction, aggregates; any
-other contribution on it is refused, so nobody sends one), plus the id prefixes of held removals and
-seals. `missing` compares dot hashes, so an equivocating second payload on an open dot is sent too.
+dot, or for a dot the sealed rounds folded FOLDED (its folded payload may be gone: compaction,
+aggregates) followed by the hash of the dot's other, unfolded ids if any (an equivocator's second
+payload: never foldable, but held like any element, so replicas agree on what they hold and the
+authority sees the equivocation), plus the id prefixes of held removals and seals. `missing` compares
+these, so an equivocating second payload is sent whether its dot is open or folded, and a folded
+payload is not sent again to a peer that folded it.
 `join` applies a `Delta` until nothing more applies: contributions
 first (removals may name them, seals need them), then removals and seals, then again whatever was
 rejected only for being ahead of the round.
@@ -17,11 +20,17 @@ from typing import Any
 
 from nord.checks import is_count
 from nord.crdt.messages import Delta
+from nord.crdt.orset import ids_hash
 from nord.errors import CodecError, MergeError
 
 log = logging.getLogger(__name__)
 
 FOLDED = "folded"  # a digest's mark for a dot already folded by a sealed round
+
+
+def folded_mark(unfolded: list[str]) -> str:
+    """A folded dot's digest entry: FOLDED, then the hash of the ids on it that were not folded."""
+    return f"{FOLDED}:{ids_hash(unfolded)}" if unfolded else FOLDED
 
 
 def _checked_digest(remote: Any) -> dict[str, Any]:
@@ -53,7 +62,7 @@ def _checked_digest(remote: Any) -> dict[str, Any]:
 class AntiEntropy:
     """Digest, missing, delta_for and join for `Replica`, over its public interface only: `run_id`,
     `spec`, `merge`, `round`, `base_round`, `base_hash`, `dot_digest`, `on_dot`, `envelope`,
-    `removals`, `base`, `folded_dots`, `held_seals`, `add`, `apply_removal` and `apply_seal`."""
+    `removals`, `base`, `folded_dots`, `is_folded`, `held_seals`, `add`, `apply_removal` and `apply_seal`."""
 
     def digest(self) -> dict[str, Any]:
         """Small summary for anti-entropy: per-dot id hashes, removal and seal id prefixes."""
@@ -62,7 +71,7 @@ class AntiEntropy:
         adds = self.dot_digest(rounds)
         for peer, rnd in self.folded_dots():
             if rnd in rounds:
-                adds.setdefault(peer.hex(), {})[str(rnd)] = FOLDED
+                adds.setdefault(peer.hex(), {})[str(rnd)] = folded_mark(self._unfolded_on_dot(peer, rnd))
         return {
             "run_id": self.run_id,
             "round": self.round,
@@ -79,14 +88,30 @@ class AntiEntropy:
         remote_round = int(remote_digest.get("round", 0))
         window = self.merge.max_staleness
         remote_adds = remote_digest.get("adds", {})
-        out = []
+        out, listed = [], None
         for peer_hex, rounds in self.dot_digest(
             range(remote_round - window, remote_round + window + 1)
         ).items():
             for rnd, h in rounds.items():
-                if remote_adds.get(peer_hex, {}).get(rnd) not in (h, FOLDED):
-                    out.extend(self.on_dot(bytes.fromhex(peer_hex), int(rnd)))
+                theirs = remote_adds.get(peer_hex, {}).get(rnd)
+                if theirs == h:
+                    continue
+                ids = self.on_dot(bytes.fromhex(peer_hex), int(rnd))
+                if theirs is not None and theirs.startswith(FOLDED):
+                    # Theirs folded one of the dot's ids: not one a held seal lists (ours if we hold
+                    # that seal, even unapplied); they lack ours if their other ids differ.
+                    listed = listed if listed is not None else self._listed_by_held_seals()
+                    ids = [c for c in ids if not self.is_folded(c) and c not in listed]
+                    if theirs == folded_mark(ids):
+                        continue
+                out.extend(ids)
         return sorted(out)
+
+    def _listed_by_held_seals(self) -> set[str]:
+        return {c for seal in self.held_seals() for c in seal.contribution_ids}
+
+    def _unfolded_on_dot(self, peer_key: bytes, rnd: int) -> list[str]:
+        return [c for c in self.on_dot(peer_key, rnd) if not self.is_folded(c)]
 
     def delta_for(self, remote_digest: Mapping[str, Any]) -> Delta:
         """Everything the remote lacks: envelopes (by `missing`), removals and seals."""

@@ -41,6 +41,11 @@ class Equivocation:
     contributions: tuple[dict[str, Any], ...]  # header of each signed envelope (no payload)
 
 
+def ids_hash(ids: Iterable[str]) -> str:
+    """16-hex hash of a set of contribution ids (what anti-entropy digests compare)."""
+    return hashlib.sha256("".join(sorted(ids)).encode()).hexdigest()[:16]
+
+
 def envelope_header(envelope: Any) -> dict[str, Any]:
     """Everything the peer signed except the payload itself: enough to verify the signature later."""
     return {
@@ -157,6 +162,5 @@ class ContributionSet:
         out: dict[str, dict[str, str]] = {}
         for (peer, rnd), ids in self.dots.items():
             if rnd in rounds:
-                h = hashlib.sha256("".join(sorted(ids)).encode()).hexdigest()[:16]
-                out.setdefault(peer.hex(), {})[str(rnd)] = h
+                out.setdefault(peer.hex(), {})[str(rnd)] = ids_hash(ids)
         return out

@@ -451,6 +451,10 @@ class Replica(AntiEntropy, Persistence):
     def has(self, contribution_id: str) -> bool:
         return contribution_id in self._set.envelopes or contribution_id in self._folded_ids
 
+    def is_folded(self, contribution_id: str) -> bool:
+        """Whether a sealed round (on the chain or compacted, within the window) folded this contribution."""
+        return contribution_id in self._folded_ids
+
     def contributions(self, round: int | None = None) -> list[tuple[str, Any]]:
         """Held contributions (folded, pooled, waiting or removed), sorted by id."""
         return sorted((c, e) for c, e in self._set.envelopes.items() if round is None or e.round == round)

@@ -330,6 +330,24 @@ def test_equivocation_excludes_both_payloads_on_every_replica():
     assert len({fingerprint(r) for r in (a, b, c)}) == 1
 
 
+def test_a_second_payload_on_a_folded_dot_reaches_the_replicas_that_folded_the_first():
+    """Either join order holds the same set: the equivocator's second payload, never foldable once its
+    dot is sealed, is sent to a replica whose digest marks the dot folded (found by hypothesis)."""
+    hub = make_replica()
+    first, second = envelope(5, 0, hub.base_hash, seed=1), envelope(5, 0, hub.base_hash, seed=2)
+    hub.add(first)
+    seal = hub.seal(AUTHORITY)
+    sealed, saw_second = replica_with([("add", first), ("seal", seal)]), replica_with([("add", second)])
+    assert sealed.missing(saw_second.digest()) == [first.contribution_id]
+    assert saw_second.missing(sealed.digest()) == [second.contribution_id]
+    assert saw_second.join(sealed) == 2 and sealed.join(saw_second) == 1
+    assert fingerprint(sealed) == fingerprint(saw_second)
+    assert sealed.pool() == [] and len(sealed.equivocations()) == 1
+    assert sealed.missing(saw_second.digest()) == saw_second.missing(sealed.digest()) == []
+    sealed.compact()  # the folded payload is gone: the second is still not sent again, nor the first
+    assert saw_second.missing(sealed.digest()) == []
+
+
 def test_competing_seals_resolve_to_the_one_with_most_contributions():
     a, b = make_replica(), make_replica()
     envs = [envelope(p, 0, a.base_hash) for p in range(3)]

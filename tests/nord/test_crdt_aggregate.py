@@ -170,14 +170,17 @@ def test_folded_contributions_are_not_sent_again_to_a_replica_that_dropped_them(
     """Digests mark folded dots: a worker still holding its sealed contribution does not push it again
     (every anti-entropy pass did, to a coordinator that had compacted it away)."""
     hub = make_replica(authorities=KEYS)
-    worker = make_replica(authorities=KEYS)
+    worker, own = make_replica(authorities=KEYS), make_replica(authorities=KEYS)
     for p in range(3):
         env = envelope(p, 0, hub.base_hash)
         hub.add(env)
         worker.add(env)
+    own.add(env)  # a worker that holds only its own contribution
     seal = hub.seal(AUTHORITY)
     hub.compact()  # the hub drops the folded payloads
-    assert worker.missing(hub.digest()) == []
+    assert own.missing(hub.digest()) == [env.contribution_id]  # no seal yet: it cannot tell which was folded
+    own.apply_seal(seal)  # waits for the others' contributions, but names its own
+    assert own.round == 0 and own.missing(hub.digest()) == []
     worker.apply_seal(seal)
     assert worker.delta_for(hub.digest()).envelopes == ()
     # One round behind the hub's compaction point is not "behind": the base's seal travels instead.
