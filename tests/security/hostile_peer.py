@@ -111,7 +111,10 @@ class Hostile:
         run = RunConfig.from_json(self.run_json)
         with tempfile.TemporaryDirectory() as tmp:
             real = fetch_snapshot(
-                self.transport, source, args.run, Path(tmp) / "real.safetensors",
+                self.transport,
+                source,
+                args.run,
+                Path(tmp) / "real.safetensors",
                 max_bytes=snapshot_max_bytes(run.model),
             )
             self.snapshot = forged_snapshot(run, args.mode, real, Path(tmp), self.me)
