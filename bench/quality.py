@@ -7,19 +7,23 @@
              parameter count
 
 All three train on the same batches (same seed) with the same optimizer and schedule
-(`nord.train.make_optimizer`, `cosine_lr`, `train_steps`) for the same number of tokens. Validation:
+(`nord.train.make_optimizer`, `cosine_lr`, `train_steps`) for the same number of tokens, once per
+learning rate in --lr; each model keeps the lr with the lowest loss on the *selection* windows (the
+first --eval-batches validation batches) and is reported on the next --eval-batches batches, which no
+choice saw. Reported:
   windows  independent windows of seq_len tokens (every model sees the same context)
-  carried  the recurrent models read each validation row in windows whose final neuron state starts the
-           next window (`nord.evaluate.evaluate_tokens`): their natural, unbounded context
+  carried  the recurrent models read the same tokens as rows whose final neuron state starts the next
+           window (`nord.evaluate.evaluate_tokens`): their natural, unbounded context
 Without --steps, the number of steps is chosen from --budget-min after timing one step of each model,
 so the default run (recipe `small`) fits the budget on the machine it runs on.
 
-    python bench/quality.py [--quick] [--model small] [--budget-min 18] [--steps N] [--threads 1]
+    python bench/quality.py [--quick] [--model small] [--budget-min 18] [--steps N] [--lr 3e-3 1e-3]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -110,13 +114,16 @@ def matched_gpt(cfg, target_params: int, seq_len: int) -> TinyGPT:
 
 
 @torch.no_grad()
-def window_eval(model: nn.Module, corpus, seq_len: int, batch_size: int, max_batches: int) -> dict:
-    """Mean validation cross-entropy over independent windows (no carried state) and the firing rate."""
+def window_eval(model: nn.Module, corpus, seq_len: int, batch_size: int, batches: range) -> dict:
+    """Mean validation cross-entropy over independent windows (no carried state) and the firing rate,
+    over the validation batches numbered `batches`."""
     model.eval()
     nats, count, rates = 0.0, 0, []
     for i, (x, y) in enumerate(corpus.batches("val", batch_size, seq_len)):
-        if i == max_batches:
-            break
+        if i not in batches:
+            if i >= batches.stop:
+                break
+            continue
         out = model(x, y)
         nats += out.loss.item() * y.numel()
         count += y.numel()
@@ -149,6 +156,23 @@ def seconds_per_step(model: nn.Module, batch_size: int, seq_len: int, vocab_size
     return times[-1]
 
 
+def train(model: nn.Module, corpus, args, lr: float, steps: int, desc: str) -> tuple[list, float]:
+    """Train `model` for `steps` on the shared batches at peak `lr`; the loss curve and seconds taken."""
+    train_cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=lr)
+    optimizer = make_optimizer(model, train_cfg, "cpu")
+    lr_fn = cosine_lr(lr, warmup_steps=max(1, min(50, steps // 10)), total_steps=steps)
+    batches = iter(corpus.batches("train", args.batch_size, args.seq_len, seed=0))
+    log_every, tokens_per_step = max(1, steps // 20), args.batch_size * args.seq_len
+    curve, start, done = [], time.perf_counter(), 0
+    for _ in tqdm(range(0, steps, log_every), desc=desc):
+        n = min(log_every, steps - done)
+        stats = train_steps(model, optimizer, batches, n, grad_clip=train_cfg.grad_clip, lr_fn=lr_fn,
+                            start_step=done, device="cpu", progress=False)  # fmt: skip
+        done += n
+        curve.append((done * tokens_per_step, stats.loss))
+    return curve, time.perf_counter() - start
+
+
 def plot_curves(curves: dict, path: Path) -> None:
     import matplotlib
 
@@ -171,11 +195,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="small", choices=sorted(RECIPES))
     parser.add_argument("--steps", type=int, default=None, help="training steps per model (default: budget)")
-    parser.add_argument("--budget-min", type=float, default=18.0, help="training time for all three models")
+    parser.add_argument("--budget-min", type=float, default=18.0, help="training time for all runs")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--eval-batches", type=int, default=8, help="validation batches (windows)")
+    parser.add_argument("--lr", type=float, nargs="+", default=[3e-3], help="peak lrs to try per model")
+    parser.add_argument("--eval-batches", type=int, default=8, help="validation batches to pick, then report")
     parser.add_argument("--carried-rows", type=int, default=4, help="rows read with carried state")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny recipe, 12 steps of 4×64")
@@ -190,37 +214,36 @@ def main() -> int:
     step_seconds = {
         n: seconds_per_step(m, args.batch_size, args.seq_len, corpus.vocab_size) for n, m in models.items()
     }
-    steps = args.steps or max(1, int(args.budget_min * 60 / (1.15 * sum(step_seconds.values()))))
-    log_every = max(1, steps // 20)
+    seconds = 1.15 * len(args.lr) * sum(step_seconds.values())
+    steps = args.steps or max(1, int(args.budget_min * 60 / seconds))
     tokens_per_step = args.batch_size * args.seq_len
-    print(f"{args.model}: {steps} steps × {tokens_per_step} tokens per model; s/step measured {step_seconds}")
+    print(f"{args.model}: {steps} steps × {tokens_per_step} tokens per model and lr; s/step {step_seconds}")
 
+    n = args.eval_batches
+    select, report = range(0, n), range(n, 2 * n)
     results, curves = {}, {}
-    for name, model in models.items():
-        train_cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr)
-        optimizer = make_optimizer(model, train_cfg, "cpu")
-        lr_fn = cosine_lr(args.lr, warmup_steps=max(1, min(50, steps // 10)), total_steps=steps)
-        batches = iter(corpus.batches("train", args.batch_size, args.seq_len, seed=0))
-        curve, rates, start, done = [], [], time.perf_counter(), 0
-        for _ in tqdm(range(0, steps, log_every), desc=name):
-            n = min(log_every, steps - done)
-            stats = train_steps(model, optimizer, batches, n, grad_clip=train_cfg.grad_clip, lr_fn=lr_fn,
-                                start_step=done, device="cpu", progress=False)  # fmt: skip
-            done += n
-            curve.append((done * tokens_per_step, stats.loss))
-            rates.append(stats.firing_rate)
-        train_s = time.perf_counter() - start
-        windows = window_eval(model, corpus, args.seq_len, args.batch_size, args.eval_batches)
+    for name, initial in models.items():
+        runs = {}
+        for lr in args.lr:
+            model = copy.deepcopy(initial)
+            curve, train_s = train(model, corpus, args, lr, steps, desc=f"{name} lr {lr:g}")
+            chosen = window_eval(model, corpus, args.seq_len, args.batch_size, select)["loss"]
+            runs[lr] = (chosen, model, curve, train_s)
+            curves[f"{name} lr {lr:g}"] = curve
+        lr = min(runs, key=lambda k: runs[k][0])
+        _, model, curve, train_s = runs[lr]
+        windows = window_eval(model, corpus, args.seq_len, args.batch_size, report)
         row = {"params": model.num_params(), "train_tokens": steps * tokens_per_step, "train_s": train_s,
+               "lr": lr, "selection_loss_by_lr": {k: v[0] for k, v in runs.items()},
                "final_train_loss": curve[-1][1], "val_windows": windows}  # fmt: skip
         if isinstance(model, NordLM):
-            # the same tokens as window_eval, read as --carried-rows long rows
-            n_val = args.eval_batches * args.batch_size * args.seq_len + 1
-            val = torch.from_numpy(corpus.val[:n_val].astype("int64"))
+            # the same tokens as the reported windows, read as --carried-rows long rows
+            first, width = report.start * args.batch_size * args.seq_len, n * args.batch_size * args.seq_len
+            val = torch.from_numpy(corpus.val[first : first + width + 1].astype("int64"))
             carried = evaluate_tokens(model, val, corpus.decode, seq_len=args.seq_len,
                                       batch_size=args.carried_rows)  # fmt: skip
             row["val_carried"] = {"loss": carried.loss, "ppl": carried.ppl, "tokens": carried.tokens}
-        results[name], curves[name] = row, curve
+        results[name] = row
 
     header = f"{'model':8} {'params':>8} {'tokens':>8} {'train s':>8} | {'val loss':>8} {'val ppl':>8} "
     header += f"{'ppl/gpt':>7} | {'carried ppl':>11} | {'firing':>6}"
@@ -237,6 +260,9 @@ def main() -> int:
             f"{carried} | {firing}"
         )
     rate = results["spiking"]["val_windows"]["firing_rate"]
+    for name, r in results.items():
+        tried = ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in r["selection_loss_by_lr"].items())
+        print(f"{name:8} lr {r['lr']:g} picked by selection-window loss ({tried})")
     print(f"spiking firing rate {rate:.1%} ({'meets' if rate <= 0.10 else 'misses'} the ≤ 10% target)")
     meta = {"args": {k: str(v) for k, v in vars(args).items()}, "steps": steps, "torch": torch.__version__,
             "machine": platform.machine(), "step_seconds": step_seconds}  # fmt: skip
