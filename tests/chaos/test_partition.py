@@ -3,9 +3,10 @@ in a network namespace the test makes, joined by veth pairs to a bridge in a hub
 10.231.0.0/24 inside those namespaces only; no namespace has a route anywhere else). A partition is the
 hub's end of a peer's veth set down; healing sets it up.
 
-1. The coordinator is cut off right after a seal: the workers train the open round and send to each other
-   (at least one contribution acknowledged by the other worker only); healed, the coordinator gets and
-   seals them.
+1. The coordinator is cut off right after a seal: the workers train the open round; w0 (which relays,
+   `--adopt contributions`) sends its contribution to w1, acknowledged by w1 only, while w1 (the default,
+   `--adopt auto`) sends its own to the bootstrap peer only and reaches nobody; healed, the coordinator
+   gets both (w0's via either worker, w1's by w1's next sync) and seals them.
 2. A worker is cut off right after a seal: the round cannot reach its quorum of 2 until it is healed.
 
 Then the same checks as the kill test (tests/swarm.py `ledger`): every acknowledged contribution sealed
@@ -25,6 +26,8 @@ import subprocess
 import pytest
 from procs import wait_for
 from swarm import Swarm, assert_nothing_lost
+
+from coordinator.history import History
 
 pytestmark = [pytest.mark.p2p, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -137,15 +140,18 @@ def test_partitions_heal_with_every_acknowledged_contribution_sealed_once(tmp_pa
     with Network(["coord", *WORKERS]) as net, Swarm(tmp_path, netns=net.members) as swarm:
         swarm.init()
         swarm.start_coordinator()
-        for name in WORKERS:  # workers that relay each other's contributions (the default sends them
-            swarm.join(name, "--adopt", "contributions")  # to the coordinator only: nothing to hold here)
+        swarm.join("w0", "--adopt", "contributions")  # relays: sends to every peer, w1 included
+        swarm.join("w1")  # the default: sends its own contribution to the bootstrap peer only
         wait_for(lambda: swarm.sealed_rounds() >= 1, 600, "a first round sealed across the namespaces")
 
-        # 1: the coordinator cut off; the workers hold each other's contributions for the open round
-        def workers_hold(r: int) -> bool:  # a contribution acknowledged by the other worker only
-            return any(max(sent_for(swarm.log(n, tail=10**7), r)) >= 1 for n in WORKERS)
+        # 1: the coordinator cut off; w1 holds w0's contribution, w1's own reached nobody
+        def cut_off_as_planned(r: int) -> bool:
+            w0, w1 = (sent_for(swarm.log(n, tail=10**7), r) for n in WORKERS)
+            return max(w0) >= 1 and max(w1) == 0
 
-        open_round = partition(swarm, net, "coord", WORKERS, workers_hold)
+        open_round = partition(swarm, net, "coord", WORKERS, cut_off_as_planned)
+        sent = rf"sent contribution ([0-9a-f]{{12}}) for round {open_round} "
+        unacknowledged = re.findall(sent, swarm.log("w1", tail=10**7))  # w1's, which reached nobody
         net.heal("coord")
         wait_for(lambda: swarm.sealed_rounds() > open_round, 600, f"round {open_round} sealed after healing")
 
@@ -165,5 +171,11 @@ def test_partitions_heal_with_every_acknowledged_contribution_sealed_once(tmp_pa
         assert not swarm.leftovers()
 
     assert_nothing_lost(swarm, WORKERS, final)
+    history = History.open(swarm.tmp / "coord" / "history.sqlite")  # w1's waited, then was sealed
+    try:
+        rows = [r for r in history.contributions() if r["id"][:12] in set(unacknowledged)]
+        assert len(rows) == 1 and rows[0]["sealed_in"] is not None, rows
+    finally:
+        history.close()
     with contextlib.suppress(FileNotFoundError):
         assert not [ns for ns in os.listdir("/run/netns") if ns.startswith(net.prefix)]
