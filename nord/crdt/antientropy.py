@@ -61,8 +61,8 @@ def _checked_digest(remote: Any) -> dict[str, Any]:
 
 class AntiEntropy:
     """Digest, missing, delta_for and join for `Replica`, over its public interface only: `run_id`,
-    `spec`, `merge`, `round`, `base_round`, `base_hash`, `dot_digest`, `on_dot`, `envelope`, `removals`,
-    `base`, `folded_dots`, `is_folded`, `listed`, `held_seals`, `add`, `apply_removal` and `apply_seal`."""
+    `spec`, `merge`, `round`, `base_round`, `base_hash`, `dot_digest`, `on_dot`, `envelope`,
+    `removals`, `base`, `folded_dots`, `is_folded`, `held_seals`, `add`, `apply_removal` and `apply_seal`."""
 
     def digest(self) -> dict[str, Any]:
         """Small summary for anti-entropy: per-dot id hashes, removal and seal id prefixes."""
@@ -88,7 +88,7 @@ class AntiEntropy:
         remote_round = int(remote_digest.get("round", 0))
         window = self.merge.max_staleness
         remote_adds = remote_digest.get("adds", {})
-        out, named = [], None
+        out, listed = [], None
         for peer_hex, rounds in self.dot_digest(
             range(remote_round - window, remote_round + window + 1)
         ).items():
@@ -100,12 +100,15 @@ class AntiEntropy:
                 if theirs is not None and theirs.startswith(FOLDED):
                     # Theirs folded one of the dot's ids: not one a held seal lists (ours if we hold
                     # that seal, even unapplied); they lack ours if their other ids differ.
-                    named = named if named is not None else self.listed()
-                    ids = [c for c in ids if not self.is_folded(c) and c not in named]
+                    listed = listed if listed is not None else self._listed_by_held_seals()
+                    ids = [c for c in ids if not self.is_folded(c) and c not in listed]
                     if theirs == folded_mark(ids):
                         continue
                 out.extend(ids)
         return sorted(out)
+
+    def _listed_by_held_seals(self) -> set[str]:
+        return {c for seal in self.held_seals() for c in seal.contribution_ids}
 
     def _unfolded_on_dot(self, peer_key: bytes, rnd: int) -> list[str]:
         return [c for c in self.on_dot(peer_key, rnd) if not self.is_folded(c)]

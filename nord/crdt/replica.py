@@ -183,11 +183,11 @@ class Replica(AntiEntropy, Persistence):
         if evict is not None:
             self._evict(evict)
         self._sync(self._set.add(dataclasses.replace(envelope)), {cid: delta})
-        if cid in self.listed():
+        if cid in self._listed():
             self._settle()
         return True
 
-    def listed(self) -> set[str]:
+    def _listed(self) -> set[str]:
         """Contribution ids named by held seals."""
         return {c for seals in self._seals.values() for seal in seals.values() for c in seal.contribution_ids}
 
@@ -196,7 +196,7 @@ class Replica(AntiEntropy, Persistence):
         if len(self._set.by_round.get(q, ())) < self.merge.max_contributions:
             return None  # the common case: no need to list what seals name
         held = self._set.by_round[q] - self._folded_ids.keys()
-        return admission_victim(cid, q, held, self.listed(), self.merge.max_contributions)
+        return admission_victim(cid, q, held, self._listed(), self.merge.max_contributions)
 
     def _evict(self, cid: str) -> None:
         """Forget a held contribution that admission displaced (offered again, it is refused)."""
