@@ -17,8 +17,9 @@ The same spiking model, corpus, token budget and seeds in every setup; peers' sh
     <d>-damped-c2     as <d>-damped with c0 = 2
     wu<R>-<d>         density warm-up (CodecConfig.warmup_rounds = R, warmup_density = 25%): round r < R
                       keeps 25% · (d / 25%)^(r / R), then d; damped mean c0 = 1 (R = 2, 4 or 8 at
-                      1.56%, R = 4 at 6.25%; any wu<R>-<d>[-from<w>][-lr<η>][-shared] runs with --setups,
-                      d and w in percent rounded to k/4096, η the outer lr, e.g. wu16-0.39-from6.25-lr1.5;
+                      1.56%, R = 4 at 6.25%; any wu<R>-<d>[-from<w>][-lr<η>][-ef<β>][-shared] runs with
+                      --setups, d and w in percent rounded to k/4096, η the outer lr, β the residual's
+                      decay (CodecConfig.ef_decay), e.g. wu16-0.39-from6.25-lr1.5, wu8-0.78-ef0.95;
                       -shared: CodecConfig.mask = "shared", a random-k mask all peers derive from the
                       round, so only values travel; wu0-<d> is no warm-up)
 
@@ -101,22 +102,26 @@ def all_setups(ablation: str) -> dict[str, Setup]:
 
 
 def warmup_setup(name: str) -> Setup | None:
-    """`wu<R>-<d>[-from<w>][-lr<η>][-shared]` (d, w in percent, rounded to k/4096): warm-up over R rounds
-    from w (default 25%) to d, damped mean c0 = 1, outer lr η (default 1), top-k or shared masks; None if
-    `name` is not of that form."""
+    """`wu<R>-<d>[-from<w>][-lr<η>][-ef<β>][-shared]` (d, w in percent, rounded to k/4096): warm-up over R
+    rounds from w (default 25%) to d, damped mean c0 = 1, outer lr η (default 1), error-feedback decay β
+    (default 1), top-k or shared masks; None if `name` is not of that form."""
     number = r"(\d+(?:\.\d+)?)"
-    match = re.fullmatch(rf"wu(\d+)-{number}(?:-from{number})?(?:-lr{number})?(-shared)?", name)
+    match = re.fullmatch(
+        rf"wu(\d+)-{number}(?:-from{number})?(?:-lr{number})?(?:-ef{number})?(-shared)?", name
+    )
     if match is None:
         return None
-    rounds, final, start, outer_lr, shared = match.groups()
+    rounds, final, start, outer_lr, ef_decay, shared = match.groups()
     density = _per_chunk(final)
     warmup_density = _per_chunk(start) if start else WARMUP_DENSITY
     if not 0 < density <= 1 or not 0 < warmup_density <= 1:
         raise ConfigError(f"setup {name!r}: densities must be in (0, 100] percent of a 4096-chunk")
+    if ef_decay is not None and not 0 <= float(ef_decay) <= 1:
+        raise ConfigError(f"setup {name!r}: the error-feedback decay must be in [0, 1]")
     return Setup(
         name=name, kind="nord", density=density, mean="damped", c0=1.0,
         warmup_rounds=int(rounds), warmup_density=warmup_density, outer_lr=float(outer_lr or 1.0),
-        mask="shared" if shared else "topk",
+        ef_decay=float(ef_decay or 1.0), mask="shared" if shared else "topk",
     )  # fmt: skip
 
 

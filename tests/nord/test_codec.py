@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 
 import msgpack
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from nord.codec import CodecConfig, DeltaEncoder, Envelope, SparseTensor, decode_envelope
 from nord.codec.envelope import seal_envelope
-from nord.codec.indices import BITMAP, FULL, GAPS, OFFSETS, decode_indices, encode_indices
+from nord.codec.indices import BITMAP, FULL, GAPS, OFFSETS, RICE, _rice_encode, decode_indices, encode_indices
 from nord.codec.payload import chunk_counts
 from nord.errors import CodecError, ConfigError
 from nord.identity import Identity, _create_key_file, verify_signature
@@ -234,18 +235,87 @@ def test_contribution_id_depends_on_peer_round_and_payload(identity):
 # --- index codes -----------------------------------------------------------------------------------------
 
 
+def random_positions(density: float, chunks: int = 40, chunk: int = 4096, seed: int = 0) -> np.ndarray:
+    """k = density · chunk random positions in each of `chunks` chunks, sorted."""
+    rng = np.random.default_rng(seed)
+    k = max(1, round(density * chunk))
+    return np.sort(np.concatenate([c * chunk + rng.choice(chunk, k, replace=False) for c in range(chunks)]))
+
+
 @pytest.mark.parametrize(
-    ("density", "kind"), [(1.0, FULL), (0.3, BITMAP), (0.06, GAPS), (0.003, OFFSETS)], ids=str
+    ("density", "kind"),
+    [(1.0, FULL), (0.6, BITMAP), (0.3, RICE), (0.0156, RICE), (0.003, RICE), (0.0005, OFFSETS)],
+    ids=str,
 )
 def test_shortest_index_code_is_chosen_and_round_trips(density, kind):
     numel, chunk = 40 * 4096, 4096
-    rng = np.random.default_rng(0)
-    k = max(1, round(density * chunk))
-    indices = np.sort(np.concatenate([c * chunk + rng.choice(chunk, k, replace=False) for c in range(40)]))
+    indices = random_positions(density)
     chosen, data = encode_indices(indices, numel, chunk)
     assert chosen == kind
-    counts = chunk_counts(numel, chunk, k, 0)
+    counts = chunk_counts(numel, chunk, max(1, round(density * chunk)), 0)
     np.testing.assert_array_equal(decode_indices(chosen, data, counts, numel, chunk), indices)
+
+
+def test_rice_code_is_near_the_entropy_of_top_k_positions_and_beats_varint_gaps():
+    """At the run's 1.56% (64 of 4096): ≈ 7.5 bits per index (entropy log2 C(4096, 64) / 64 ≈ 7.4) against
+    ≈ 9 for one-byte-or-more varint gaps."""
+    indices = random_positions(64 / 4096)
+    kind, data = encode_indices(indices, 40 * 4096, 4096)
+    entropy = math.lgamma(4097) - math.lgamma(65) - math.lgamma(4033)
+    bits = 8 * len(data) / len(indices)
+    assert kind == RICE and entropy / math.log(2) / 64 < bits < 7.6
+    gaps = np.diff(indices, prepend=-1) - 1
+    assert bits < 8 * np.where(gaps < 128, 1, 2).mean() - 1
+
+
+EDGE_SETS = {
+    "first": [0],
+    "last": [2**20 - 1],
+    "run": [0, 1, 2, 3],
+    "huge-gaps": [5, 2**19, 2**20 - 1],
+    "even": list(range(0, 2**20, 2**14)),
+}
+
+
+@pytest.mark.parametrize("bits", [0, 5, 16])
+@pytest.mark.parametrize("name", EDGE_SETS)
+def test_rice_code_round_trips_edge_sets_at_every_parameter(name, bits):
+    """Gaps of 0, gaps far above 2^bits (long unary high parts) and a single index survive the code."""
+    indices = np.array(EDGE_SETS[name], dtype=np.int64)
+    data = rice_code(indices, bits)
+    assert data[0] == bits
+    decoded = decode_indices(RICE, data, np.array([len(indices)]), 2**20, 2**20)
+    np.testing.assert_array_equal(decoded, indices)
+
+
+def rice_code(indices: np.ndarray, bits: int) -> bytes:
+    return _rice_encode(np.diff(indices, prepend=-1) - 1, bits)
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda d: bytes([17]) + d[1:], "parameter in \\[0, 16\\]"),
+        (lambda d: b"", "parameter in"),
+        (lambda d: d + b"\x00", "padding after its last gap"),
+        (lambda d: d[:-1], "gaps, expected 3"),
+        (lambda d: d + b"\x01", "4 gaps, expected 3"),
+        (lambda d: d[:2] + bytes([d[2] | 1]) + d[3:], "padding bits set"),
+        (lambda d: d + b"\xff" * 200, "impossible for 3 indices"),
+    ],
+    ids=["parameter", "empty", "trailing-byte", "truncated", "extra-gap", "low-padding", "too-long"],
+)
+def test_rice_code_rejects_malformed_streams(mangle, message):
+    indices = np.array([3, 100, 900], dtype=np.int64)
+    data = rice_code(indices, 5)  # 1 + 2 (15 low bits) + unary bytes
+    with pytest.raises(CodecError, match=message):
+        decode_indices(RICE, mangle(data), np.array([3]), 1024, 1024)
+
+
+def test_rice_code_rejects_gaps_that_run_past_the_tensor():
+    data = rice_code(np.array([3, 100, 2000], dtype=np.int64), 5)
+    with pytest.raises(CodecError, match="out of range"):
+        decode_indices(RICE, data, np.array([3]), 1024, 1024)
 
 
 # --- config and rejections -------------------------------------------------------------------------------
