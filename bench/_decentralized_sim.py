@@ -68,6 +68,7 @@ class Setup:
     warmup_rounds: int = 0  # nord: CodecConfig.warmup_rounds (density warm-up; 0 = none)
     warmup_density: float = 0.25  # nord: CodecConfig.warmup_density (round 0's density)
     mask: str = "topk"  # nord: CodecConfig.mask ("shared": a random-k mask shared by all peers)
+    value_bits: int = 4  # nord: CodecConfig.value_bits (4 = NF4, 2 = sign + one magnitude bit)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -130,6 +131,7 @@ class _Merger:
                 ef_decay=setup.ef_decay,
                 warmup_rounds=setup.warmup_rounds,
                 warmup_density=setup.warmup_density,
+                value_bits=setup.value_bits,
                 mask=setup.mask,
             )
             self.encoders = [DeltaEncoder(self.codec, spec) for _ in range(k)]

@@ -34,11 +34,15 @@ def test_any_warmup_setup_name_is_parsed_into_densities_per_chunk():
     assert bench.warmup_setup("wu16-0.39-from6.25-lr1.5").outer_lr == 1.5
     shared = bench.warmup_setup("wu0-2.44-shared")
     assert (shared.mask, shared.warmup_rounds, shared.density) == ("shared", 0, 100 / 4096)
-    assert low.mask == "topk"
+    assert low.mask == "topk" and (low.ef_decay, low.value_bits) == (1.0, 4)
+    coarse = bench.warmup_setup("wu8-0.78-from6.25-ef0.95-2bit")
+    assert (coarse.ef_decay, coarse.value_bits, coarse.density) == (0.95, 2, 32 / 4096)
     assert bench.warmup_setup("wu8-1.56") == bench.all_setups("1.56")["wu8-1.56"]  # the run default's row
     assert bench.warmup_setup("wu8-1.56").warmup_density == 0.25 and bench.warmup_setup("dense") is None
     with pytest.raises(ConfigError, match="densities must be in"):
         bench.warmup_setup("wu4-0.001")
+    with pytest.raises(ConfigError, match="decay must be in"):
+        bench.warmup_setup("wu4-1.56-ef1.5")
 
 
 def test_bytes_only_measures_each_rounds_envelope_without_training(tmp_path):

@@ -19,6 +19,7 @@ from nord.nf4 import BNB_BLOCKSIZES
 
 MAX_CHUNK = 1 << 16  # chunk-local offsets fit in 16 bits
 MASKS = ("topk", "shared")
+VALUE_BITS = (4, 2)  # NF4 (nord.nf4) or sign + one magnitude bit (nord.codec.twobit)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +32,8 @@ class CodecConfig:
 
     chunk_size: int = 4096  # values per top-k chunk; a smaller tensor is one chunk
     density: float = 64 / 4096  # kept fraction per chunk (k = ceil(density * chunk), at least 1)
-    blocksize: int = 64  # NF4 values per absmax scale
+    blocksize: int = 64  # values per absmax scale
+    value_bits: int = 4  # 4: NF4 codes; 2: nord.codec.twobit (half the value bytes, coarser)
     ef_decay: float = 1.0  # residual multiplier before it is added to the next delta (1 = keep all)
     # Density warm-up 25% → 1.56% over the first 8 rounds: in `nord bench decentralized` (K = 4, 24 rounds,
     # 3 seeds) it was +2.4% vs dense fp32 averaging at 64× fewer bytes (no warm-up: +5.4% at 146×); the
@@ -52,6 +54,8 @@ class CodecConfig:
             raise ConfigError(f"codec.density must be in (0, 1], got {self.density}")
         if self.blocksize not in BNB_BLOCKSIZES:
             raise ConfigError(f"codec.blocksize must be one of {BNB_BLOCKSIZES}, got {self.blocksize}")
+        if isinstance(self.value_bits, bool) or self.value_bits not in VALUE_BITS:
+            raise ConfigError(f"codec.value_bits must be one of {VALUE_BITS}, got {self.value_bits!r}")
         if not 0 <= self.ef_decay <= 1:
             raise ConfigError(f"codec.ef_decay must be in [0, 1], got {self.ef_decay}")
         if isinstance(self.warmup_rounds, bool) or not (

@@ -5,7 +5,7 @@ Per tensor, each round:
     a      = Δ + ef_decay · r            (r: the residual carried from the previous rounds)
     S      = top-k |a| per chunk          (k = ceil(d(round) · chunk); d: CodecConfig's warm-up schedule),
              or with mask="shared" the round's shared random-k mask (nord.codec.mask; no indices travel)
-    â_S    = NF4-dequantize(NF4(a_S))     (what every replica will add)
+    â_S    = dequantize(quantize(a_S))    (NF4, or 2-bit with value_bits=2: what every replica will add)
     r     ← a − scatter(S, â_S)           (unsent values and quantization error, sent later)
 
 so Σ_rounds sent = Σ_rounds Δ − r_now: the sent sum tracks the true sum up to one bounded residual.
@@ -25,6 +25,7 @@ from nord.codec.envelope import Envelope, seal_envelope
 from nord.codec.indices import SHARED, encode_indices, encode_seed
 from nord.codec.mask import mask_base, shared_mask
 from nord.codec.payload import FP16_MAX, pack_payload
+from nord.codec.twobit import dequantize_2bit, quantize_2bit
 from nord.errors import CodecError
 from nord.identity import Identity
 from nord.nf4 import ZERO_CODE, dequantize_nf4, quantize
@@ -97,7 +98,7 @@ class DeltaEncoder:
                 base_hash=base_hash,
                 names=names,
                 shapes=tuple(self.spec[name] for name in names),
-                payload=pack_payload(self.cfg.blocksize, entries),
+                payload=pack_payload(self.cfg.blocksize, entries, self.cfg.value_bits),
                 identity=identity,
             )
             if envelope.nbytes <= self.cfg.max_payload_bytes or density <= self.cfg.density:
@@ -127,12 +128,7 @@ class DeltaEncoder:
             else:
                 indices, chunk, k, k_last = top_k_indices(acc, self.cfg, density)
             shared = self.cfg.mask == "shared" and len(indices) < acc.numel()  # else FULL: no bytes
-            packed, absmax = quantize(acc[indices], self.cfg.blocksize)
-            packed = packed.cpu().numpy()
-            if len(indices) % 2:  # the pad nibble is 0.0's code (CUDA kernels may leave another there)
-                packed[-1] = (packed[-1] & 0xF0) | ZERO_CODE
-            scales = absmax.clamp(max=FP16_MAX).half().cpu().numpy().astype("<f2")
-            sent = dequantize_nf4(packed, scales.astype(np.float32), len(indices), self.cfg.blocksize)
+            packed, scales, sent = self._quantize(acc[indices])
             acc[indices] -= torch.from_numpy(sent).to(acc.device)
             residuals[name] = acc
             if shared:
@@ -141,6 +137,20 @@ class DeltaEncoder:
                 index_kind, index_bytes = encode_indices(indices.cpu().numpy(), acc.numel(), chunk)
             entries.append([chunk, k, k_last, index_kind, index_bytes, packed.tobytes(), scales.tobytes()])
         return entries, residuals
+
+    def _quantize(self, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(packed codes, fp16 scales, the float32 values every replica will decode) of `values`."""
+        n, blocksize = values.numel(), self.cfg.blocksize
+        if self.cfg.value_bits == 2:
+            packed, absmax = quantize_2bit(values, blocksize)
+            scales = np.minimum(absmax, FP16_MAX).astype("<f2")
+            return packed, scales, dequantize_2bit(packed, scales.astype(np.float32), n, blocksize)
+        packed, absmax = quantize(values, blocksize)
+        packed = packed.cpu().numpy()
+        if n % 2:  # the pad nibble is 0.0's code (CUDA kernels may leave another there)
+            packed[-1] = (packed[-1] & 0xF0) | ZERO_CODE
+        scales = absmax.clamp(max=FP16_MAX).half().cpu().numpy().astype("<f2")
+        return packed, scales, dequantize_nf4(packed, scales.astype(np.float32), n, blocksize)
 
     def residual_norm(self) -> float:
         """L2 norm of everything not yet sent."""
