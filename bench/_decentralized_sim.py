@@ -69,6 +69,7 @@ class Setup:
     warmup_density: float = 0.25  # nord: CodecConfig.warmup_density (round 0's density)
     mask: str = "topk"  # nord: CodecConfig.mask ("shared": a random-k mask shared by all peers)
     value_bits: int = 4  # nord: CodecConfig.value_bits (4 = NF4, 2 = sign + one magnitude bit)
+    block: int = 1  # nord: CodecConfig.block (top-k over blocks of this many neighbouring values)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -132,6 +133,7 @@ class _Merger:
                 warmup_rounds=setup.warmup_rounds,
                 warmup_density=setup.warmup_density,
                 value_bits=setup.value_bits,
+                block=setup.block,
                 mask=setup.mask,
             )
             self.encoders = [DeltaEncoder(self.codec, spec) for _ in range(k)]

@@ -17,10 +17,11 @@ The same spiking model, corpus, token budget and seeds in every setup; peers' sh
     <d>-damped-c2     as <d>-damped with c0 = 2
     wu<R>-<d>         density warm-up (CodecConfig.warmup_rounds = R, warmup_density = 25%): round r < R
                       keeps 25% · (d / 25%)^(r / R), then d; damped mean c0 = 1 (R = 2, 4 or 8 at
-                      1.56%, R = 4 at 6.25%; any wu<R>-<d>[-from<w>][-lr<η>][-ef<β>][-2bit][-shared] runs
-                      with --setups, d and w in percent rounded to k/4096, η the outer lr, β the
-                      residual's decay (CodecConfig.ef_decay), -2bit CodecConfig.value_bits = 2,
-                      e.g. wu16-0.39-from6.25-lr1.5, wu8-0.78-ef0.95, wu8-1.56-2bit;
+                      1.56%, R = 4 at 6.25%; any wu<R>-<d>[-from<w>][-lr<η>][-ef<β>][-2bit][-b<B>][-shared]
+                      runs with --setups, d and w in percent rounded to k/4096, η the outer lr, β the
+                      residual's decay (CodecConfig.ef_decay), -2bit CodecConfig.value_bits = 2, -b<B>
+                      CodecConfig.block = B, e.g. wu16-0.39-from6.25-lr1.5, wu8-0.78-ef0.95,
+                      wu8-3.12-from12.5-2bit-b8;
                       -shared: CodecConfig.mask = "shared", a random-k mask all peers derive from the
                       round, so only values travel; wu0-<d> is no warm-up)
 
@@ -103,16 +104,18 @@ def all_setups(ablation: str) -> dict[str, Setup]:
 
 
 def warmup_setup(name: str) -> Setup | None:
-    """`wu<R>-<d>[-from<w>][-lr<η>][-ef<β>][-2bit][-shared]` (d, w in percent, rounded to k/4096): warm-up
-    over R rounds from w (default 25%) to d, damped mean c0 = 1, outer lr η (default 1), error-feedback
-    decay β (default 1), NF4 or 2-bit values, top-k or shared masks; None if `name` is not of that form."""
+    """`wu<R>-<d>[-from<w>][-lr<η>][-ef<β>][-2bit][-b<B>][-shared]` (d, w in percent, rounded to k/4096):
+    warm-up over R rounds from w (default 25%) to d, damped mean c0 = 1, outer lr η (default 1),
+    error-feedback decay β (default 1), NF4 or 2-bit values, top-k over single values or blocks of B,
+    or shared masks; None if `name` is not of that form."""
     number = r"(\d+(?:\.\d+)?)"
     match = re.fullmatch(
-        rf"wu(\d+)-{number}(?:-from{number})?(?:-lr{number})?(?:-ef{number})?(-2bit)?(-shared)?", name
+        rf"wu(\d+)-{number}(?:-from{number})?(?:-lr{number})?(?:-ef{number})?(-2bit)?(?:-b(\d+))?(-shared)?",
+        name,
     )
     if match is None:
         return None
-    rounds, final, start, outer_lr, ef_decay, two_bit, shared = match.groups()
+    rounds, final, start, outer_lr, ef_decay, two_bit, block, shared = match.groups()
     density = _per_chunk(final)
     warmup_density = _per_chunk(start) if start else WARMUP_DENSITY
     if not 0 < density <= 1 or not 0 < warmup_density <= 1:
@@ -122,7 +125,8 @@ def warmup_setup(name: str) -> Setup | None:
     return Setup(
         name=name, kind="nord", density=density, mean="damped", c0=1.0,
         warmup_rounds=int(rounds), warmup_density=warmup_density, outer_lr=float(outer_lr or 1.0),
-        ef_decay=float(ef_decay or 1.0), value_bits=2 if two_bit else 4, mask="shared" if shared else "topk",
+        ef_decay=float(ef_decay or 1.0), value_bits=2 if two_bit else 4, block=int(block or 1),
+        mask="shared" if shared else "topk",
     )  # fmt: skip
 
 
@@ -250,11 +254,10 @@ def bytes_plan(setups: list[Setup], rounds: int, model: str, vocab_size: int) ->
         per_round = []
         for rnd in range(rounds):
             density = density_for_round(codec, rnd)
-            key = (density, setup.mask, setup.value_bits)
+            key = (density, setup.mask, setup.value_bits, setup.block)
             if key not in sizes:
-                plan = CodecConfig(
-                    density=density, warmup_rounds=0, mask=setup.mask, value_bits=setup.value_bits
-                )
+                plan = CodecConfig(density=density, warmup_rounds=0, mask=setup.mask,
+                                   value_bits=setup.value_bits, block=setup.block)  # fmt: skip
                 encoder = DeltaEncoder(plan, spec)
                 sizes[key] = encoder.encode(
                     delta, run_id="plan", round=0, base_hash="0" * 64, identity=identity

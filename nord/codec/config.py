@@ -46,6 +46,10 @@ class CodecConfig:
     # values travel: nord.codec.mask).
     mask: str = "topk"
     mask_seed: int = 0  # seed of the shared masks, in [0, 2^32)
+    # Top-k over blocks of this many neighbouring values (by their summed squares) instead of single
+    # values: a block's position costs about as many bits as one value's, so indices cost ~1/block as
+    # much per value. A tensor whose size or chunk it does not divide keeps single values.
+    block: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= MAX_CHUNK:
@@ -72,13 +76,23 @@ class CodecConfig:
             raise ConfigError(
                 f"codec.mask_seed must be an integer in [0, {MAX_SEED}], got {self.mask_seed!r}"
             )
+        if (
+            isinstance(self.block, bool)
+            or not (isinstance(self.block, int) and self.block >= 1 and self.block & (self.block - 1) == 0)
+            or self.block > self.chunk_size
+        ):
+            raise ConfigError(f"codec.block must be a power of 2 <= chunk_size, got {self.block!r}")
+        if self.block > 1 and self.mask != "topk":
+            raise ConfigError("codec.block applies to mask='topk' only")
         if self.max_payload_bytes < 1024:
             raise ConfigError(f"codec.max_payload_bytes must be >= 1024, got {self.max_payload_bytes}")
 
-    def keep(self, chunk_len: int, density: float | None = None) -> int:
-        """Values kept from a chunk of `chunk_len` values at `density` (default: the final density)."""
+    def keep(self, chunk_len: int, density: float | None = None, block: int = 1) -> int:
+        """Values kept from a chunk of `chunk_len` values at `density` (default: the final density), a
+        whole number of `block`s (which divides chunk_len)."""
         d = self.density if density is None else density
-        return min(chunk_len, max(1, math.ceil(d * chunk_len - 1e-9)))
+        blocks = chunk_len // block
+        return block * min(blocks, max(1, math.ceil(d * blocks - 1e-9)))
 
 
 def density_for_round(cfg: CodecConfig, round: int) -> float:

@@ -33,23 +33,34 @@ from nord.nf4 import ZERO_CODE, dequantize_nf4, quantize
 
 def top_k_indices(
     values: torch.Tensor, cfg: CodecConfig, density: float | None = None
-) -> tuple[torch.Tensor, int, int, int]:
-    """Sorted flat indices of the largest |values| per chunk at `density` (default cfg.density);
-    also (chunk, k, k_last)."""
+) -> tuple[torch.Tensor, int, int, int, int]:
+    """Sorted flat indices of the largest |values| per chunk at `density` (default cfg.density): single
+    values, or whole blocks of cfg.block values ranked by their sum of squares where the block divides
+    the tensor and its chunk; also (chunk, k, k_last, block)."""
     n = values.numel()
     chunk = min(cfg.chunk_size, n)
+    block = cfg.block if n % cfg.block == 0 and chunk % cfg.block == 0 else 1
     full = n - n % chunk
-    k, k_last = cfg.keep(chunk, density), (cfg.keep(n - full, density) if n > full else 0)
+    k = cfg.keep(chunk, density, block)
+    k_last = cfg.keep(n - full, density, block) if n > full else 0
     if k == chunk and k_last == n - full:  # density 1: everything, no selection needed
-        return torch.arange(n, device=values.device), chunk, k, k_last
-    rows = values[:full].abs().view(-1, chunk)  # (n // chunk, chunk)
-    picked = torch.topk(rows, k, dim=1, sorted=False).indices.sort(dim=1).values
-    picked = picked + torch.arange(0, full, chunk, device=values.device).unsqueeze(1)
-    parts = [picked.reshape(-1)]
+        return torch.arange(n, device=values.device), chunk, k, k_last, 1
+    score = values.abs() if block == 1 else values.square().view(-1, block).sum(dim=1)  # one per block
+    picked = _top_per_row(score[: full // block].view(-1, chunk // block), k // block)
     if k_last:
-        tail = torch.topk(values[full:].abs(), k_last, sorted=False).indices.sort().values
-        parts.append(tail + full)
-    return torch.cat(parts), chunk, k, k_last
+        tail = _top_per_row(score[full // block :].unsqueeze(0), k_last // block) + full // block
+        picked = torch.cat([picked, tail])
+    if block > 1:
+        picked = (picked.unsqueeze(1) * block + torch.arange(block, device=values.device)).reshape(-1)
+    return picked, chunk, k, k_last, block
+
+
+def _top_per_row(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat positions (row-major, sorted) of each row's k largest scores."""
+    picked = torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values
+    return (picked + torch.arange(score.shape[0], device=score.device).unsqueeze(1) * score.shape[1]).reshape(
+        -1
+    )
 
 
 def shared_indices(
@@ -124,9 +135,9 @@ class DeltaEncoder:
                 acc += self.cfg.ef_decay * self._residual[name].to(acc.device)
             if self.cfg.mask == "shared":
                 indices, chunk, k, k_last = shared_indices(acc.numel(), self.cfg, density, (*key, name))
-                indices = indices.to(acc.device)
+                indices, block = indices.to(acc.device), 1
             else:
-                indices, chunk, k, k_last = top_k_indices(acc, self.cfg, density)
+                indices, chunk, k, k_last, block = top_k_indices(acc, self.cfg, density)
             shared = self.cfg.mask == "shared" and len(indices) < acc.numel()  # else FULL: no bytes
             packed, scales, sent = self._quantize(acc[indices])
             acc[indices] -= torch.from_numpy(sent).to(acc.device)
@@ -134,7 +145,7 @@ class DeltaEncoder:
             if shared:
                 index_kind, index_bytes = SHARED, encode_seed(self.cfg.mask_seed)
             else:
-                index_kind, index_bytes = encode_indices(indices.cpu().numpy(), acc.numel(), chunk)
+                index_kind, index_bytes = encode_indices(indices.cpu().numpy(), acc.numel(), chunk, block)
             entries.append([chunk, k, k_last, index_kind, index_bytes, packed.tobytes(), scales.tobytes()])
         return entries, residuals
 
