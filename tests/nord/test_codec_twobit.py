@@ -111,3 +111,79 @@ def test_rejects_two_bit_padding_bits(identity):
 def test_config_rejects_other_value_bits(bits):
     with pytest.raises(ConfigError, match="value_bits"):
         CodecConfig(value_bits=bits)
+
+
+# --- top-k over blocks (CodecConfig.block) ---------------------------------------------------------------
+
+
+def test_block_top_k_keeps_the_blocks_with_the_largest_sum_of_squares(identity):
+    """One chunk of 64 values in blocks of 8: the block holding one huge value loses to a block of eight
+    moderate ones (sum of squares 8 · 4 > 5.5²), and both beat the rest."""
+    x = torch.full((64,), 0.01)
+    x[3] = 5.5  # block 0
+    x[40:48] = 2.0  # block 5
+    cfg = CodecConfig(chunk_size=64, density=8 / 64, block=8, warmup_rounds=0, value_bits=2)
+    env = DeltaEncoder(cfg, {"x": (64,)}).encode(
+        {"x": x}, run_id=RUN, round=0, base_hash=BASE, identity=identity
+    )
+    assert decode_envelope(env.to_bytes(), {"x": (64,)}, run_id=RUN).delta()["x"].indices.tolist() == list(
+        range(40, 48)
+    )
+    wider = CodecConfig(chunk_size=64, density=16 / 64, block=8, warmup_rounds=0, value_bits=2)
+    env = DeltaEncoder(wider, {"x": (64,)}).encode(
+        {"x": x}, run_id=RUN, round=0, base_hash=BASE, identity=identity
+    )
+    kept = decode_envelope(env.to_bytes(), {"x": (64,)}, run_id=RUN).delta()["x"].indices.tolist()
+    assert kept == [*range(8), *range(40, 48)]
+
+
+def test_block_envelopes_cost_a_fraction_of_the_index_bytes_and_keep_error_feedback(identity):
+    d = delta(4)
+    single = DeltaEncoder(TWO_BIT, SPEC).encode(d, run_id=RUN, round=0, base_hash=BASE, identity=identity)
+    cfg = CodecConfig(value_bits=2, warmup_rounds=0, block=8)
+    encoder = DeltaEncoder(cfg, SPEC)
+    blocks = encoder.encode(d, run_id=RUN, round=0, base_hash=BASE, identity=identity)
+    index_bytes = {e: sum(len(entry[4]) for entry in msgpack.unpackb(e.payload)[1]) for e in (single, blocks)}
+    assert index_bytes[blocks] * 3 < index_bytes[single]
+    decoded = decode_envelope(blocks.to_bytes(), SPEC, run_id=RUN).delta()
+    for name in SPEC:
+        indices = decoded[name].indices
+        if name != "w":  # 17 and 4099 values: blocks of 8 do not divide them, so single values are kept
+            assert len(indices) == {"b": 1, "v": 64 + 1}[name]  # k per 4096-chunk, 1 in the 3-value tail
+        else:  # whole aligned blocks
+            assert len(indices) % 8 == 0 and bool((indices.view(-1, 8)[:, 0] % 8 == 0).all())
+            assert bool((indices.view(-1, 8).diff(dim=1) == 1).all())
+        total = encoder.state_dict()[name].reshape(-1).clone()
+        total[indices] += decoded[name].values
+        torch.testing.assert_close(total, d[name].reshape(-1))
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda d: bytes([17]) + d[1:], "block exponent in"),
+        (lambda d: bytes([5]) + d[1:], "blocks of 32 do not divide"),
+        (lambda d: d[:1] + bytes([17]) + d[2:], "parameter in"),
+    ],
+    ids=["exponent", "not-dividing", "rice-parameter"],
+)
+def test_block_code_rejects_malformed_streams(mangle, message):
+    from nord.codec.indices import BLOCKS, decode_indices, encode_indices
+
+    indices = np.array([8, 9, 10, 11, 12, 13, 14, 15, 64, 65, 66, 67, 68, 69, 70, 71], dtype=np.int64)
+    kind, data = encode_indices(indices, 128, 128, block=8)
+    assert kind == BLOCKS and data[0] == 3
+    np.testing.assert_array_equal(decode_indices(BLOCKS, data, np.array([16]), 128, 128), indices)
+    with pytest.raises(CodecError, match=message):
+        decode_indices(BLOCKS, mangle(data), np.array([16]), 128, 128)
+
+
+@pytest.mark.parametrize("block", [3, 0, True, 8192])
+def test_config_rejects_blocks_that_are_not_powers_of_two_within_the_chunk(block):
+    with pytest.raises(ConfigError, match="codec.block"):
+        CodecConfig(block=block)
+
+
+def test_config_rejects_blocks_with_shared_masks():
+    with pytest.raises(ConfigError, match="mask='topk' only"):
+        CodecConfig(block=8, mask="shared")
