@@ -17,6 +17,7 @@ Example:
     python bench/codec.py --model small --steps 2       # quick
     python bench/codec.py --model base --steps 3
     python bench/codec.py --model small --warmup-rounds 8 --round 0   # what a run's round 0 sends
+    python bench/codec.py --model small --value-bits 4,2                # NF4 and 2-bit values side by side
 """
 
 from __future__ import annotations
@@ -120,12 +121,16 @@ def timed(fn, repeats: int, sync: bool = False) -> tuple[float, object]:
 
 
 def codec_row(
-    delta: dict[str, torch.Tensor], density: float, args: argparse.Namespace, identity: Identity
+    delta: dict[str, torch.Tensor],
+    density: float,
+    value_bits: int,
+    args: argparse.Namespace,
+    identity: Identity,
 ) -> dict:
     spec = {k: tuple(v.shape) for k, v in delta.items()}
     n = sum(t.numel() for t in delta.values())
     cfg = CodecConfig(  # 100% of `base` is over the 64 MiB default payload cap
-        density=density, warmup_rounds=args.warmup_rounds, max_payload_bytes=2**31
+        density=density, warmup_rounds=args.warmup_rounds, max_payload_bytes=2**31, value_bits=value_bits
     )
 
     def encode(d):
@@ -150,8 +155,9 @@ def codec_row(
         kept_norm += float(truth.square().sum())
     sent = sum(len(entry.indices) for entry in entries.values()) / n
     row = {
-        "method": f"nord codec {density:.2%}",
+        "method": f"nord codec {density:.2%}" + (" 2-bit" if value_bits == 2 else ""),
         "density": density,
+        "value_bits": value_bits,
         "round": args.round,
         "warmup_rounds": args.warmup_rounds,
         "sent_density": sent,
@@ -161,7 +167,7 @@ def codec_row(
         "encode_cpu_gbps": 4 * n / enc_s / 1e9,
         "decode_cpu_gbps": 4 * n / dec_s / 1e9,
         "index_codes": _index_code_counts(env.payload),
-        "scales": scale_storage(entries, delta, cfg.blocksize),
+        "scales": scale_storage(entries, delta, cfg.blocksize) if value_bits == 4 else None,
     }
     if torch.cuda.is_available():
         on_gpu = {k: v.cuda() for k, v in delta.items()}
@@ -233,6 +239,9 @@ def main() -> None:
         help="codec density warm-up (0: none, every row sends its density; the run default is "
         f"{CodecConfig().warmup_rounds})",
     )
+    p.add_argument(
+        "--value-bits", default="4", help="comma-separated CodecConfig.value_bits per density (4, 2)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--data-root", default=str(default_data_root()))
@@ -244,7 +253,8 @@ def main() -> None:
     identity = Identity.from_private_bytes(bytes(32))
     rows = baselines(delta)
     for density in (float(d) for d in args.densities.split(",")):
-        rows.append(codec_row(delta, density, args, identity))
+        for bits in (int(b) for b in args.value_bits.split(",")):
+            rows.append(codec_row(delta, density, bits, args, identity))
 
     print(
         f"\n{info['model']}: {info['params']:,} parameters in {info['tensors']} tensors, Δ after "
@@ -262,10 +272,12 @@ def main() -> None:
         sent = f"{r['sent_density']:>8.2%}" if "sent_density" in r else f"{'-':>8}"
         print(f"{r['method']:<22}{sent}{r['bytes_per_param']:>12.4f}{r['rel_l2']:>9.4f}{extra}")
     for r in rows:
-        if "scales" in r:
+        if "index_codes" in r:
+            print(f"{r['method']}: index codes {r['index_codes']}")
+        if r.get("scales"):
             s = r["scales"]
             print(
-                f"{r['method']}: index codes {r['index_codes']}; scales fp16 "
+                f"{r['method']}: scales fp16 "
                 f"{s['fp16_bytes_per_param']:.5f} B/param (kept err {s['fp16_kept_rel_l2_vs_total']:.5f}) vs "
                 f"8-bit DQ {s['dq8_bytes_per_param']:.5f} (kept err {s['dq8_kept_rel_l2_vs_total']:.5f})"
             )
