@@ -234,17 +234,26 @@ def partial_report(points: list[dict], dense_bytes: float, out: Path, plots: str
 
 
 def combined_runs(paths: list[str]) -> tuple[dict, list[dict]]:
-    """The shape and runs of earlier --out files; they must share one shape (the same tokens per run)."""
+    """The shape and runs of earlier --out files; they must share one shape (the same tokens per run).
+    Runs validated at different cadences keep the rounds they all evaluated (eval_every becomes the
+    spacing of those)."""
     docs = [json.loads(Path(path).read_text()) for path in paths]
 
-    def tokens_shape(doc: dict) -> dict:  # where a run logged its progress does not change what it trained
-        return {k: v for k, v in doc["shape"].items() if k != "progress"}
+    def tokens_shape(doc: dict) -> dict:  # where and how often a run logged does not change what it trained
+        return {k: v for k, v in doc["shape"].items() if k not in ("progress", "eval_every")}
 
     shape = tokens_shape(docs[0])
     for path, doc in zip(paths, docs, strict=True):
         if tokens_shape(doc) != shape:
             raise ConfigError(f"{path} has another run shape than {paths[0]}: {doc['shape']} vs {shape}")
-    return shape, [run for doc in docs for run in doc["runs"]]
+    runs = [run for doc in docs for run in doc["runs"]]
+    common = set.intersection(*(set(run["curve"]["round"]) for run in runs))
+    for run in runs:
+        keep = [i for i, rnd in enumerate(run["curve"]["round"]) if rnd in common]
+        run["curve"] = {key: [values[i] for i in keep] for key, values in run["curve"].items()}
+    rounds = sorted(common)
+    every = rounds[1] - rounds[0] if len(rounds) > 1 else docs[0]["shape"]["eval_every"]
+    return {**shape, "eval_every": every}, runs
 
 
 def report(results: list[dict], names: list[str], out: Path, plots: str | None, extra: dict) -> None:
