@@ -19,6 +19,12 @@ Arms (--arms, trained one after the other from the same seed on the same batches
     +carry    suffix: train on row-continuous batches with the state carried between steps
               (`train_steps(carry_state=True)`, `stream_batches`) instead of fresh random windows
 
+3. With --cache, how much long-range repetition the text offers at all: each row's tokens are also scored
+   by a mixture (1 − λ)·p_model + λ·p_cache, p_cache the decayed counts of the tokens read so far
+   (c ← γ·c + onehot(token), a unigram cache in the manner of Grave et al.'s neural cache), kept over the
+   whole row (with the carried model) or restarted at every window (with the reset model). λ and γ are
+   picked on the first row (carried) and reported on the others, so --eval-rows must be at least 2.
+
 The model is a checkpoint written by `nord train` (--checkpoint, one arm) or trained here (--model).
 
     python bench/length.py [--quick] [--model tiny --train-steps 300 --arms old,log,old+carry |
@@ -35,6 +41,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -119,7 +126,9 @@ def generate_and_watch(model: NordLM, n_tokens: int, temperature: float, seed: i
 
 
 @torch.no_grad()
-def loss_by_position(model: NordLM, corpus, eval_len: int, rows: int, window: int) -> dict:
+def loss_by_position(
+    model: NordLM, corpus, eval_len: int, rows: int, window: int, cache: bool = False
+) -> dict:
     """Mean cross-entropy in position buckets [0, w), [w, 2w), [2w, 4w), ... over `rows` long rows."""
     model.eval()
     rows = min(rows, (len(corpus.val) - 1) // eval_len)
@@ -130,17 +139,17 @@ def loss_by_position(model: NordLM, corpus, eval_len: int, rows: int, window: in
     tokens = torch.from_numpy(corpus.val[: rows * eval_len + 1].astype("int64"))
     x = tokens[:-1].view(rows, eval_len)
     y = tokens[1:].view(rows, eval_len)
-    carried, reset, state = [], [], None
+    carried_nll, reset_nll, state = [], [], None
     for start in tqdm(range(0, eval_len, window), desc="eval by position", unit="window"):
         xs, ys = x[:, start : start + window], y[:, start : start + window]
         out = model(xs, state=state)
         state = out.state
-        carried.append(F.cross_entropy(out.logits.float().transpose(1, 2), ys, reduction="none"))
+        carried_nll.append(F.cross_entropy(out.logits.float().transpose(1, 2), ys, reduction="none"))
         fresh = model(xs).logits.float().transpose(1, 2)
-        reset.append(F.cross_entropy(fresh, ys, reduction="none"))
+        reset_nll.append(F.cross_entropy(fresh, ys, reduction="none"))
     per_token = {
-        "carried": torch.cat(carried, 1).mean(0),
-        "reset": torch.cat(reset, 1).mean(0),
+        "carried": torch.cat(carried_nll, 1).mean(0),
+        "reset": torch.cat(reset_nll, 1).mean(0),
     }  # (eval_len,)
     edges = [0, window]
     while edges[-1] < eval_len:
@@ -148,8 +157,54 @@ def loss_by_position(model: NordLM, corpus, eval_len: int, rows: int, window: in
     buckets = [{"start": a, "end": b, **{k: v[a:b].mean().item() for k, v in per_token.items()}}
                for a, b in zip(edges[:-1], edges[1:], strict=True)]  # fmt: skip
     carried, reset = per_token["carried"].mean().item(), per_token["reset"].mean().item()
-    return {"rows": rows, "eval_len": eval_len, "buckets": buckets, "carried": carried, "reset": reset,
-            "carried_ppl_gain": math.exp(reset - carried) - 1}  # fmt: skip
+    result = {"rows": rows, "eval_len": eval_len, "buckets": buckets, "carried": carried, "reset": reset,
+              "carried_ppl_gain": math.exp(reset - carried) - 1}  # fmt: skip
+    if cache:
+        nll = {"carried": torch.cat(carried_nll, 1), "reset": torch.cat(reset_nll, 1)}
+        result["cache"] = cache_probe(nll, x.numpy(), y.numpy(), model.cfg.vocab_size, window)
+    return result
+
+
+CACHE_DECAYS = (0.99, 0.995, 0.999, 1.0)
+CACHE_WEIGHTS = (0.02, 0.05, 0.1)
+
+
+def cache_hits(x: np.ndarray, y: np.ndarray, vocab: int, decay: float, window: int | None) -> np.ndarray:
+    """p_cache(y_t) from the decayed counts of x_0..x_t (restarted every `window` tokens if given)."""
+    counts, out = np.zeros(vocab), np.empty(len(x))
+    total, weight = 0.0, 1.0  # counts are stored scaled by decay^-t, so nothing decays in place
+    for t in range(len(x)):
+        if window and t % window == 0:
+            counts[:], total, weight = 0.0, 0.0, 1.0
+        weight /= decay
+        if weight > 1e200:  # rescale before float64 overflows
+            counts, total, weight = counts / weight, total / weight, 1.0
+        counts[x[t]] += weight
+        total += weight
+        out[t] = counts[y[t]] / total
+    return out
+
+
+def cache_probe(nll: dict, x: np.ndarray, y: np.ndarray, vocab: int, window: int) -> dict:
+    """Mixture loss (1 − λ)·p_model + λ·p_cache with (λ, γ) picked on row 0, reported on rows 1..."""
+    if x.shape[0] < 2:
+        raise SystemExit("--cache needs --eval-rows >= 2 (one row picks the mixture, the others report it)")
+
+    def mixed(row: int, mode: str, weight: float, decay: float) -> float:
+        hits = cache_hits(x[row], y[row], vocab, decay, window if mode == "reset" else None)
+        p = (1 - weight) * np.exp(-nll[mode][row].double().numpy()) + weight * hits
+        return float(-np.log(p).mean())
+
+    grid = [(mixed(0, "carried", w, d), w, d) for d in CACHE_DECAYS for w in CACHE_WEIGHTS]
+    _, weight, decay = min(grid)
+    rows = range(1, x.shape[0])
+    loss = {
+        mode: float(np.mean([mixed(r, mode, weight, decay) for r in rows])) for mode in ("carried", "reset")
+    }
+    model_only = {mode: float(nll[mode][1:].double().mean()) for mode in ("carried", "reset")}
+    return {"weight": weight, "decay": decay, "report_rows": len(rows), "model_only": model_only,
+            "with_cache": loss, "carried_ppl_gain": math.exp(loss["reset"] - loss["carried"]) - 1,
+            "gain_over_fresh_model": math.exp(model_only["reset"] - loss["carried"]) - 1}  # fmt: skip
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -201,6 +256,12 @@ def report(result: dict) -> None:
     print(f"{'all':>12} | {by_pos['carried']:8.4f} {by_pos['reset']:8.4f} "
           f"{by_pos['carried'] - by_pos['reset']:+13.4f}   carried state worth "
           f"{by_pos['carried_ppl_gain']:+.2%} perplexity")  # fmt: skip
+    if "cache" in by_pos:
+        c = by_pos["cache"]
+        print(f"unigram cache (λ {c['weight']}, γ {c['decay']}, picked on row 0; rows 1..): carried "
+              f"{c['with_cache']['carried']:.4f}, reset {c['with_cache']['reset']:.4f} → carried state "
+              f"worth {c['carried_ppl_gain']:+.2%}; {c['gain_over_fresh_model']:+.2%} over the fresh "
+              f"windows without a cache ({c['model_only']['reset']:.4f})")  # fmt: skip
 
 
 def main() -> int:
@@ -216,6 +277,9 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--eval-len", type=int, default=30_000, help="length of each validation row")
     parser.add_argument("--eval-rows", type=int, default=8, help="rows (at most what the split holds)")
+    parser.add_argument(
+        "--cache", action="store_true", help="also score with a unigram cache (module doc, 3.)"
+    )
     parser.add_argument("--save", type=Path, default=None, help="directory for the models trained here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -247,7 +311,7 @@ def main() -> int:
                 save_model(args.save / f"{arm}.safetensors", model, tokenizer)
         model_info["params"] = model.num_params()
         gen = generate_and_watch(model, args.gen_tokens, args.temperature, args.seed, bucket=1000)
-        by_pos = loss_by_position(model, corpus, args.eval_len, args.eval_rows, window)
+        by_pos = loss_by_position(model, corpus, args.eval_len, args.eval_rows, window, args.cache)
         sample = corpus.decode(gen.pop("ids")[:300])
         results.append({"model": model_info, "generation": gen, "loss_by_position": by_pos, "sample": sample})
         report(results[-1])
