@@ -57,10 +57,9 @@ def top_k_indices(
 
 def _top_per_row(score: torch.Tensor, k: int) -> torch.Tensor:
     """Flat positions (row-major, sorted) of each row's k largest scores."""
+    rows, width = score.shape
     picked = torch.topk(score, k, dim=1, sorted=False).indices.sort(dim=1).values
-    return (picked + torch.arange(score.shape[0], device=score.device).unsqueeze(1) * score.shape[1]).reshape(
-        -1
-    )
+    return (picked + torch.arange(rows, device=score.device).unsqueeze(1) * width).reshape(-1)
 
 
 def shared_indices(
