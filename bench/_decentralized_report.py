@@ -236,7 +236,8 @@ def partial_report(points: list[dict], dense_bytes: float, out: Path, plots: str
 def combined_runs(paths: list[str]) -> tuple[dict, list[dict]]:
     """The shape and runs of earlier --out files; they must share one shape (the same tokens per run).
     Runs validated at different cadences keep the rounds they all evaluated (eval_every becomes the
-    spacing of those)."""
+    spacing of those); a run of the same setup and seed in a later file replaces the earlier one (a re-run
+    at a newer commit)."""
     docs = [json.loads(Path(path).read_text()) for path in paths]
 
     def tokens_shape(doc: dict) -> dict:  # where and how often a run logged does not change what it trained
@@ -246,7 +247,8 @@ def combined_runs(paths: list[str]) -> tuple[dict, list[dict]]:
     for path, doc in zip(paths, docs, strict=True):
         if tokens_shape(doc) != shape:
             raise ConfigError(f"{path} has another run shape than {paths[0]}: {doc['shape']} vs {shape}")
-    runs = [run for doc in docs for run in doc["runs"]]
+    latest = {(run["setup"]["name"], run["seed"]): run for doc in docs for run in doc["runs"]}
+    runs = list(latest.values())
     common = set.intersection(*(set(run["curve"]["round"]) for run in runs))
     for run in runs:
         keep = [i for i, rnd in enumerate(run["curve"]["round"]) if rnd in common]

@@ -109,20 +109,25 @@ def test_combine_refuses_runs_of_another_shape(tmp_path):
         _bench().main(["--combine", *paths, "--out", str(tmp_path / "c.json")])
 
 
-def test_combine_keeps_the_rounds_every_run_evaluated(tmp_path):
+def test_combine_keeps_the_rounds_every_run_evaluated_and_the_latest_run_of_a_seed(tmp_path):
     _bench()  # puts bench/ on sys.path
     import _decentralized_report as report
 
     paths = []
-    for every in (6, 12):
+    for every, seeds in ((6, (0, 1)), (12, (0,))):
         rounds = list(range(0, 25, every))
-        run = {"curve": {"round": rounds, "val_loss": [float(r) for r in rounds]}}
+        curve = {"round": rounds, "val_loss": [every] * len(rounds)}
+        runs = [{"setup": {"name": "dense"}, "seed": seed, "curve": curve} for seed in seeds]
         path = tmp_path / f"e{every}.json"
-        path.write_text(json.dumps({"shape": {"rounds": 24, "eval_every": every}, "runs": [run]}))
+        path.write_text(json.dumps({"shape": {"rounds": 24, "eval_every": every}, "runs": runs}))
         paths.append(str(path))
     shape, runs = report.combined_runs(paths)
     assert shape == {"rounds": 24, "eval_every": 12}
-    assert [run["curve"] for run in runs] == [{"round": [0, 12, 24], "val_loss": [0.0, 12.0, 24.0]}] * 2
+    by_seed = {run["seed"]: run["curve"] for run in runs}
+    assert by_seed == {
+        0: {"round": [0, 12, 24], "val_loss": [12] * 3},
+        1: {"round": [0, 12, 24], "val_loss": [6] * 3},
+    }
 
 
 def test_partial_report_reads_progress_lines_and_logs_of_unfinished_runs(tmp_path):
