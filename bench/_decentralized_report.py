@@ -113,27 +113,56 @@ def plot(results: list[dict], rows: list[dict], prefix: str) -> list[str]:
     paths = [f"{prefix}_loss.png"]
     fig.savefig(paths[0], dpi=100)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in rows:
-        if r["bytes_per_peer_round"] <= 0:
-            ax.axhline(r["val_loss"], color="gray", ls=":", label=f"{r['setup']} (no communication)")
-            continue
-        ax.scatter(r["bytes_per_peer_round"], r["val_loss"], marker="x" if r["bench_side"] else "o")
-        ax.annotate(r["setup"], (r["bytes_per_peer_round"], r["val_loss"]), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes sent per peer per round")
-    ax.set_ylabel("final validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(f"{prefix}_frontier.png")
-    fig.savefig(paths[1], dpi=100)
-    plt.close(fig)
+    paths.append(plot_frontier(rows, f"{prefix}_frontier.png"))
     curve = gap_curve(results)
     if curve["vs_dense"]:
         gaps = {n: (curve["round"][1:], g[1:]) for n, g in curve["vs_dense"].items() if n != "dense"}
         paths.append(plot_gap(gaps, f"{prefix}_gap.png"))
     return paths
+
+
+GOAL = (300.0, 1.5)  # issue 21: ≥ 300× fewer bytes than dense fp32 averaging at ≤ +1.5% validation loss
+
+
+def plot_frontier(rows: list[dict], path: str) -> str:
+    """Final validation loss against × fewer bytes than dense (log), one marker per setup (error bar: the
+    spread over seeds); against dense in % with the goal region shaded when dense is among the rows."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next((r["val_loss"] for r in rows if r["setup"] == "dense"), None)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab20").colors
+    for i, r in enumerate(r for r in rows if r["bytes_per_peer_round"] > 0 and r["setup"] != "dense"):
+        scale = 100 / dense if dense else 1.0
+        y = (r["val_loss"] - dense) * scale if dense else r["val_loss"]
+        spread = (r["val_loss_spread"] or 0) * scale / 2
+        label = f"{r['setup']} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})"
+        ax.errorbar(r["byte_ratio_vs_dense"], y, yerr=spread, fmt="x" if r["bench_side"] else "o",
+                    color=colors[i % len(colors)], capsize=3, label=label)  # fmt: skip
+    ax.set_xscale("log")
+    times = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×")
+    ax.xaxis.set_major_formatter(times)
+    ax.xaxis.set_minor_formatter(times)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    if dense:
+        (x0, x1), (y0, _) = ax.get_xlim(), ax.get_ylim()
+        right, bottom = max(x1, 2 * GOAL[0]), min(y0, -0.5)
+        ax.fill_between([GOAL[0], right], bottom, GOAL[1], color="green", alpha=0.1, label="goal (issue 21)")
+        ax.axhline(0, color="gray", ls=":", lw=1)
+        ax.set_xlim(x0, right)
+        ax.set_ylim(bottom=bottom)
+    ax.set_xlabel("× fewer bytes per peer per round than dense fp32 averaging")
+    ax.set_ylabel("final validation loss vs dense (%)" if dense else "final validation loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_gap(gaps: dict[str, tuple[list[int], list[float]]], path: str) -> str:
