@@ -69,9 +69,7 @@ def encode_indices(indices: np.ndarray, numel: int, chunk: int, block: int = 1) 
         mask[indices] = 1
         return BITMAP, np.packbits(mask, bitorder="little").tobytes()
     if kind == OFFSETS:
-        offsets = indices % chunk
-        bits = (offsets[:, None] >> np.arange(width - 1, -1, -1)) & 1  # (count, width), MSB first
-        return OFFSETS, np.packbits(bits.astype(np.uint8).reshape(-1)).tobytes()
+        return OFFSETS, _pack_fields(indices % chunk, width)
     if kind == RICE:
         return RICE, _rice_encode(gaps, rice_bits)
     return GAPS, _varint_encode(gaps, gap_bytes)
@@ -202,13 +200,17 @@ def _best_rice_bits(gaps: np.ndarray) -> tuple[int, int]:
     return b, size
 
 
+def _pack_fields(values: np.ndarray, width: int) -> bytes:
+    """`values` as `width`-bit fields, MSB first, zero-padded to a whole byte (what _offsets_decode reads)."""
+    bits = (values[:, None] >> np.arange(width - 1, -1, -1)) & 1  # (count, width)
+    return np.packbits(bits.astype(np.uint8).reshape(-1)).tobytes()
+
+
 def _rice_encode(gaps: np.ndarray, b: int) -> bytes:
-    low = gaps & ((1 << b) - 1)
-    low_bits = ((low[:, None] >> np.arange(b - 1, -1, -1)) & 1).astype(np.uint8).reshape(-1)  # MSB first
     ends = np.cumsum((gaps >> b) + 1) - 1  # position of each gap's terminating one in the unary stream
     unary = np.zeros(int(ends[-1]) + 1 if len(ends) else 0, dtype=np.uint8)
     unary[ends] = 1
-    return bytes([b]) + np.packbits(low_bits).tobytes() + np.packbits(unary).tobytes()
+    return bytes([b]) + _pack_fields(gaps & ((1 << b) - 1), b) + np.packbits(unary).tobytes()
 
 
 def _rice_decode(data: bytes, count: int, numel: int) -> np.ndarray:

@@ -18,21 +18,20 @@ import torch
 
 A = 0.6
 TABLE2 = np.array([-1.0, -A, A, 1.0], dtype=np.float32)
-_MIDPOINTS = torch.tensor([-(1 + A) / 2, 0.0, (1 + A) / 2], dtype=torch.float32)
+_MIDPOINTS = np.array([-(1 + A) / 2, 0.0, (1 + A) / 2], dtype=np.float32)
 _SHIFTS = np.array([6, 4, 2, 0], dtype=np.uint8)
 
 
 def quantize_2bit(x: torch.Tensor, blocksize: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(packed uint8 of length ceil(n/4), absmax float32 of length ceil(n/blocksize)) of flat `x`."""
-    flat = x.reshape(-1).float().cpu()
-    n = flat.numel()
-    padded = torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize)
-    absmax = padded.abs().max(dim=1).values
-    scaled = padded / absmax.clamp(min=1e-38).unsqueeze(1)
-    codes = torch.bucketize(scaled.reshape(-1)[:n], _MIDPOINTS).to(torch.uint8).numpy()
-    codes = np.concatenate([codes, np.zeros(-n % 4, dtype=np.uint8)]).reshape(-1, 4)
-    packed = np.bitwise_or.reduce(codes << _SHIFTS, axis=1).astype(np.uint8)
-    return packed, absmax.numpy()
+    flat = x.detach().reshape(-1).float().cpu().numpy()
+    n = len(flat)
+    blocks = np.pad(flat, (0, -n % blocksize)).reshape(-1, blocksize)
+    absmax = np.abs(blocks).max(axis=1)
+    scaled = (blocks / np.maximum(absmax, np.float32(1e-38))[:, None]).reshape(-1)[:n]
+    codes = np.searchsorted(_MIDPOINTS, scaled).astype(np.uint8)  # nearest level, ties to the lower one
+    codes = np.pad(codes, (0, -n % 4)).reshape(-1, 4)
+    return np.bitwise_or.reduce(codes << _SHIFTS, axis=1).astype(np.uint8), absmax
 
 
 def unpack_codes2(packed: np.ndarray, n: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import torch
 
 from nord.codec import CodecConfig, DeltaEncoder, decode_envelope
 from nord.codec.envelope import seal_envelope
+from nord.codec.indices import BLOCKS, decode_indices, encode_indices
 from nord.codec.twobit import TABLE2, dequantize_2bit, quantize_2bit
 from nord.errors import CodecError, ConfigError
 from nord.identity import Identity
@@ -168,8 +169,6 @@ def test_block_envelopes_cost_a_fraction_of_the_index_bytes_and_keep_error_feedb
     ids=["exponent", "not-dividing", "rice-parameter"],
 )
 def test_block_code_rejects_malformed_streams(mangle, message):
-    from nord.codec.indices import BLOCKS, decode_indices, encode_indices
-
     indices = np.array([8, 9, 10, 11, 12, 13, 14, 15, 64, 65, 66, 67, 68, 69, 70, 71], dtype=np.int64)
     kind, data = encode_indices(indices, 128, 128, block=8)
     assert kind == BLOCKS and data[0] == 3
