@@ -79,6 +79,12 @@ class Setup:
         if self.mean not in MEANS:
             raise ConfigError(f"mean must be one of {MEANS}, got {self.mean!r}")
 
+    def codec(self) -> CodecConfig:
+        """This Nord setup's codec."""
+        return CodecConfig(density=self.density, ef_decay=self.ef_decay, warmup_rounds=self.warmup_rounds,
+                           warmup_density=self.warmup_density, value_bits=self.value_bits, block=self.block,
+                           mask=self.mask)  # fmt: skip
+
     @property
     def bench_side(self) -> bool:
         """True where the merge is computed by this bench, not by `Replica` (no library switch yet)."""
@@ -127,15 +133,7 @@ class _Merger:
         if setup.kind == "dense":
             self.momentum = {n: torch.zeros_like(t) for n, t in w0.items()}
         if setup.kind == "nord":
-            self.codec = CodecConfig(
-                density=setup.density,
-                ef_decay=setup.ef_decay,
-                warmup_rounds=setup.warmup_rounds,
-                warmup_density=setup.warmup_density,
-                value_bits=setup.value_bits,
-                block=setup.block,
-                mask=setup.mask,
-            )
+            self.codec = setup.codec()
             self.encoders = [DeltaEncoder(self.codec, spec) for _ in range(k)]
             self.identities = [Identity.generate() for _ in range(k)]
             self.authority = Identity.generate()

@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _decentralized_report import combined_runs, partial_report, progress_points, report  # noqa: E402
 from _decentralized_sim import RunShape, Setup, run_setup  # noqa: E402
 
-from nord.codec import CodecConfig, DeltaEncoder, density_for_round  # noqa: E402
+from nord.codec import DeltaEncoder, density_for_round  # noqa: E402
 from nord.data import DataConfig, default_data_root, prepare  # noqa: E402
 from nord.errors import ConfigError  # noqa: E402
 from nord.fsutil import atomic_write_bytes  # noqa: E402
@@ -249,16 +249,13 @@ def bytes_plan(setups: list[Setup], rounds: int, model: str, vocab_size: int) ->
     delta = {name: torch.randn(*shape, generator=g) for name, shape in spec.items()}
     identity, sizes, rows = Identity.from_private_bytes(bytes(32)), {}, []
     for setup in (s for s in setups if s.kind == "nord"):
-        codec = CodecConfig(density=setup.density, warmup_rounds=setup.warmup_rounds,
-                            warmup_density=setup.warmup_density, mask=setup.mask)  # fmt: skip
+        codec = setup.codec()
         per_round = []
         for rnd in range(rounds):
             density = density_for_round(codec, rnd)
             key = (density, setup.mask, setup.value_bits, setup.block)
             if key not in sizes:
-                plan = CodecConfig(density=density, warmup_rounds=0, mask=setup.mask,
-                                   value_bits=setup.value_bits, block=setup.block)  # fmt: skip
-                encoder = DeltaEncoder(plan, spec)
+                encoder = DeltaEncoder(dataclasses.replace(codec, density=density, warmup_rounds=0), spec)
                 sizes[key] = encoder.encode(
                     delta, run_id="plan", round=0, base_hash="0" * 64, identity=identity
                 ).nbytes
